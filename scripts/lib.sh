@@ -1,0 +1,77 @@
+# Shared set-up for scripts/run.sh and scripts/test.sh. Sourced, not run.
+# Creates ./.venv with a Python 3.11+ interpreter and installs the project into it; on
+# Debian, installs the system packages it needs when run as root (CI runs as root).
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+is_root() { [ "$(id -u)" = 0 ]; }
+
+apt_updated=0
+apt_install() {
+    # Installs Debian packages as root; elsewhere says which ones are missing and why.
+    if ! command -v apt-get >/dev/null 2>&1; then
+        say "cannot install $* (no apt-get here): install them yourself"
+        return 1
+    fi
+    if ! is_root; then
+        say "missing Debian packages: $* (run: sudo apt-get install -y $*)"
+        return 1
+    fi
+    if [ "$apt_updated" = 0 ]; then
+        say "apt-get update"
+        DEBIAN_FRONTEND=noninteractive apt-get update -qq -o DPkg::Lock::Timeout=600 >&2
+        apt_updated=1
+    fi
+    say "apt-get install $*"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        -o DPkg::Lock::Timeout=600 "$@" >&2
+}
+
+find_python() {
+    for candidate in "${PYTHON:-}" python3 python3.13 python3.12 python3.11; do
+        [ -n "$candidate" ] || continue
+        if command -v "$candidate" >/dev/null 2>&1 &&
+            "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+            command -v "$candidate"
+            return 0
+        fi
+    done
+    return 1
+}
+
+ensure_python() {
+    PY="$(find_python)" || {
+        apt_install python3 python3-venv || die "Python 3.11+ is needed (apt-get install python3 python3-venv)"
+        PY="$(find_python)" || die "Python 3.11+ is needed; found none on PATH"
+    }
+    # Debian splits venv/ensurepip into python3-venv.
+    if ! "$PY" -c 'import venv, ensurepip' 2>/dev/null; then
+        apt_install python3-venv || die "the venv module is missing (apt-get install python3-venv)"
+    fi
+}
+
+# ensure_venv EXTRAS: create .venv if needed and install the project with those extras
+# (e.g. "test"); skipped when pyproject.toml and the extras are unchanged since last time.
+ensure_venv() {
+    local extras="$1" spec stamp want
+    ensure_python
+    if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import sys' 2>/dev/null; then
+        say "creating $VENV with $("$PY" --version)"
+        rm -rf "$VENV"
+        "$PY" -m venv "$VENV"
+    fi
+    spec="$ROOT"
+    [ -n "$extras" ] && spec="$ROOT[$extras]"
+    stamp="$VENV/.blindfold-installed"
+    want="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1) $extras"
+    if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+        say "installing blindfold-sfu${extras:+[$extras]} into .venv"
+        "$VENV/bin/python" -m pip install --disable-pip-version-check -q -e "$spec" >&2
+        echo "$want" > "$stamp"
+    fi
+    export PATH="$VENV/bin:$PATH"
+}

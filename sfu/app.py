@@ -1,0 +1,170 @@
+"""Wiring and lifecycle: start the control plane, report readiness, drain on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import signal
+import ssl
+from typing import Any
+
+from aiohttp import web
+
+from sfu import __version__
+from sfu.config import DEV_API_KEY, DEV_API_SECRET, Config
+from sfu.control.http import create_app
+from sfu.lifecycle import Lifecycle
+from sfu.metrics import Metrics, measure_loop_lag, stop_task
+
+log = logging.getLogger("sfu.app")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+
+
+class StartupError(Exception):
+    """The server could not start for a reason the operator can fix (message says how)."""
+
+
+class Server:
+    def __init__(self, config: Config, event_loop_name: str = "asyncio") -> None:
+        self.config = config
+        self.lifecycle = Lifecycle()
+        self.metrics = Metrics(event_loop_name)
+        self.app = create_app(config, self.lifecycle, self.metrics)
+        self._runner: web.AppRunner | None = None
+        self._lag_task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+        self._signals = 0
+
+    @property
+    def url(self) -> str:
+        http = self.config.http
+        scheme = "https" if http.tls.cert_file else "http"
+        host = f"[{http.host}]" if ":" in http.host else http.host
+        return f"{scheme}://{host}:{http.port}"
+
+    async def start(self) -> None:
+        http = self.config.http
+        self._runner = web.AppRunner(
+            self.app,
+            handle_signals=False,
+            access_log=logging.getLogger("sfu.access"),
+            # The drain already waited for requests that matter; don't wait again here.
+            shutdown_timeout=1.0,
+        )
+        await self._runner.setup()
+        site = web.TCPSite(
+            self._runner,
+            http.host,
+            http.port,
+            ssl_context=self._ssl_context(),
+        )
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            hint = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+            raise StartupError(
+                f"cannot listen on {http.host}:{http.port} (http.host, http.port): {hint}"
+            ) from None
+        if self.config.metrics.enabled:
+            self._lag_task = asyncio.create_task(
+                measure_loop_lag(self.metrics.loop_lag, self.config.metrics.loop_lag_interval)
+            )
+        self.lifecycle.ready = True
+        self.metrics.ready.set(1)
+        log.info("blindfold %s listening on %s", __version__, self.url)
+        self._log_dev_mode()
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        tls = self.config.http.tls
+        if tls.cert_file is None or tls.key_file is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(tls.cert_file, tls.key_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise StartupError(
+                f"cannot load http.tls.cert_file/key_file ({tls.cert_file}, {tls.key_file}): {exc}"
+            ) from None
+        return context
+
+    def _log_dev_mode(self) -> None:
+        if not self.config.dev_mode:
+            return
+        dev_key = self.config.secret_for(DEV_API_KEY) == DEV_API_SECRET
+        log.warning(
+            "DEV MODE: loopback only%s. Mint a token with: sfu token --room demo --identity "
+            "alice --publish --subscribe. Never run dev mode in production (dev_mode: false).",
+            f"; API key '{DEV_API_KEY}' uses the public dev secret" if dev_key else "",
+        )
+
+    def request_stop(self, reason: str = "requested") -> None:
+        """First call starts a graceful drain; a second one cuts the drain short."""
+        self._signals += 1
+        if self._signals == 1:
+            log.info("shutdown %s: draining for up to %.1fs", reason, self.config.drain_timeout)
+        else:
+            log.warning("shutdown %s again: skipping the rest of the drain", reason)
+        self._stop.set()
+
+    async def run_until_stopped(self) -> int:
+        await self._stop.wait()
+        self.lifecycle.start_draining()
+        self.metrics.ready.set(0)
+        self.metrics.draining.set(1)
+        self._stop.clear()
+        # Ends at whichever comes first: idle, the deadline, or a second signal.
+        idle = asyncio.create_task(self.lifecycle.wait_idle())
+        forced = asyncio.create_task(self._stop.wait())
+        done, _ = await asyncio.wait(
+            {idle, forced},
+            timeout=self.config.drain_timeout,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        forced.cancel()
+        idle.cancel()
+        if idle not in done:
+            log.warning(
+                "drain ended with work still active %s; closing it now", self.lifecycle.active()
+            )
+        await self.close()
+        log.info("stopped")
+        return EXIT_OK
+
+    async def close(self) -> None:
+        self.lifecycle.ready = False
+        await stop_task(self._lag_task)
+        self._lag_task = None
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+async def serve(config: Config, event_loop_name: str) -> int:
+    server = Server(config, event_loop_name)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.request_stop, sig.name)
+    try:
+        await server.start()
+    except StartupError as exc:
+        log.error("%s", exc)
+        return EXIT_FAILURE
+    return await server.run_until_stopped()
+
+
+def run(config: Config) -> int:
+    """Run on uvloop when it is installed (it is a dependency; absent only on odd platforms)."""
+    factory: Any = None
+    name = "asyncio"
+    try:
+        import uvloop
+    except ImportError:
+        log.warning("uvloop is not installed; using the standard asyncio event loop")
+    else:
+        factory, name = uvloop.new_event_loop, "uvloop"
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(serve(config, name))

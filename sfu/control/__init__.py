@@ -1,0 +1,1 @@
+"""Control plane: HTTP, signaling, auth. Async and free to allocate; never on the packet path."""

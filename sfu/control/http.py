@@ -1,0 +1,126 @@
+"""The aiohttp application: probes, metrics, CORS and problem+json for every error."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from sfu.config import Config
+from sfu.control.problems import code_for_status, problem_response
+from sfu.lifecycle import Lifecycle
+from sfu.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+CONFIG_KEY = web.AppKey("config", Config)
+LIFECYCLE_KEY = web.AppKey("lifecycle", Lifecycle)
+METRICS_KEY = web.AppKey("metrics", Metrics)
+
+# Probes and scrapes must not keep a drain waiting, or hold it open forever under polling.
+_NOT_DRAIN_WORK = frozenset({"/healthz", "/readyz", "/metrics"})
+CORS_ALLOW_HEADERS = "Authorization, Content-Type, If-Match"
+CORS_EXPOSE_HEADERS = "Location, ETag, Link, Accept-Patch, Accept-Post"
+CORS_ALLOW_METHODS = "GET, POST, PATCH, DELETE, OPTIONS"
+
+
+def create_app(config: Config, lifecycle: Lifecycle, metrics: Metrics) -> web.Application:
+    app = web.Application(
+        middlewares=[_count_requests, _cors, _problems, _drain_tracking],
+        client_max_size=max(config.limits.max_sdp_bytes, 1024),
+    )
+    app[CONFIG_KEY] = config
+    app[LIFECYCLE_KEY] = lifecycle
+    app[METRICS_KEY] = metrics
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    if config.metrics.enabled:
+        app.router.add_get("/metrics", metrics_endpoint)
+    return app
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process and its event loop answer. Stays 200 while draining."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    lifecycle = request.app[LIFECYCLE_KEY]
+    if lifecycle.accepting:
+        return web.json_response({"status": "ready"})
+    reason = "draining" if lifecycle.draining else "starting"
+    return problem_response(503, reason, f"not accepting new sessions: {reason}")
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    body, content_type = request.app[METRICS_KEY].render()
+    # Passed as a raw header: aiohttp's content_type= would drop the `version` parameter
+    # Prometheus uses to pick the exposition format.
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+@web.middleware
+async def _count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:  # redirects and the like, which _problems lets through
+        status = exc.status
+        raise
+    finally:
+        # The route pattern, never the raw path: paths carry room names, an unbounded set.
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        request.app[METRICS_KEY].http_requests.labels(route, request.method, str(status)).inc()
+
+
+@web.middleware
+async def _problems(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+        detail = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
+        return problem_response(exc.status, code_for_status(exc.status), detail, headers=headers)
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return problem_response(500, "internal_error", "internal error; see the server log")
+
+
+@web.middleware
+async def _cors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    origins = request.app[CONFIG_KEY].http.cors_origins
+    origin = request.headers.get("Origin")
+    allowed = origin is not None and ("*" in origins or origin in origins)
+    preflight = request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers
+    if preflight:
+        if not allowed:
+            return problem_response(
+                403, "origin_not_allowed", f"origin {origin!r} is not in http.cors_origins"
+            )
+        response: web.StreamResponse = web.Response(status=204)
+        response.headers["Access-Control-Allow-Methods"] = CORS_ALLOW_METHODS
+        response.headers["Access-Control-Allow-Headers"] = CORS_ALLOW_HEADERS
+        response.headers["Access-Control-Max-Age"] = "600"
+    else:
+        response = await handler(request)
+    if allowed and origin is not None:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSE_HEADERS
+        response.headers["Vary"] = "Origin"
+    return response
+
+
+@web.middleware
+async def _drain_tracking(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path in _NOT_DRAIN_WORK:
+        return await handler(request)
+    with request.app[LIFECYCLE_KEY].activity("http_request"):
+        return await handler(request)
