@@ -1,0 +1,1 @@
+"""Blindfold's Python client (bots, tests, load generation); never imported by the server."""
