@@ -5,7 +5,11 @@
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 
-say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+if [ -t 2 ]; then
+    say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+else
+    say() { printf '==> %s\n' "$*" >&2; }
+fi
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 is_root() { [ "$(id -u)" = 0 ]; }
@@ -57,7 +61,7 @@ ensure_python() {
 # ensure_venv EXTRAS: create .venv if needed and install the project with those extras
 # (e.g. "test"); skipped when pyproject.toml and the extras are unchanged since last time.
 ensure_venv() {
-    local extras="$1" spec stamp want
+    local extras="$1" spec stamp hash want
     ensure_python
     if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import sys' 2>/dev/null; then
         say "creating $VENV with $("$PY" --version)"
@@ -66,12 +70,16 @@ ensure_venv() {
     fi
     spec="$ROOT"
     [ -n "$extras" ] && spec="$ROOT[$extras]"
+    # One line per extras set installed for this pyproject.toml: installing fewer extras
+    # removes nothing, so `run` after `test` (or the reverse) needs no reinstall.
     stamp="$VENV/.blindfold-installed"
-    want="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1) $extras"
-    if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    hash="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+    want="$hash ${extras:-base}"
+    if ! grep -qxF "$want" "$stamp" 2>/dev/null; then
         say "installing blindfold-sfu${extras:+[$extras]} into .venv"
         "$VENV/bin/python" -m pip install --disable-pip-version-check -q -e "$spec" >&2
-        echo "$want" > "$stamp"
+        { grep -F "$hash " "$stamp" 2>/dev/null || true; echo "$want"; } > "$stamp.new"
+        mv "$stamp.new" "$stamp"
     fi
     export PATH="$VENV/bin:$PATH"
 }
