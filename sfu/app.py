@@ -15,7 +15,10 @@ from sfu import __version__
 from sfu.config import DEV_API_KEY, DEV_API_SECRET, Config
 from sfu.control.http import create_app
 from sfu.lifecycle import Lifecycle
+from sfu.media.dtls import DtlsCertificate
+from sfu.media.engine import MediaEngine, MediaSettings
 from sfu.metrics import Metrics, measure_loop_lag, stop_task
+from sfu.rooms import Rooms
 
 log = logging.getLogger("sfu.app")
 
@@ -32,7 +35,21 @@ class Server:
         self.config = config
         self.lifecycle = Lifecycle()
         self.metrics = Metrics(event_loop_name)
-        self.app = create_app(config, self.lifecycle, self.metrics)
+        rtc = config.rtc
+        self.engine = MediaEngine(
+            MediaSettings(
+                bind_host=rtc.bind_host,
+                udp_port=rtc.udp_port,
+                announced_ips=rtc.announced_ips,
+                consent_timeout=rtc.consent_timeout,
+                video_buffer=rtc.video_buffer_packets,
+                audio_buffer=rtc.audio_buffer_packets,
+                keyframe_interval=rtc.keyframe_request_interval,
+            ),
+            _dtls_certificate(config),
+        )
+        self.rooms = Rooms(config.limits.max_rooms)
+        self.app = create_app(config, self.lifecycle, self.metrics, self.engine, self.rooms)
         self._runner: web.AppRunner | None = None
         self._lag_task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
@@ -46,7 +63,15 @@ class Server:
         return f"{scheme}://{host}:{http.port}"
 
     async def start(self) -> None:
-        http = self.config.http
+        http, rtc = self.config.http, self.config.rtc
+        try:
+            await self.engine.start()
+        except OSError as exc:
+            hint = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+            raise StartupError(
+                f"cannot bind UDP {rtc.bind_host}:{rtc.udp_port} (rtc.bind_host, rtc.udp_port): "
+                f"{hint}"
+            ) from None
         self._runner = web.AppRunner(
             self.app,
             handle_signals=False,
@@ -65,6 +90,7 @@ class Server:
             await site.start()
         except OSError as exc:
             await self._runner.cleanup()
+            await self.engine.close()
             hint = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
             raise StartupError(
                 f"cannot listen on {http.host}:{http.port} (http.host, http.port): {hint}"
@@ -138,13 +164,30 @@ class Server:
         self.lifecycle.ready = False
         await stop_task(self._lag_task)
         self._lag_task = None
+        await self.engine.close()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
 
 
+def _dtls_certificate(config: Config) -> DtlsCertificate:
+    dtls = config.rtc.dtls
+    if dtls.cert_file is None or dtls.key_file is None:
+        return DtlsCertificate.generate()
+    try:
+        return DtlsCertificate.load(dtls.cert_file, dtls.key_file)
+    except (OSError, ValueError) as exc:
+        raise StartupError(
+            f"cannot load rtc.dtls.cert_file/key_file ({dtls.cert_file}, {dtls.key_file}): {exc}"
+        ) from None
+
+
 async def serve(config: Config, event_loop_name: str) -> int:
-    server = Server(config, event_loop_name)
+    try:
+        server = Server(config, event_loop_name)
+    except StartupError as exc:
+        log.error("%s", exc)  # the message is the whole story: no traceback
+        return EXIT_FAILURE
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.request_stop, sig.name)

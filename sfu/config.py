@@ -184,6 +184,14 @@ class IceTcpConfig(_Section):
         return self
 
 
+class DtlsConfig(_Section):
+    cert_file: Path | None = Field(
+        None,
+        description="PEM certificate for DTLS. Unset: a fresh ECDSA P-256 one at each start.",
+    )
+    key_file: Path | None = Field(None, description="PEM private key of that certificate.")
+
+
 class RtcConfig(_Section):
     bind_host: Host = Field("127.0.0.1", description="Address the media UDP socket binds to.")
     udp_port: Port = Field(7882, description="The one UDP port that carries all media.")
@@ -198,6 +206,21 @@ class RtcConfig(_Section):
     ice_servers: list[IceServer] = Field(
         default_factory=list,
         description="STUN/TURN servers handed to clients (WHIP/WHEP Link headers, room join).",
+    )
+    dtls: DtlsConfig = Field(default_factory=DtlsConfig, description="DTLS identity.")
+    consent_timeout: Duration = Field(
+        30.0,
+        description="Close a client's transport after this long without a valid ICE check "
+        "(RFC 7675 consent freshness).",
+    )
+    video_buffer_packets: PositiveInt = Field(
+        500, description="Packets kept per video track to answer NACKs."
+    )
+    audio_buffer_packets: PositiveInt = Field(
+        200, description="Packets kept per audio track to answer NACKs."
+    )
+    keyframe_request_interval: Duration = Field(
+        0.5, description="At most one keyframe request (PLI) per track toward a publisher per this."
     )
 
 
@@ -680,11 +703,17 @@ def _semantic_issues(config: Config) -> list[ConfigIssue]:
                         "(e.g. `openssl rand -base64 33`)",
                     )
                 )
-    tls = config.http.tls
-    if (tls.cert_file is None) != (tls.key_file is None):
-        missing = "http.tls.key_file" if tls.key_file is None else "http.tls.cert_file"
+    for prefix, pair in (("http.tls", config.http.tls), ("rtc.dtls", config.rtc.dtls)):
+        issues += _file_pair_issues(prefix, pair.cert_file, pair.key_file)
+    return issues
+
+
+def _file_pair_issues(prefix: str, cert: Path | None, key: Path | None) -> list[ConfigIssue]:
+    issues = []
+    if (cert is None) != (key is None):
+        missing = f"{prefix}.key_file" if key is None else f"{prefix}.cert_file"
         issues.append(ConfigIssue(missing, "cert_file and key_file must be set together"))
-    for name, file in (("http.tls.cert_file", tls.cert_file), ("http.tls.key_file", tls.key_file)):
+    for name, file in ((f"{prefix}.cert_file", cert), (f"{prefix}.key_file", key)):
         if file is not None and not file.is_file():
             issues.append(ConfigIssue(name, f"{str(file)!r} does not exist or is not a file"))
     return issues

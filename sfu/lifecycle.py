@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 
 class Lifecycle:
@@ -33,14 +33,29 @@ class Lifecycle:
     @contextlib.contextmanager
     def activity(self, kind: str) -> Iterator[None]:
         """Hold for as long as the drain must wait for this piece of work."""
-        self._active[kind] += 1
-        self._idle.clear()
+        release = self.hold(kind)
         try:
             yield
         finally:
+            release()
+
+    def hold(self, kind: str) -> Callable[[], None]:
+        """Like `activity()` for work that outlives one block (a media session): returns the
+        release function, which is safe to call more than once."""
+        self._active[kind] += 1
+        self._idle.clear()
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
             self._active[kind] -= 1
             if not any(self._active.values()):
                 self._idle.set()
+
+        return release
 
     def start_draining(self) -> None:
         self.draining = True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 
 import aiohttp
 
@@ -13,7 +14,14 @@ from tests.conftest import free_port
 
 
 def make_server(drain: str) -> Server:
-    config = load_config(None, env={"SFU_HTTP__PORT": str(free_port()), "SFU_DRAIN_TIMEOUT": drain})
+    config = load_config(
+        None,
+        env={
+            "SFU_HTTP__PORT": str(free_port()),
+            "SFU_RTC__UDP_PORT": str(free_port(socket.SOCK_DGRAM)),
+            "SFU_DRAIN_TIMEOUT": drain,
+        },
+    )
     return Server(config)
 
 

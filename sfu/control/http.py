@@ -8,17 +8,17 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from sfu.config import Config
+from sfu.control import whip
+from sfu.control.keys import CONFIG_KEY, ENGINE_KEY, LIFECYCLE_KEY, METRICS_KEY, ROOMS_KEY
 from sfu.control.problems import code_for_status, problem_response
 from sfu.lifecycle import Lifecycle
+from sfu.media.engine import MediaEngine
 from sfu.metrics import Metrics
+from sfu.rooms import Rooms
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-CONFIG_KEY = web.AppKey("config", Config)
-LIFECYCLE_KEY = web.AppKey("lifecycle", Lifecycle)
-METRICS_KEY = web.AppKey("metrics", Metrics)
 
 # Probes and scrapes must not keep a drain waiting, or hold it open forever under polling.
 _NOT_DRAIN_WORK = frozenset({"/healthz", "/readyz", "/metrics"})
@@ -27,7 +27,9 @@ CORS_EXPOSE_HEADERS = "Location, ETag, Link, Accept-Patch, Accept-Post"
 CORS_ALLOW_METHODS = "GET, POST, PATCH, DELETE, OPTIONS"
 
 
-def create_app(config: Config, lifecycle: Lifecycle, metrics: Metrics) -> web.Application:
+def create_app(
+    config: Config, lifecycle: Lifecycle, metrics: Metrics, engine: MediaEngine, rooms: Rooms
+) -> web.Application:
     app = web.Application(
         middlewares=[_count_requests, _cors, _problems, _drain_tracking],
         client_max_size=max(config.limits.max_sdp_bytes, 1024),
@@ -35,10 +37,13 @@ def create_app(config: Config, lifecycle: Lifecycle, metrics: Metrics) -> web.Ap
     app[CONFIG_KEY] = config
     app[LIFECYCLE_KEY] = lifecycle
     app[METRICS_KEY] = metrics
+    app[ENGINE_KEY] = engine
+    app[ROOMS_KEY] = rooms
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     if config.metrics.enabled:
         app.router.add_get("/metrics", metrics_endpoint)
+    whip.add_routes(app)
     return app
 
 

@@ -1,0 +1,242 @@
+"""One subscriber's copy of one producer: header rewrite, send, NACK service, sender reports.
+
+Only the RTP header changes: SSRC, sequence number, timestamp, payload type and extension ids
+become what this subscriber negotiated. The payload — the client-encrypted frame — is copied
+byte for byte. Sequence numbers stay continuous across a publisher restart (`resync`), so a
+subscriber's jitter buffer never sees a jump it would treat as massive loss.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+
+from sfu.media.rtcp import build_bye, build_sr
+from sfu.media.rtp import (
+    RtpHeader,
+    build_rtx,
+    parse_header,
+    rebuild_extensions,
+    remap_extension_ids,
+    rewrite_header,
+)
+
+if TYPE_CHECKING:
+    from sfu.media.producer import Producer
+
+NTP_EPOCH_OFFSET = 2208988800  # seconds from 1900-01-01 (NTP) to 1970-01-01 (Unix)
+
+
+class PacketSink(Protocol):
+    """What a down-track sends through: its subscriber's transport."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    def send_rtp(self, packet: bytes | bytearray) -> None: ...
+
+    def send_rtcp(self, packet: bytes) -> None: ...
+
+
+def ntp_now(wallclock: float) -> int:
+    seconds = wallclock + NTP_EPOCH_OFFSET
+    return (int(seconds) << 32) | int((seconds % 1) * (1 << 32))
+
+
+class DownTrack:
+    __slots__ = (
+        "_ext_map",
+        "_last_out_at",
+        "_rtx_seq",
+        "_seq_offset",
+        "_ts_offset",
+        "clock",
+        "closed",
+        "ext_remap_failures",
+        "keyframe_waits",
+        "kind",
+        "last_out_seq",
+        "last_out_ts",
+        "nack_misses",
+        "nacks_received",
+        "nacks_served",
+        "octets_sent",
+        "packets_sent",
+        "payload_type",
+        "producer",
+        "rtx_payload_type",
+        "rtx_sent",
+        "rtx_ssrc",
+        "sink",
+        "ssrc",
+        "started",
+        "wallclock",
+    )
+
+    def __init__(
+        self,
+        producer: Producer,
+        sink: PacketSink,
+        *,
+        ssrc: int,
+        payload_type: int,
+        ext_map: list[int],
+        rtx_ssrc: int | None = None,
+        rtx_payload_type: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wallclock: Callable[[], float] = time.time,
+    ) -> None:
+        self.producer = producer
+        self.sink = sink
+        self.kind = producer.kind
+        self.ssrc = ssrc
+        self.payload_type = payload_type
+        self.rtx_ssrc = rtx_ssrc if rtx_payload_type is not None else None
+        self.rtx_payload_type = rtx_payload_type
+        self._ext_map = ext_map
+        self.clock = clock
+        self.wallclock = wallclock
+        self.started = False
+        self.closed = False
+        # Random starts (RFC 3550 §5.1) keep sequence numbers and timestamps unpredictable.
+        self.last_out_seq = secrets.randbelow(1 << 15)
+        self.last_out_ts = secrets.randbelow(1 << 31)
+        self._last_out_at = 0.0
+        self._seq_offset = 0
+        self._ts_offset = 0
+        self._rtx_seq = secrets.randbelow(1 << 15)
+        self.packets_sent = 0
+        self.octets_sent = 0
+        self.nacks_received = 0
+        self.nacks_served = 0
+        self.nack_misses = 0
+        self.rtx_sent = 0
+        self.keyframe_waits = 0
+        self.ext_remap_failures = 0
+
+    # -- per packet --------------------------------------------------------------------------
+
+    def forward(self, data: bytes, hdr: RtpHeader, keyframe: bool) -> None:
+        sink = self.sink
+        if self.closed or not sink.ready:
+            return
+        if not self.started:
+            if not keyframe:
+                # Video from mid-GOP would only show as decode errors; wait for a keyframe,
+                # which the producer asks for (throttled) so the wait is short.
+                self.keyframe_waits += 1
+                self.producer.request_keyframe()
+                return
+            self._start(hdr)
+        seq = (hdr.seq + self._seq_offset) & 0xFFFF
+        ts = (hdr.timestamp + self._ts_offset) & 0xFFFFFFFF
+        packet = self._rewrite(data, hdr, seq, ts)
+        if packet is None:
+            return
+        sink.send_rtp(packet)
+        # Only moving forward updates the reference; a late reordered packet must not.
+        if (seq - self.last_out_seq) & 0xFFFF < 0x8000:
+            self.last_out_seq = seq
+            self.last_out_ts = ts
+            self._last_out_at = self.clock()
+        self.packets_sent += 1
+        self.octets_sent += hdr.payload_len
+
+    def _rewrite(self, data: bytes, hdr: RtpHeader, seq: int, ts: int) -> bytearray | None:
+        buf = bytearray(data)
+        rewrite_header(buf, self.ssrc, seq, ts, self.payload_type)
+        if hdr.has_extension and not remap_extension_ids(buf, hdr, self._ext_map):
+            # The subscriber's ids don't fit the one-byte form in place: rebuild (rare).
+            rebuilt = rebuild_extensions(data, hdr, self._ext_map, two_byte=True)
+            if rebuilt is None:
+                self.ext_remap_failures += 1
+                return None
+            rewrite_header(rebuilt, self.ssrc, seq, ts, self.payload_type)
+            return rebuilt
+        return buf
+
+    def _start(self, hdr: RtpHeader) -> None:
+        """Map the producer's numbering onto ours so that our stream continues seamlessly."""
+        self.started = True
+        self._seq_offset = (self.last_out_seq + 1 - hdr.seq) & 0xFFFF
+        elapsed = 0.0 if self._last_out_at == 0.0 else self.clock() - self._last_out_at
+        gap = max(1, int(elapsed * self.producer.codec.clock_rate))
+        self._ts_offset = (self.last_out_ts + gap - hdr.timestamp) & 0xFFFFFFFF
+
+    def resync(self) -> None:
+        """The producer's source changed: re-base on its next keyframe (audio: next packet)."""
+        self.started = False
+
+    # -- feedback from the subscriber --------------------------------------------------------
+
+    def on_nack(self, seqs: tuple[int, ...]) -> list[int]:
+        """Resend what the ring still has; return the producer seqs it no longer has."""
+        self.nacks_received += len(seqs)
+        missing: list[int] = []
+        if not self.started or self.closed or not self.sink.ready:
+            return missing
+        producer = self.producer
+        for out_seq in seqs:
+            in_seq = (out_seq - self._seq_offset) & 0xFFFF
+            data = producer.get(in_seq)
+            if data is None:
+                self.nack_misses += 1
+                missing.append(in_seq)
+                continue
+            hdr = parse_header(data)
+            if hdr is None:
+                continue
+            ts = (hdr.timestamp + self._ts_offset) & 0xFFFFFFFF
+            packet = self._rewrite(data, hdr, out_seq, ts)
+            if packet is None:
+                continue
+            if self.rtx_payload_type is not None and self.rtx_ssrc is not None:
+                rewritten = parse_header(packet)
+                if rewritten is None:
+                    continue
+                self._rtx_seq = (self._rtx_seq + 1) & 0xFFFF
+                self.sink.send_rtp(
+                    build_rtx(
+                        packet, rewritten, self.rtx_ssrc, self._rtx_seq, self.rtx_payload_type
+                    )
+                )
+                self.rtx_sent += 1
+            else:
+                # Byte-identical to the first send, so re-protecting it under the same index
+                # reuses no keystream with different plaintext.
+                self.sink.send_rtp(packet)
+            self.nacks_served += 1
+        return missing
+
+    def on_keyframe_request(self) -> None:
+        self.producer.request_keyframe()
+
+    # -- periodic ----------------------------------------------------------------------------
+
+    def sender_report(self) -> bytes | None:
+        """An SR in this down-track's own timeline (RFC 3550 §6.4.1), once it has sent."""
+        if not self.started or self.packets_sent == 0:
+            return None
+        elapsed = self.clock() - self._last_out_at
+        rtp_ts = self.last_out_ts + int(elapsed * self.producer.codec.clock_rate)
+        return build_sr(
+            self.ssrc, ntp_now(self.wallclock()), rtp_ts, self.packets_sent, self.octets_sent
+        )
+
+    # -- teardown ----------------------------------------------------------------------------
+
+    def on_producer_closed(self) -> None:
+        """The publisher left: tell the subscriber this stream has ended (RTCP BYE)."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.sink.ready:
+            ssrcs = [self.ssrc] + ([self.rtx_ssrc] if self.rtx_ssrc is not None else [])
+            self.sink.send_rtcp(build_bye(ssrcs))
+
+    def close(self) -> None:
+        self.closed = True
+        if self in self.producer.downtracks:
+            self.producer.downtracks.remove(self)

@@ -1,0 +1,289 @@
+"""The media plane: one UDP socket, its demultiplexer, and the commands the control plane uses.
+
+`datagram_received` classifies each datagram by its first byte (RFC 7983 §7): 0-3 STUN,
+20-63 DTLS, 128-191 RTP/RTCP; anything else is counted and dropped. A DTLS or SRTP datagram is
+only looked at if its source address passed an authenticated ICE check, so an off-path sender
+can make the server allocate nothing. Nothing raises out of `datagram_received`.
+
+The control plane talks to this module only through `MediaEngine`'s commands (create a
+transport, add a producer, add a down-track, close), so the plane can later move into a
+worker process per core without the control plane changing shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from OpenSSL import SSL
+
+from sfu.media.downtrack import DownTrack
+from sfu.media.dtls import DtlsCertificate, DtlsServer, Fingerprint, create_server_context
+from sfu.media.ice import Address, IceLiteAgent
+from sfu.media.producer import Producer, TrackCodec
+from sfu.media.rtp import id_map_list
+from sfu.media.stun import StunError, parse
+from sfu.media.transport import MediaStats, Transport, TransportState
+
+log = logging.getLogger(__name__)
+
+TIMER_INTERVAL = 0.05
+SENDER_REPORT_INTERVAL = 1.0
+_ERROR_LOG_INTERVAL = 10.0
+
+
+@dataclass(frozen=True)
+class MediaSettings:
+    bind_host: str
+    udp_port: int
+    announced_ips: Sequence[str]
+    consent_timeout: float = 30.0
+    video_buffer: int = 500
+    audio_buffer: int = 200
+    keyframe_interval: float = 0.5
+
+
+class DemuxStats:
+    __slots__ = ("datagrams", "dropped_unknown_address", "dropped_unknown_type", "errors", "stun")
+
+    def __init__(self) -> None:
+        self.datagrams = 0
+        self.stun = 0
+        self.dropped_unknown_address = 0
+        self.dropped_unknown_type = 0
+        self.errors = 0
+
+
+class MediaEngine(asyncio.DatagramProtocol):
+    def __init__(self, settings: MediaSettings, certificate: DtlsCertificate | None = None) -> None:
+        self.settings = settings
+        self.certificate = certificate or DtlsCertificate.generate()
+        self._ssl_context: SSL.Context = create_server_context(self.certificate)
+        self.agent = IceLiteAgent(consent_timeout=settings.consent_timeout)
+        self.stats = MediaStats()
+        self.demux = DemuxStats()
+        self._udp: asyncio.DatagramTransport | None = None
+        self._by_addr: dict[Address, Transport] = {}
+        self._by_ufrag: dict[str, Transport] = {}
+        self.transports: dict[str, Transport] = {}
+        self._timer: asyncio.Task[None] | None = None
+        self._last_error_log = 0.0
+        self.candidates: list[tuple[str, int]] = []
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: self, local_addr=(self.settings.bind_host, self.settings.udp_port)
+        )
+        port = transport.get_extra_info("sockname")[1]
+        ips = list(self.settings.announced_ips) or [self.settings.bind_host]
+        self.candidates = [(ip, port) for ip in ips if ip not in ("0.0.0.0", "::")]  # noqa: S104
+        if not self.candidates:
+            log.warning(
+                "rtc.bind_host is a wildcard and rtc.announced_ips is empty: clients get no "
+                "usable ICE candidate; set rtc.announced_ips to the address clients can reach"
+            )
+        self._timer = asyncio.create_task(self._run_timers())
+        for ip, cport in self.candidates:
+            log.info("media: ICE candidate udp %s:%d (host)", ip, cport)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._udp = transport  # type: ignore[assignment]
+
+    async def close(self) -> None:
+        for transport in list(self.transports.values()):
+            transport.close("server shutting down")
+        if self._timer is not None:
+            self._timer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._timer
+        if self._udp is not None:
+            self._udp.close()
+
+    # -- commands ----------------------------------------------------------------------------
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.certificate.fingerprint)
+
+    def create_transport(
+        self, role: str, remote_ufrag: str, remote_pwd: str, fingerprints: Sequence[Fingerprint]
+    ) -> Transport:
+        session = self.agent.create_session(remote_ufrag, remote_pwd)
+        dtls = DtlsServer(self._ssl_context, remote_fingerprints=fingerprints)
+        transport = Transport(
+            secrets.token_urlsafe(9), role, session, dtls, self._sendto, self.stats
+        )
+        self.transports[transport.id] = transport
+        self._by_ufrag[session.local_ufrag] = transport
+        return transport
+
+    def add_producer(
+        self,
+        transport: Transport,
+        *,
+        kind: str,
+        mid: str,
+        codec: TrackCodec,
+        ext_ids: dict[str, int],
+        ssrc: int | None,
+        rtx_ssrc: int | None,
+    ) -> Producer:
+        producer = Producer(
+            f"{transport.id}:{mid}",
+            kind,
+            mid,
+            codec,
+            ext_ids,
+            transport,
+            ssrc=ssrc,
+            rtx_ssrc=rtx_ssrc,
+            buffer_size=self.settings.video_buffer
+            if kind == "video"
+            else self.settings.audio_buffer,
+            keyframe_interval=self.settings.keyframe_interval,
+        )
+        transport.producers.append(producer)
+        transport.producers_by_mid[mid] = producer
+        if ssrc is not None:
+            transport.producers_by_ssrc[ssrc] = producer
+        if rtx_ssrc is not None:
+            transport.rtx_by_ssrc[rtx_ssrc] = producer
+        return producer
+
+    def add_downtrack(
+        self,
+        transport: Transport,
+        producer: Producer,
+        *,
+        payload_type: int,
+        rtx_payload_type: int | None,
+        ext_map: dict[int, int],
+    ) -> DownTrack:
+        ssrc = self._new_ssrc(transport)
+        rtx_ssrc = self._new_ssrc(transport) if rtx_payload_type is not None else None
+        downtrack = DownTrack(
+            producer,
+            transport,
+            ssrc=ssrc,
+            payload_type=payload_type,
+            ext_map=id_map_list(ext_map),
+            rtx_ssrc=rtx_ssrc,
+            rtx_payload_type=rtx_payload_type,
+        )
+        producer.downtracks.append(downtrack)
+        transport.downtracks_by_ssrc[ssrc] = downtrack
+        if rtx_ssrc is not None:
+            transport.downtracks_by_ssrc[rtx_ssrc] = downtrack
+        return downtrack
+
+    def close_transport(self, transport: Transport, reason: str) -> None:
+        transport.close(reason)
+
+    @staticmethod
+    def _new_ssrc(transport: Transport) -> int:
+        while True:
+            ssrc = secrets.randbits(32)
+            if ssrc and ssrc not in transport.downtracks_by_ssrc:
+                return ssrc
+
+    def _forget(self, transport: Transport) -> None:
+        self.transports.pop(transport.id, None)
+        self._by_ufrag.pop(transport.ice.local_ufrag, None)
+        self.agent.remove(transport.ice.local_ufrag)
+        for addr in list(transport.ice.addresses):
+            if self._by_addr.get(addr) is transport:
+                del self._by_addr[addr]
+
+    # -- packet path -------------------------------------------------------------------------
+
+    def _sendto(self, data: bytes, addr: Address) -> None:
+        if self._udp is not None:
+            self._udp.sendto(data, addr)
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        self.demux.datagrams += 1
+        try:
+            if not data:
+                self.demux.dropped_unknown_type += 1
+                return
+            first = data[0]
+            if 127 < first < 192:
+                transport = self._by_addr.get(addr)
+                if transport is None:
+                    self.demux.dropped_unknown_address += 1
+                    return
+                transport.on_srtp(data)
+            elif first < 4:
+                self._on_stun(data, addr)
+            elif 19 < first < 64:
+                transport = self._by_addr.get(addr)
+                if transport is None:
+                    self.demux.dropped_unknown_address += 1
+                    return
+                transport.on_dtls(data, addr)
+            else:
+                self.demux.dropped_unknown_type += 1
+        except Exception:
+            # One bad datagram must never take the socket down or flood the log.
+            self.demux.errors += 1
+            now = time.monotonic()
+            if now - self._last_error_log > _ERROR_LOG_INTERVAL:
+                self._last_error_log = now
+                log.exception("media: error handling a datagram from %s (counted)", addr)
+
+    def _on_stun(self, data: bytes, addr: Address) -> None:
+        self.demux.stun += 1
+        response = self.agent.handle_stun(data, addr)
+        if response is None:
+            return
+        self._sendto(response, addr)
+        try:
+            username = parse(data).username or ""
+        except StunError:
+            return
+        transport = self._by_ufrag.get(username.partition(":")[0])
+        if transport is None or addr not in transport.ice.addresses:
+            return  # an error response (e.g. 487): nothing was authenticated from addr
+        self._by_addr[addr] = transport
+        transport.on_ice_check(addr)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP errors (e.g. port unreachable after a client left) surface here on Linux.
+        log.debug("media socket error: %s", exc)
+
+    # -- timers ------------------------------------------------------------------------------
+
+    async def _run_timers(self) -> None:
+        next_reports = time.monotonic() + SENDER_REPORT_INTERVAL
+        while True:
+            await asyncio.sleep(TIMER_INTERVAL)
+            now = time.monotonic()
+            try:
+                self.tick(now, send_reports=now >= next_reports)
+            except Exception:
+                log.exception("media timer failed (continuing)")
+            if now >= next_reports:
+                next_reports = now + SENDER_REPORT_INTERVAL
+
+    def tick(self, now: float, *, send_reports: bool) -> None:
+        for session in self.agent.expire(now):
+            transport = self._by_ufrag.get(session.local_ufrag)
+            if transport is not None:
+                transport.close(
+                    f"ICE consent expired (no valid check for {self.settings.consent_timeout:g} s)"
+                )
+        for transport in list(self.transports.values()):
+            if transport.state is TransportState.CLOSED:
+                self._forget(transport)
+            elif transport.state is TransportState.CONNECTING:
+                transport.on_timer(now)
+            elif send_reports and transport.state is TransportState.CONNECTED:
+                transport.send_sender_reports()

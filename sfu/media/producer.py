@@ -1,0 +1,226 @@
+"""A published track: the packets one publisher sends on one m-section, fanned out as is.
+
+The producer keeps the last N packets (a ring indexed by sequence number) so subscribers'
+NACKs are served without asking the publisher, knows where keyframes start (from the clear
+payload-format descriptor, never from the encrypted frame), and throttles keyframe requests
+toward the publisher: a PLI storm makes an encoder raise its QP for everyone (design.md §5).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from sfu.media.rtp import RtpHeader, parse_header, parse_vp8, rtx_to_original
+
+if TYPE_CHECKING:
+    from sfu.media.downtrack import DownTrack
+
+
+class Upstream(Protocol):
+    """The publisher's transport, as a producer needs it: feedback toward the sender."""
+
+    def send_keyframe_request(self, producer: Producer) -> None: ...
+
+    def send_nack(self, producer: Producer, seqs: list[int]) -> None: ...
+
+
+DEFAULT_VIDEO_BUFFER = 500
+DEFAULT_AUDIO_BUFFER = 200
+DEFAULT_KEYFRAME_INTERVAL = 0.5
+
+
+@dataclass(frozen=True)
+class TrackCodec:
+    """The single codec a producer was negotiated with (the answer pins one per m-section)."""
+
+    name: str  # as in a=rtpmap, e.g. "VP8", "opus"
+    clock_rate: int
+    payload_type: int
+    rtx_payload_type: int | None = None
+    channels: int | None = None
+    fmtp: str | None = None
+
+    @property
+    def key(self) -> str:
+        return self.name.lower()
+
+
+def _keyframe_detector(codec: str) -> Callable[[bytes, RtpHeader], bool] | None:
+    """How to tell that a packet starts a keyframe, from bytes outside the encrypted frame."""
+    if codec == "vp8":
+        return _vp8_keyframe
+    if codec == "vp9":
+        return _vp9_keyframe
+    if codec == "h264":
+        return _h264_keyframe
+    if codec == "av1":
+        return _av1_keyframe
+    return None
+
+
+def _vp8_keyframe(data: bytes, hdr: RtpHeader) -> bool:
+    desc = parse_vp8(data, hdr.header_len, hdr.payload_end)
+    return desc is not None and desc.keyframe
+
+
+def _vp9_keyframe(data: bytes, hdr: RtpHeader) -> bool:
+    # RFC 9628 §4.2: B (start of frame) set and P (inter-picture predicted) clear.
+    if hdr.payload_len < 1:
+        return False
+    b = data[hdr.header_len]
+    return bool(b & 0x08) and not b & 0x40
+
+
+def _h264_keyframe(data: bytes, hdr: RtpHeader) -> bool:
+    # RFC 6184 §5.4: IDR (5) or SPS (7), directly, first in a STAP-A, or starting a FU-A.
+    pos, end = hdr.header_len, hdr.payload_end
+    if end - pos < 2:
+        return False
+    nal = data[pos] & 0x1F
+    if nal == 24 and end - pos >= 4:
+        nal = data[pos + 3] & 0x1F
+    elif nal == 28:
+        fu = data[pos + 1]
+        return bool(fu & 0x80) and (fu & 0x1F) in (5, 7)
+    return nal in (5, 7)
+
+
+def _av1_keyframe(data: bytes, hdr: RtpHeader) -> bool:
+    # AV1 RTP spec §4.4: the aggregation header's N bit starts a new coded video sequence.
+    return hdr.payload_len >= 1 and bool(data[hdr.header_len] & 0x08)
+
+
+class Producer:
+    """Inbound track of one publisher transport. Everything here runs per packet."""
+
+    __slots__ = (
+        "_detect_keyframe",
+        "_last_keyframe_request",
+        "_ring",
+        "_ring_size",
+        "bytes_received",
+        "clock",
+        "closed",
+        "codec",
+        "downtracks",
+        "ext_ids",
+        "id",
+        "keyframe_interval",
+        "keyframe_requests_sent",
+        "keyframe_requests_throttled",
+        "keyframes_seen",
+        "kind",
+        "mid",
+        "packets_received",
+        "rtx_packets_received",
+        "rtx_ssrc",
+        "ssrc",
+        "ssrc_changes",
+        "upstream",
+    )
+
+    def __init__(
+        self,
+        producer_id: str,
+        kind: str,
+        mid: str,
+        codec: TrackCodec,
+        ext_ids: dict[str, int],
+        upstream: Upstream,
+        *,
+        ssrc: int | None = None,
+        rtx_ssrc: int | None = None,
+        buffer_size: int | None = None,
+        keyframe_interval: float = DEFAULT_KEYFRAME_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.id = producer_id
+        self.kind = kind
+        self.mid = mid
+        self.codec = codec
+        self.ext_ids = ext_ids
+        self.ssrc = ssrc
+        self.rtx_ssrc = rtx_ssrc
+        self.upstream = upstream
+        self.keyframe_interval = keyframe_interval
+        self.clock = clock
+        size = buffer_size or (DEFAULT_VIDEO_BUFFER if kind == "video" else DEFAULT_AUDIO_BUFFER)
+        self._ring_size = size
+        self._ring: list[bytes | None] = [None] * size
+        self._detect_keyframe = _keyframe_detector(codec.key) if kind == "video" else None
+        self._last_keyframe_request = -1e9
+        self.downtracks: list[DownTrack] = []
+        self.closed = False
+        self.packets_received = 0
+        self.bytes_received = 0
+        self.rtx_packets_received = 0
+        self.keyframes_seen = 0
+        self.keyframe_requests_sent = 0
+        self.keyframe_requests_throttled = 0
+        self.ssrc_changes = 0
+
+    def on_rtp(self, data: bytes, hdr: RtpHeader) -> None:
+        """A decrypted media packet from the publisher: store it, fan it out untouched."""
+        if hdr.ssrc != self.ssrc:
+            if self.ssrc is not None:
+                # A new sender (e.g. the publisher's encoder restarted): subscribers must not
+                # see a sequence jump, so each down-track re-bases its numbering.
+                self.ssrc_changes += 1
+                for downtrack in self.downtracks:
+                    downtrack.resync()
+                self._ring = [None] * self._ring_size
+            self.ssrc = hdr.ssrc
+        self.packets_received += 1
+        self.bytes_received += len(data)
+        self._ring[hdr.seq % self._ring_size] = data
+        keyframe = self._detect_keyframe is None or self._detect_keyframe(data, hdr)
+        if keyframe and self._detect_keyframe is not None:
+            self.keyframes_seen += 1
+        for downtrack in self.downtracks:
+            downtrack.forward(data, hdr, keyframe)
+
+    def on_rtx(self, data: bytes, hdr: RtpHeader) -> None:
+        """An RTX retransmission from the publisher (RFC 4588): repair as the original."""
+        if self.ssrc is None:
+            return
+        self.rtx_packets_received += 1
+        original = rtx_to_original(data, hdr, self.ssrc, self.codec.payload_type)
+        if original is None:
+            return  # padding-only probe
+        original_hdr = parse_header(original)
+        if original_hdr is not None:
+            self.on_rtp(original, original_hdr)
+
+    def get(self, seq: int) -> bytes | None:
+        """A stored packet by its publisher sequence number, if still in the ring."""
+        data = self._ring[seq % self._ring_size]
+        if data is None or (data[2] << 8 | data[3]) != seq:
+            return None
+        return data
+
+    def request_keyframe(self) -> bool:
+        """Ask the publisher for a keyframe, at most once per `keyframe_interval`."""
+        if self.kind != "video" or self.closed:
+            return False
+        now = self.clock()
+        if now - self._last_keyframe_request < self.keyframe_interval:
+            self.keyframe_requests_throttled += 1
+            return False
+        self._last_keyframe_request = now
+        self.keyframe_requests_sent += 1
+        self.upstream.send_keyframe_request(self)
+        return True
+
+    def request_retransmission(self, seqs: list[int]) -> None:
+        """Ask the publisher for packets the ring no longer has (or never got)."""
+        if seqs and not self.closed and self.ssrc is not None:
+            self.upstream.send_nack(self, seqs)
+
+    def close(self) -> None:
+        self.closed = True
+        for downtrack in list(self.downtracks):
+            downtrack.on_producer_closed()
+        self.downtracks.clear()

@@ -1,0 +1,356 @@
+"""One client's WebRTC transport on the shared socket: ICE-lite session, DTLS, SRTP, routing.
+
+A publisher transport routes decrypted RTP to its producers by SSRC (learned from the SDP or
+from the MID header extension of the first packets). A subscriber transport owns down-tracks
+and routes the subscriber's RTCP feedback (NACK, PLI, FIR) to them. Everything is synchronous
+and called from the mux's `datagram_received`.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import secrets
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from sfu.media.dtls import DtlsServer, DtlsState
+from sfu.media.ice import Address, IceLiteSession
+from sfu.media.rtcp import (
+    Bye,
+    Fir,
+    Nack,
+    Pli,
+    ReceiverReport,
+    SenderReport,
+    build_nack,
+    build_pli,
+    parse_rtcp,
+)
+from sfu.media.rtp import RtpHeader, parse_header, read_sdes_extension
+from sfu.media.srtp import SrtpSession
+
+if TYPE_CHECKING:
+    from sfu.media.downtrack import DownTrack
+    from sfu.media.producer import Producer
+
+log = logging.getLogger(__name__)
+
+Sendto = Callable[[bytes, Address], None]
+
+
+class TransportState(enum.Enum):
+    NEW = "new"  # created, waiting for the client's ICE checks
+    CONNECTING = "connecting"  # ICE done, DTLS handshake running
+    CONNECTED = "connected"  # SRTP keys in place: media flows
+    CLOSED = "closed"
+
+
+class MediaStats:
+    """Plain-int counters shared by all transports of one engine (exported per scrape)."""
+
+    __slots__ = (
+        "dtls_failed",
+        "dtls_ok",
+        "fir_received",
+        "nacks_missed",
+        "nacks_received",
+        "nacks_served",
+        "pli_received",
+        "rtcp_in",
+        "rtcp_malformed",
+        "rtcp_out",
+        "rtp_bytes_in",
+        "rtp_bytes_out",
+        "rtp_in",
+        "rtp_out",
+        "rtp_unroutable",
+        "srtp_failures",
+    )
+
+    def __init__(self) -> None:
+        self.dtls_failed = 0
+        self.dtls_ok = 0
+        self.fir_received = 0
+        self.nacks_missed = 0
+        self.nacks_received = 0
+        self.nacks_served = 0
+        self.pli_received = 0
+        self.rtcp_in = 0
+        self.rtcp_malformed = 0
+        self.rtcp_out = 0
+        self.rtp_bytes_in = 0
+        self.rtp_bytes_out = 0
+        self.rtp_in = 0
+        self.rtp_out = 0
+        self.rtp_unroutable = 0
+        self.srtp_failures = 0
+
+
+class Transport:
+    __slots__ = (
+        "_sendto",
+        "addr",
+        "close_reason",
+        "downtracks_by_ssrc",
+        "dtls",
+        "ice",
+        "id",
+        "mid_ext_id",
+        "on_closed",
+        "on_connected",
+        "packet_tap",
+        "producers",
+        "producers_by_mid",
+        "producers_by_ssrc",
+        "role",
+        "rtcp_ssrc",
+        "rtx_by_ssrc",
+        "srtp",
+        "state",
+        "stats",
+    )
+
+    def __init__(
+        self,
+        transport_id: str,
+        role: str,
+        ice: IceLiteSession,
+        dtls: DtlsServer,
+        sendto: Sendto,
+        stats: MediaStats,
+    ) -> None:
+        self.id = transport_id
+        self.role = role
+        self.ice = ice
+        self.dtls = dtls
+        self._sendto = sendto
+        self.stats = stats
+        self.state = TransportState.NEW
+        self.close_reason: str | None = None
+        self.addr: Address | None = None
+        self.srtp: SrtpSession | None = None
+        self.rtcp_ssrc = secrets.randbits(32) or 1
+        self.producers: list[Producer] = []
+        self.producers_by_ssrc: dict[int, Producer] = {}
+        self.rtx_by_ssrc: dict[int, Producer] = {}
+        self.producers_by_mid: dict[str, Producer] = {}
+        self.mid_ext_id: int | None = None
+        self.downtracks_by_ssrc: dict[int, DownTrack] = {}
+        self.on_connected: Callable[[Transport], None] | None = None
+        self.on_closed: Callable[[Transport], None] | None = None
+        # Test hook: sees every decrypted RTP packet this transport receives (None in service).
+        self.packet_tap: Callable[[bytes], None] | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.srtp is not None and self.addr is not None
+
+    # -- sending -----------------------------------------------------------------------------
+
+    def send_rtp(self, packet: bytes | bytearray) -> None:
+        srtp, addr = self.srtp, self.addr
+        if srtp is None or addr is None:
+            return
+        protected = srtp.protect_rtp(bytes(packet))
+        if protected is None:
+            self.stats.srtp_failures += 1
+            return
+        self._sendto(protected, addr)
+        self.stats.rtp_out += 1
+        self.stats.rtp_bytes_out += len(protected)
+
+    def send_rtcp(self, packet: bytes) -> None:
+        srtp, addr = self.srtp, self.addr
+        if srtp is None or addr is None:
+            return
+        protected = srtp.protect_rtcp(packet)
+        if protected is None:
+            self.stats.srtp_failures += 1
+            return
+        self._sendto(protected, addr)
+        self.stats.rtcp_out += 1
+
+    # Upstream protocol for producers published on this transport.
+    def send_keyframe_request(self, producer: Producer) -> None:
+        if producer.ssrc is not None:
+            self.send_rtcp(build_pli(self.rtcp_ssrc, producer.ssrc))
+
+    def send_nack(self, producer: Producer, seqs: list[int]) -> None:
+        if producer.ssrc is not None:
+            self.send_rtcp(build_nack(self.rtcp_ssrc, producer.ssrc, seqs))
+
+    # -- ICE ---------------------------------------------------------------------------------
+
+    def on_ice_check(self, addr: Address) -> None:
+        """An authenticated check came from `addr`: follow the client's nomination."""
+        selected = self.ice.selected
+        if selected is not None:
+            self.addr = selected
+        elif self.addr is None:
+            self.addr = addr
+
+    # -- DTLS --------------------------------------------------------------------------------
+
+    def on_dtls(self, data: bytes, addr: Address) -> None:
+        if self.state is TransportState.CLOSED:
+            return
+        if self.state is TransportState.NEW:
+            self.state = TransportState.CONNECTING
+        for out in self.dtls.feed(data):
+            self._sendto(out, addr)
+        self._after_dtls()
+
+    def on_timer(self, now: float) -> None:
+        if self.state is not TransportState.CONNECTING:
+            return
+        due = self.dtls.next_timeout()
+        if due is not None and now >= due and self.addr is not None:
+            for out in self.dtls.handle_timeout(now):
+                self._sendto(out, self.addr)
+            self._after_dtls()
+
+    def _after_dtls(self) -> None:
+        state = self.dtls.state
+        if state is DtlsState.CONNECTED and self.srtp is None:
+            keys = self.dtls.srtp_keys
+            if keys is None:
+                return
+            self.srtp = SrtpSession(keys)
+            self.state = TransportState.CONNECTED
+            self.stats.dtls_ok += 1
+            log.info("transport %s connected (%s)", self.id, keys.profile.name)
+            if self.on_connected is not None:
+                self.on_connected(self)
+        elif state is DtlsState.FAILED:
+            self.stats.dtls_failed += 1
+            self.close(f"DTLS failed: {self.dtls.failure_reason}")
+        elif state is DtlsState.CLOSED:
+            self.close("client closed DTLS")
+
+    # -- SRTP / SRTCP ------------------------------------------------------------------------
+
+    def on_srtp(self, data: bytes) -> None:
+        srtp = self.srtp
+        if srtp is None:
+            return
+        # RFC 5761 §4: RTCP packet types 192-223 occupy the second byte's range 64-95 after
+        # masking the marker bit, which no dynamic RTP payload type uses.
+        if len(data) > 1 and 64 <= data[1] & 0x7F <= 95:
+            self._on_rtcp(data, srtp)
+            return
+        plain = srtp.unprotect_rtp(data)
+        if plain is None:
+            self.stats.srtp_failures += 1
+            return
+        hdr = parse_header(plain)
+        if hdr is None:
+            self.stats.rtp_unroutable += 1
+            return
+        self.stats.rtp_in += 1
+        self.stats.rtp_bytes_in += len(data)
+        if self.packet_tap is not None:
+            self.packet_tap(plain)
+        producer = self.producers_by_ssrc.get(hdr.ssrc)
+        if producer is not None:
+            producer.on_rtp(plain, hdr)
+            return
+        producer = self.rtx_by_ssrc.get(hdr.ssrc)
+        if producer is not None:
+            producer.on_rtx(plain, hdr)
+            return
+        producer = self._bind_ssrc(plain, hdr)
+        if producer is None:
+            self.stats.rtp_unroutable += 1
+
+    def _bind_ssrc(self, data: bytes, hdr: RtpHeader) -> Producer | None:
+        """First packet of an SSRC the SDP did not declare: find its track by MID (RFC 8843)."""
+        ssrc, payload_type = hdr.ssrc, hdr.payload_type
+        producer: Producer | None = None
+        if self.mid_ext_id is not None:
+            mid = read_sdes_extension(data, hdr, self.mid_ext_id)
+            if mid is not None:
+                producer = self.producers_by_mid.get(mid)
+        if producer is None and len(self.producers) == 1:
+            producer = self.producers[0]
+        if producer is None:
+            return None
+        if payload_type == producer.codec.rtx_payload_type:
+            producer.rtx_ssrc = ssrc
+            self.rtx_by_ssrc[ssrc] = producer
+            producer.on_rtx(data, hdr)
+        elif payload_type == producer.codec.payload_type:
+            if producer.ssrc is not None:
+                self.producers_by_ssrc.pop(producer.ssrc, None)
+            self.producers_by_ssrc[ssrc] = producer
+            producer.on_rtp(data, hdr)
+        else:
+            return None
+        return producer
+
+    def _on_rtcp(self, data: bytes, srtp: SrtpSession) -> None:
+        plain = srtp.unprotect_rtcp(data)
+        if plain is None:
+            self.stats.srtp_failures += 1
+            return
+        self.stats.rtcp_in += 1
+        packets, ok = parse_rtcp(plain)
+        if not ok:
+            self.stats.rtcp_malformed += 1
+        for packet in packets:
+            if isinstance(packet, Nack):
+                self._on_nack(packet)
+            elif isinstance(packet, Pli):
+                self.stats.pli_received += 1
+                downtrack = self.downtracks_by_ssrc.get(packet.media_ssrc)
+                if downtrack is not None:
+                    downtrack.on_keyframe_request()
+            elif isinstance(packet, Fir):
+                self.stats.fir_received += 1
+                for entry in packet.entries:
+                    downtrack = self.downtracks_by_ssrc.get(entry.ssrc)
+                    if downtrack is not None:
+                        downtrack.on_keyframe_request()
+            elif isinstance(packet, SenderReport | ReceiverReport | Bye):
+                # Consumed, never relayed raw: the SFU sends its own SRs per down-track, and
+                # a publisher's SR describes a timeline the subscribers never see.
+                continue
+
+    def _on_nack(self, nack: Nack) -> None:
+        downtrack = self.downtracks_by_ssrc.get(nack.media_ssrc)
+        self.stats.nacks_received += len(nack.seqs)
+        if downtrack is None:
+            return
+        served_before = downtrack.nacks_served
+        missing = downtrack.on_nack(nack.seqs)
+        self.stats.nacks_served += downtrack.nacks_served - served_before
+        if missing:
+            self.stats.nacks_missed += len(missing)
+            downtrack.producer.request_retransmission(missing)
+
+    # -- periodic and teardown ---------------------------------------------------------------
+
+    def send_sender_reports(self) -> None:
+        for ssrc, downtrack in self.downtracks_by_ssrc.items():
+            if ssrc != downtrack.ssrc:
+                continue  # the RTX entry of the same down-track
+            report = downtrack.sender_report()
+            if report is not None:
+                self.send_rtcp(report)
+
+    def close(self, reason: str) -> None:
+        if self.state is TransportState.CLOSED:
+            return
+        self.state = TransportState.CLOSED
+        self.close_reason = reason
+        for producer in self.producers:
+            producer.close()
+        for downtrack in set(self.downtracks_by_ssrc.values()):
+            downtrack.close()
+        if self.addr is not None:
+            for out in self.dtls.close():
+                self._sendto(out, self.addr)
+        self.ice.close()
+        log.info("transport %s closed: %s", self.id, reason)
+        if self.on_closed is not None:
+            self.on_closed(self)

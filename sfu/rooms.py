@@ -1,0 +1,98 @@
+"""Domain state: rooms, the streams published in them, and the sessions that carry media.
+
+A WHIP session publishes one named stream (its audio and video tracks); a WHEP session
+subscribes to one. Rooms isolate everything: a stream name is only looked up inside the
+room the token grants.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sfu.media.downtrack import DownTrack
+from sfu.media.producer import Producer
+from sfu.media.transport import Transport
+
+
+class LimitExceeded(Exception):
+    """A configured limit refuses the request; the message names the limit."""
+
+
+@dataclass(eq=False)
+class MediaSession:
+    """A WHIP (publish) or WHEP (subscribe) session: one transport and its tracks."""
+
+    kind: str  # "whip" or "whep"
+    room: str
+    stream: str
+    identity: str
+    transport: Transport
+    release_drain: Callable[[], None]
+    id: str = field(default_factory=lambda: secrets.token_urlsafe(12))
+    created_at: float = field(default_factory=time.monotonic)
+    producers: list[Producer] = field(default_factory=list)
+    downtracks: list[DownTrack] = field(default_factory=list)
+    etag: str = field(default_factory=lambda: f'"{secrets.token_hex(8)}"')
+
+    @property
+    def location(self) -> str:
+        return f"/{self.kind}/{self.room}/{self.stream}/{self.id}"
+
+
+@dataclass(eq=False)
+class Room:
+    name: str
+    publications: dict[str, MediaSession] = field(default_factory=dict)
+    subscriptions: dict[str, MediaSession] = field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        return not self.publications and not self.subscriptions
+
+
+class Rooms:
+    def __init__(self, max_rooms: int) -> None:
+        self.max_rooms = max_rooms
+        self._rooms: dict[str, Room] = {}
+        self.sessions: dict[str, MediaSession] = {}
+
+    def __len__(self) -> int:
+        return len(self._rooms)
+
+    def get(self, name: str) -> Room | None:
+        return self._rooms.get(name)
+
+    def get_or_create(self, name: str) -> Room:
+        room = self._rooms.get(name)
+        if room is None:
+            if len(self._rooms) >= self.max_rooms:
+                raise LimitExceeded(f"the server has reached limits.max_rooms ({self.max_rooms})")
+            room = self._rooms[name] = Room(name)
+        return room
+
+    def add(self, session: MediaSession) -> None:
+        room = self.get_or_create(session.room)
+        if session.kind == "whip":
+            room.publications[session.stream] = session
+        else:
+            room.subscriptions[session.id] = session
+        self.sessions[session.id] = session
+
+    def remove(self, session: MediaSession) -> bool:
+        """Forget a session; False if it was already gone (closing is idempotent)."""
+        if self.sessions.pop(session.id, None) is None:
+            return False
+        room = self._rooms.get(session.room)
+        if room is not None:
+            if room.publications.get(session.stream) is session:
+                del room.publications[session.stream]
+            room.subscriptions.pop(session.id, None)
+            if room.empty:
+                del self._rooms[room.name]
+        return True
+
+    def all_sessions(self) -> list[MediaSession]:
+        return list(self.sessions.values())
