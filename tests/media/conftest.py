@@ -1,0 +1,5 @@
+"""Fixtures for media-plane tests (see harness.py)."""
+
+from tests.media.harness import sfu
+
+__all__ = ["sfu"]
