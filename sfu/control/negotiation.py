@@ -211,11 +211,22 @@ class Track(Protocol):
     def ext_ids(self) -> dict[str, int]: ...
 
 
-def plan_subscriber(
-    offer: SessionDescription, published: Sequence[Track]
-) -> list[SubscribedTrack | MediaSection]:
-    """Match each offered section to a track; a bare MediaSection in the result is declined."""
-    plan: list[SubscribedTrack | MediaSection] = []
+def _inactive_body(m: MediaSection) -> list[str] | None:
+    """Answer lines for a section with nothing to send: kept in the bundle as inactive, which
+    every stack accepts (aiortc, for one, refuses a rejected section's missing attributes)."""
+    codecs = [c for c in m.codecs() if c.key != RTX_CODEC]
+    if not codecs:
+        return None
+    return [*codec_lines([_with_fb(codecs[0], [])]), "a=inactive"]
+
+
+PlanItem = SubscribedTrack | MediaSection | tuple[MediaSection, list[str]]
+
+
+def plan_subscriber(offer: SessionDescription, published: Sequence[Track]) -> list[PlanItem]:
+    """Match each offered section to a track. Besides SubscribedTrack, an item is a bare
+    MediaSection (declined) or (section, answer lines) for an inactive one."""
+    plan: list[PlanItem] = []
     used: set[int] = set()
     for m in offer.media:
         receives = m.direction in ("recvonly", "sendrecv")
@@ -228,7 +239,8 @@ def plan_subscriber(
             None,
         )
         if index is None:
-            plan.append(m)
+            inactive = _inactive_body(m) if receives and not m.rejected else None
+            plan.append((m, inactive) if inactive is not None else m)
             continue
         track = published[index]
         offered = m.codecs()

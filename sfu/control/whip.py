@@ -289,8 +289,11 @@ def _subscribe(
     cname = secrets.token_hex(8)
     sections: list[tuple[MediaSection, list[str] | None]] = []
     for item in plan:
-        if not isinstance(item, SubscribedTrack):
+        if isinstance(item, MediaSection):
             sections.append((item, None))
+            continue
+        if isinstance(item, tuple):
+            sections.append(item)
             continue
         producer = publication.producers[item.track_index]
         downtrack = engine.add_downtrack(
