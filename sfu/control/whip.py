@@ -19,7 +19,6 @@ from sfu.control.auth import AuthError, Grants, verify_token
 from sfu.control.keys import CONFIG_KEY, ENGINE_KEY, LIFECYCLE_KEY, ROOMS_KEY
 from sfu.control.negotiation import (
     NegotiationError,
-    SubscribedTrack,
     plan_publisher,
     plan_subscriber,
     render_answer,
