@@ -17,7 +17,7 @@ from sfu.control.http import create_app
 from sfu.lifecycle import Lifecycle
 from sfu.media.dtls import DtlsCertificate
 from sfu.media.engine import MediaEngine, MediaSettings
-from sfu.metrics import Metrics, measure_loop_lag, stop_task
+from sfu.metrics import MediaCollector, Metrics, measure_loop_lag, stop_task
 from sfu.rooms import Rooms
 
 log = logging.getLogger("sfu.app")
@@ -49,6 +49,7 @@ class Server:
             _dtls_certificate(config),
         )
         self.rooms = Rooms(config.limits.max_rooms)
+        self.metrics.registry.register(MediaCollector(self.engine, self.rooms))
         self.app = create_app(config, self.lifecycle, self.metrics, self.engine, self.rooms)
         self._runner: web.AppRunner | None = None
         self._lag_task: asyncio.Task[None] | None = None

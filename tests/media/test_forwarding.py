@@ -50,6 +50,24 @@ async def test_one_publisher_two_subscribers_decode_audio_and_video(sfu: Server)
         assert stats.srtp_failures == 0
         assert stats.rtp_unroutable == 0
         assert sfu.engine.demux.errors == 0
+        # The same counts, as an operator scrapes them.
+        import aiohttp
+
+        async with aiohttp.ClientSession() as http, http.get(f"{sfu.url}/metrics") as r:
+            text = await r.text()
+        values = {
+            line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("sfu_")
+        }
+        assert values['sfu_media_sessions{kind="whip"}'] == 1
+        assert values['sfu_media_sessions{kind="whep"}'] == 2
+        assert values['sfu_rtp_packets_total{direction="in"}'] > 50
+        # Two subscribers: about twice as many packets out as in.
+        assert values['sfu_rtp_packets_total{direction="out"}'] > 1.5 * values[
+            'sfu_rtp_packets_total{direction="in"}'
+        ] - 100
+        assert values['sfu_dtls_handshakes_total{result="ok"}'] == 3
     finally:
         await pub.close()
         for pc, _ in subs:
