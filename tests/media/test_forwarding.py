@@ -64,9 +64,10 @@ async def test_one_publisher_two_subscribers_decode_audio_and_video(sfu: Server)
         assert values['sfu_media_sessions{kind="whep"}'] == 2
         assert values['sfu_rtp_packets_total{direction="in"}'] > 50
         # Two subscribers: about twice as many packets out as in.
-        assert values['sfu_rtp_packets_total{direction="out"}'] > 1.5 * values[
-            'sfu_rtp_packets_total{direction="in"}'
-        ] - 100
+        assert (
+            values['sfu_rtp_packets_total{direction="out"}']
+            > 1.5 * values['sfu_rtp_packets_total{direction="in"}'] - 100
+        )
         assert values['sfu_dtls_handshakes_total{result="ok"}'] == 3
     finally:
         await pub.close()
