@@ -30,6 +30,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from sfu import __version__
+from sfu.assurance import codecs_loaded
 
 if TYPE_CHECKING:
     from sfu.media.engine import MediaEngine
@@ -202,6 +203,12 @@ class MediaCollector(Collector):
         yield sessions
         yield GaugeMetricFamily(
             "sfu_rooms", "Rooms with at least one session.", value=len(self.rooms)
+        )
+        yield GaugeMetricFamily(
+            "sfu_media_codecs_loaded",
+            "Media codec modules imported and codec libraries mapped into this process, "
+            "measured at scrape time. 0 is the only healthy value.",
+            value=len(codecs_loaded()),
         )
 
 

@@ -27,3 +27,22 @@ def test_server_modules_import_no_aiortc_or_av() -> None:
     )
     assert len(modules) > 5
     assert result.stdout.strip() == ""
+
+
+def test_codec_gauge_measures_what_is_really_loaded() -> None:
+    # Fresh interpreters: the server's modules alone, then the same after importing aiortc.
+    code = (
+        "import sys, sfu.app\n"
+        "from sfu.assurance import codecs_loaded\n"
+        "print(len(codecs_loaded()))\n"
+        "import aiortc\n"
+        "print(' '.join(codecs_loaded()))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    before, after = result.stdout.splitlines()
+    assert before == "0"
+    assert "av" in after.split()
+    assert "aiortc" in after.split()
+    assert any(name.startswith("libavcodec") for name in after.split())

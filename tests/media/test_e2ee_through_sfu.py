@@ -189,6 +189,10 @@ async def test_server_process_loads_no_codec_while_forwarding(tmp_path: Path) ->
         finally:
             await publication.close()
             await subscription.close()
+        async with aiohttp.ClientSession() as session, session.get(f"{base}/metrics") as r:
+            metrics = await r.text()
+        # Measured inside the server (sys.modules and its own memory map) at scrape time.
+        assert "sfu_media_codecs_loaded 0.0" in metrics.splitlines()
         maps = Path(f"/proc/{proc.pid}/maps").read_text()
         codec_libraries = [
             line.split()[-1]
