@@ -45,6 +45,8 @@ class Server:
                 video_buffer=rtc.video_buffer_packets,
                 audio_buffer=rtc.audio_buffer_packets,
                 keyframe_interval=rtc.keyframe_request_interval,
+                e2ee_grace_period=config.e2ee.grace_period,
+                integrity_sample_every=config.metrics.integrity_sample_every,
             ),
             _dtls_certificate(config),
         )

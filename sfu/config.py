@@ -249,9 +249,47 @@ class LimitsConfig(_Section):
     max_sdp_bytes: PositiveInt = Field(65536, description="Largest SDP offer accepted.")
 
 
+E2eePolicy = Literal["required", "optional"]
+
+
+def _check_room_name(value: str) -> str:
+    from sfu.names import room_name_problem
+
+    problem = room_name_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+RoomName = Annotated[str, AfterValidator(_check_room_name)]
+
+
+class E2eeConfig(_Section):
+    policy: E2eePolicy = Field(
+        "optional",
+        description="Default for every room. 'required': a track that does not carry SFrame "
+        "envelopes after grace_period is stopped and its publisher told why.",
+    )
+    rooms: dict[RoomName, E2eePolicy] = Field(
+        default_factory=dict, description="Per-room policy overriding the default."
+    )
+    grace_period: Duration = Field(
+        5.0, description="How long a new track may send before the policy judges it."
+    )
+
+    def policy_for(self, room: str) -> E2eePolicy:
+        return self.rooms.get(room, self.policy)
+
+
 class MetricsConfig(_Section):
     enabled: bool = Field(True, description="Serve Prometheus metrics at /metrics.")
     loop_lag_interval: Duration = Field(0.5, description="How often the event-loop lag probe runs.")
+    integrity_sample_every: int = Field(
+        100,
+        ge=0,
+        description="Compare forwarded payload bytes with received ones for 1 packet in N per "
+        "subscriber (sfu_payload_integrity_checks_total); 0 turns sampling off.",
+    )
 
 
 class LoggingConfig(_Section):
@@ -287,6 +325,9 @@ class Config(_Section):
     rtc: RtcConfig = Field(default_factory=RtcConfig, description="Media plane (UDP).")
     auth: AuthConfig = Field(default_factory=AuthConfig, description="Access tokens.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Resource limits.")
+    e2ee: E2eeConfig = Field(
+        default_factory=E2eeConfig, description="End-to-end encryption policy."
+    )
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
 
@@ -763,6 +804,7 @@ _LABELS: dict[Any, str] = {
     _check_origin: "origin",
     _check_ice_url: "STUN/TURN URL",
     _check_key_name: "key name",
+    _check_room_name: "room name",
     parse_duration: "duration",
 }
 
@@ -792,7 +834,8 @@ def _type_label(annotation: Any, metadata: Sequence[Any]) -> str:
             return "list of {" + ", ".join(inner.model_fields) + "}"
         return f"list of {_type_label(inner, ())}"
     if origin is dict:
-        return f"map of {_type_label(args[0], ())} -> secret"
+        value = "secret" if args[1] is SecretStr else _type_label(args[1], ())
+        return f"map of {_type_label(args[0], ())} -> {value}"
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in args)
     if origin in (Union, types.UnionType):

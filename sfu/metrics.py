@@ -31,6 +31,7 @@ from prometheus_client.registry import Collector
 
 from sfu import __version__
 from sfu.assurance import codecs_loaded
+from sfu.media.envelope import STATES
 
 if TYPE_CHECKING:
     from sfu.media.engine import MediaEngine
@@ -189,6 +190,36 @@ class MediaCollector(Collector):
             "PLI and FIR messages received from subscribers.",
             "type",
             {"pli": stats.pli_received, "fir": stats.fir_received},
+        )
+        frames = CounterMetricFamily(
+            "sfu_e2ee_frames",
+            "Frames whose payload, after the documented clear prefix, carries a consistent "
+            "SFrame header (envelope=sframe) or not (none); judged without any key.",
+            labels=["kind", "envelope"],
+        )
+        for kind, (none, sframe) in sorted(stats.e2ee_frames.items()):
+            frames.add_metric([kind, "sframe"], sframe)
+            frames.add_metric([kind, "none"], none)
+        yield frames
+        tracks = GaugeMetricFamily(
+            "sfu_e2ee_tracks",
+            "Published tracks by envelope verdict over their recent frames.",
+            labels=["state"],
+        )
+        by_state = dict.fromkeys(STATES, 0)
+        for session in self.rooms.all_sessions():
+            for producer in session.producers:
+                by_state[producer.envelope.state] += 1
+        for state, count in by_state.items():
+            tracks.add_metric([state], count)
+        yield tracks
+        match, mismatch = stats.integrity
+        yield _counter(
+            "sfu_payload_integrity_checks",
+            "Sampled comparisons of forwarded payload bytes with received ones; mismatch must "
+            "stay 0.",
+            "result",
+            {"match": match, "mismatch": mismatch},
         )
         sessions = GaugeMetricFamily(
             "sfu_media_sessions",

@@ -53,11 +53,32 @@ class Room:
         return not self.publications and not self.subscriptions
 
 
+@dataclass(frozen=True)
+class Ended:
+    """Why the server ended a session, kept so the client learns it on its next request."""
+
+    kind: str
+    room: str
+    stream: str
+    code: str
+    detail: str
+
+
+MAX_ENDED = 1000
+
+
 class Rooms:
     def __init__(self, max_rooms: int) -> None:
         self.max_rooms = max_rooms
         self._rooms: dict[str, Room] = {}
         self.sessions: dict[str, MediaSession] = {}
+        # Bounded: oldest first out, so a flood of terminations cannot grow memory.
+        self.ended: dict[str, Ended] = {}
+
+    def record_ended(self, session: MediaSession, code: str, detail: str) -> None:
+        self.ended[session.id] = Ended(session.kind, session.room, session.stream, code, detail)
+        while len(self.ended) > MAX_ENDED:
+            del self.ended[next(iter(self.ended))]
 
     def __len__(self) -> int:
         return len(self._rooms)

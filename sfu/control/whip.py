@@ -222,6 +222,16 @@ def _forget(rooms: Rooms, session: MediaSession, reason: str) -> None:
             )
 
 
+def _stop_for_policy(rooms: Rooms, session: MediaSession, why: str) -> None:
+    """End a WHIP session whose track is not end-to-end encrypted in a room requiring it.
+    WHIP has no channel to the publisher but the session URL, so the reason is kept for
+    its next request there (410 e2ee_required), besides the log."""
+    with log_context(room=session.room, participant=session.identity):
+        log.warning("stopping whip session %s: %s", session.id, why)
+    rooms.record_ended(session, "e2ee_required", why)
+    session.transport.close(f"e2ee policy: {why}")
+
+
 def _publish(
     request: web.Request, grants: Grants, room: str, stream: str, offer: SessionDescription
 ) -> web.Response:
@@ -257,6 +267,10 @@ def _publish(
                 rtx_ssrc=track.rtx_ssrc,
             )
         )
+    if request.app[CONFIG_KEY].e2ee.policy_for(room) == "required":
+        for producer in session.producers:
+            producer.e2ee_required = True
+            producer.on_policy_violation = lambda _p, why: _stop_for_policy(rooms, session, why)
     session.transport.mid_ext_id = next(
         (t.ext_ids[uri] for t in plan.tracks for uri in t.ext_ids if uri.endswith("sdes:mid")), None
     )
@@ -325,7 +339,21 @@ def _subscribe(
 
 def _session_for(request: web.Request) -> MediaSession:
     room, stream = _names(request)
-    session = request.app[ROOMS_KEY].sessions.get(request.match_info["session"])
+    rooms = request.app[ROOMS_KEY]
+    session_id = request.match_info["session"]
+    session = rooms.sessions.get(session_id)
+    ended = rooms.ended.get(session_id)
+    if (
+        session is None
+        and ended is not None
+        and (ended.kind, ended.room, ended.stream)
+        == (
+            _kind(request),
+            room,
+            stream,
+        )
+    ):
+        raise Problem(410, ended.code, f"the server ended this session: {ended.detail}")
     if session is None or (session.kind, session.room, session.stream) != (
         _kind(request),
         room,

@@ -48,6 +48,9 @@ def ntp_now(wallclock: float) -> int:
 class DownTrack:
     __slots__ = (
         "_ext_map",
+        "_integrity",
+        "_integrity_countdown",
+        "_integrity_every",
         "_last_out_at",
         "_rtx_seq",
         "_seq_offset",
@@ -87,6 +90,8 @@ class DownTrack:
         rtx_payload_type: int | None = None,
         clock: Callable[[], float] = time.monotonic,
         wallclock: Callable[[], float] = time.time,
+        integrity: list[int] | None = None,
+        integrity_sample_every: int = 0,
     ) -> None:
         self.producer = producer
         self.sink = sink
@@ -115,6 +120,10 @@ class DownTrack:
         self.rtx_sent = 0
         self.keyframe_waits = 0
         self.ext_remap_failures = 0
+        # Shared [match, mismatch] counters; 0 disables sampling.
+        self._integrity = integrity if integrity is not None else [0, 0]
+        self._integrity_every = integrity_sample_every
+        self._integrity_countdown = integrity_sample_every
 
     # -- per packet --------------------------------------------------------------------------
 
@@ -135,6 +144,11 @@ class DownTrack:
         packet = self._rewrite(data, hdr, seq, ts)
         if packet is None:
             return
+        if self._integrity_every:
+            self._integrity_countdown -= 1
+            if self._integrity_countdown <= 0:
+                self._integrity_countdown = self._integrity_every
+                self._check_integrity(data, hdr, packet)
         sink.send_rtp(packet)
         # Only moving forward updates the reference; a late reordered packet must not.
         if (seq - self.last_out_seq) & 0xFFFF < 0x8000:
@@ -156,6 +170,13 @@ class DownTrack:
             rewrite_header(rebuilt, self.ssrc, seq, ts, self.payload_type)
             return rebuilt
         return buf
+
+    def _check_integrity(self, data: bytes, hdr: RtpHeader, packet: bytearray) -> None:
+        """Sampled proof for operators that forwarding leaves payload bytes as received:
+        the bytes handed to SRTP after the rewrite, against the bytes that came in."""
+        out = parse_header(packet)
+        same = out is not None and packet[out.header_len :] == data[hdr.header_len :]
+        self._integrity[0 if same else 1] += 1
 
     def _start(self, hdr: RtpHeader) -> None:
         """Map the producer's numbering onto ours so that our stream continues seamlessly."""

@@ -46,6 +46,8 @@ class MediaSettings:
     video_buffer: int = 500
     audio_buffer: int = 200
     keyframe_interval: float = 0.5
+    e2ee_grace_period: float = 5.0
+    integrity_sample_every: int = 100
 
 
 class DemuxStats:
@@ -149,6 +151,7 @@ class MediaEngine(asyncio.DatagramProtocol):
             if kind == "video"
             else self.settings.audio_buffer,
             keyframe_interval=self.settings.keyframe_interval,
+            envelope_totals=self.stats.e2ee_frames.setdefault(kind, [0, 0]),
         )
         transport.producers.append(producer)
         transport.producers_by_mid[mid] = producer
@@ -177,6 +180,8 @@ class MediaEngine(asyncio.DatagramProtocol):
             ext_map=id_map_list(ext_map),
             rtx_ssrc=rtx_ssrc,
             rtx_payload_type=rtx_payload_type,
+            integrity=self.stats.integrity,
+            integrity_sample_every=self.settings.integrity_sample_every,
         )
         producer.downtracks.append(downtrack)
         transport.downtracks_by_ssrc[ssrc] = downtrack
@@ -287,3 +292,5 @@ class MediaEngine(asyncio.DatagramProtocol):
                 transport.on_timer(now)
             elif send_reports and transport.state is TransportState.CONNECTED:
                 transport.send_sender_reports()
+                for producer in transport.producers:
+                    producer.check_policy(now, self.settings.e2ee_grace_period)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from sfu.media.envelope import STATE_PLAINTEXT, EnvelopeJudge
 from sfu.media.rtp import RtpHeader, parse_header, parse_vp8, rtx_to_original
 
 if TYPE_CHECKING:
@@ -105,7 +106,10 @@ class Producer:
         "clock",
         "closed",
         "codec",
+        "created_at",
         "downtracks",
+        "e2ee_required",
+        "envelope",
         "ext_ids",
         "id",
         "keyframe_interval",
@@ -114,6 +118,7 @@ class Producer:
         "keyframes_seen",
         "kind",
         "mid",
+        "on_policy_violation",
         "packets_received",
         "rtx_packets_received",
         "rtx_ssrc",
@@ -136,6 +141,7 @@ class Producer:
         buffer_size: int | None = None,
         keyframe_interval: float = DEFAULT_KEYFRAME_INTERVAL,
         clock: Callable[[], float] = time.monotonic,
+        envelope_totals: list[int] | None = None,
     ) -> None:
         self.id = producer_id
         self.kind = kind
@@ -154,6 +160,11 @@ class Producer:
         self._last_keyframe_request = -1e9
         self.downtracks: list[DownTrack] = []
         self.closed = False
+        self.created_at = clock()
+        self.envelope = EnvelopeJudge(codec.key, envelope_totals)
+        # Set by the control plane for rooms whose policy is `e2ee: required`.
+        self.e2ee_required = False
+        self.on_policy_violation: Callable[[Producer, str], None] | None = None
         self.packets_received = 0
         self.bytes_received = 0
         self.rtx_packets_received = 0
@@ -176,6 +187,7 @@ class Producer:
         self.packets_received += 1
         self.bytes_received += len(data)
         self._ring[hdr.seq % self._ring_size] = data
+        self.envelope.on_packet(data, hdr)
         keyframe = self._detect_keyframe is None or self._detect_keyframe(data, hdr)
         if keyframe and self._detect_keyframe is not None:
             self.keyframes_seen += 1
@@ -218,6 +230,24 @@ class Producer:
         """Ask the publisher for packets the ring no longer has (or never got)."""
         if seqs and not self.closed and self.ssrc is not None:
             self.upstream.send_nack(self, seqs)
+
+    def check_policy(self, now: float, grace: float) -> None:
+        """In an `e2ee: required` room, a track judged plaintext_suspected once the grace
+        period is over is reported (and then stopped by the control plane). A track with too
+        few frames to judge is left alone: nothing readable can have left through it yet
+        that a verdict could have prevented."""
+        if not self.e2ee_required or self.closed or now - self.created_at < grace:
+            return
+        judge = self.envelope
+        if judge.state != STATE_PLAINTEXT:
+            return
+        if self.on_policy_violation is not None:
+            self.on_policy_violation(
+                self,
+                f"{self.kind} track (mid {self.mid}) sent {judge.frames_none} of "
+                f"{judge.frames_judged} frames without an SFrame envelope; this room "
+                "requires end-to-end encryption",
+            )
 
     def close(self) -> None:
         self.closed = True

@@ -52,7 +52,9 @@ class MediaStats:
     __slots__ = (
         "dtls_failed",
         "dtls_ok",
+        "e2ee_frames",
         "fir_received",
+        "integrity",
         "nacks_missed",
         "nacks_received",
         "nacks_served",
@@ -69,6 +71,10 @@ class MediaStats:
     )
 
     def __init__(self) -> None:
+        # [frames without envelope, frames with] per kind, for sfu_e2ee_frames_total.
+        self.e2ee_frames: dict[str, list[int]] = {"audio": [0, 0], "video": [0, 0]}
+        # [match, mismatch] of sampled payload comparisons, for sfu_payload_integrity_*.
+        self.integrity = [0, 0]
         self.dtls_failed = 0
         self.dtls_ok = 0
         self.fir_received = 0
