@@ -26,12 +26,18 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from sfu import __version__
 from sfu.assurance import codecs_loaded
 from sfu.media.envelope import STATES
+from sfu.media.stats import FORWARD_SAMPLE_EVERY, LatencyHistogram
 
 if TYPE_CHECKING:
     from sfu.media.engine import MediaEngine
@@ -107,19 +113,24 @@ class MediaCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         stats, demux, agent = self.engine.stats, self.engine.demux, self.engine.agent
-        yield _counter(
+        packets = CounterMetricFamily(
             "sfu_rtp_packets",
-            "RTP packets received from publishers (in) and sent to subscribers (out), "
-            "retransmissions included.",
-            "direction",
-            {"in": stats.rtp_in, "out": stats.rtp_out},
+            "RTP packets received from publishers (in) and sent to subscribers (out, "
+            "retransmissions included), by media kind.",
+            labels=["direction", "kind"],
         )
-        yield _counter(
+        octets = CounterMetricFamily(
             "sfu_rtp_bytes",
-            "SRTP bytes of those packets, as on the wire.",
-            "direction",
-            {"in": stats.rtp_bytes_in, "out": stats.rtp_bytes_out},
+            "Bytes of those RTP packets (header and payload, before SRTP).",
+            labels=["direction", "kind"],
         )
+        for kind, (p_in, b_in, p_out, b_out) in sorted(stats.by_kind.items()):
+            packets.add_metric(["in", kind], p_in)
+            packets.add_metric(["out", kind], p_out)
+            octets.add_metric(["in", kind], b_in)
+            octets.add_metric(["out", kind], b_out)
+        yield packets
+        yield octets
         yield _counter(
             "sfu_rtcp_packets",
             "Compound RTCP datagrams received and sent.",
@@ -186,6 +197,49 @@ class MediaCollector(Collector):
             },
         )
         yield _counter(
+            "sfu_keyframe_requests",
+            "Keyframe requests (PLI) toward publishers: forwarded, or throttled because one "
+            "went out for that track within rtc.keyframe_request_interval.",
+            "result",
+            {"forwarded": stats.keyframe_requests[0], "throttled": stats.keyframe_requests[1]},
+        )
+        yield _counter(
+            "sfu_rtx_packets_sent",
+            "Retransmissions sent to subscribers on their RTX streams (RFC 4588).",
+            None,
+            {"": stats.rtx_sent[0]},
+        )
+        yield _histogram(
+            "sfu_forward_latency_seconds",
+            "Time from receiving an RTP packet to its last send to subscribers, sampled 1 in "
+            f"{FORWARD_SAMPLE_EVERY} packets.",
+            stats.forward_latency,
+        )
+        yield _histogram(
+            "sfu_join_latency_seconds",
+            "From a subscribe request to the first packet forwarded to that subscriber.",
+            stats.join_latency,
+        )
+        first = HistogramMetricFamily(
+            "sfu_first_frame_seconds",
+            "From a subscribe request to the first frame forwarded, per media kind (video "
+            "waits for a keyframe).",
+            labels=["kind"],
+        )
+        for kind, histogram in sorted(stats.first_frame_latency.items()):
+            first.add_metric([kind], _buckets(histogram), histogram.total)
+        yield first
+        states = GaugeMetricFamily(
+            "sfu_transports", "Client transports by state (ICE/DTLS progress).", labels=["state"]
+        )
+        by_state = dict.fromkeys(("new", "connecting", "connected"), 0)
+        for transport in self.engine.transports.values():
+            if transport.state.value in by_state:
+                by_state[transport.state.value] += 1
+        for state, count in by_state.items():
+            states.add_metric([state], count)
+        yield states
+        yield _counter(
             "sfu_keyframe_requests_received",
             "PLI and FIR messages received from subscribers.",
             "type",
@@ -203,16 +257,40 @@ class MediaCollector(Collector):
         yield frames
         tracks = GaugeMetricFamily(
             "sfu_e2ee_tracks",
-            "Published tracks by envelope verdict over their recent frames.",
-            labels=["state"],
+            "Published tracks by envelope verdict over their recent frames, and by the e2ee "
+            "policy of their room.",
+            labels=["state", "policy"],
         )
-        by_state = dict.fromkeys(STATES, 0)
+        verdicts = {(state, policy): 0 for state in STATES for policy in ("required", "optional")}
+        published = {"audio": 0, "video": 0}
+        subscriptions = 0
+        participants: set[tuple[str, str]] = set()
         for session in self.rooms.all_sessions():
+            participants.add((session.room, session.identity))
+            subscriptions += len(session.downtracks)
             for producer in session.producers:
-                by_state[producer.envelope.state] += 1
-        for state, count in by_state.items():
-            tracks.add_metric([state], count)
+                policy = "required" if producer.e2ee_required else "optional"
+                verdicts[(producer.envelope.state, policy)] += 1
+                published[producer.kind] = published.get(producer.kind, 0) + 1
+        for (state, policy), count in verdicts.items():
+            tracks.add_metric([state, policy], count)
         yield tracks
+        tracks_gauge = GaugeMetricFamily(
+            "sfu_published_tracks", "Tracks being published, by media kind.", labels=["kind"]
+        )
+        for kind, count in sorted(published.items()):
+            tracks_gauge.add_metric([kind], count)
+        yield tracks_gauge
+        yield GaugeMetricFamily(
+            "sfu_subscriptions",
+            "Subscribed tracks (one per subscriber and published track).",
+            value=subscriptions,
+        )
+        yield GaugeMetricFamily(
+            "sfu_participants",
+            "Distinct identities with at least one session, counted per room.",
+            value=len(participants),
+        )
         match, mismatch = stats.integrity
         yield _counter(
             "sfu_payload_integrity_checks",
@@ -241,6 +319,22 @@ class MediaCollector(Collector):
             "measured at scrape time. 0 is the only healthy value.",
             value=len(codecs_loaded()),
         )
+
+
+def _buckets(histogram: LatencyHistogram) -> list[tuple[str, float]]:
+    cumulative = 0
+    out: list[tuple[str, float]] = []
+    for bound, count in zip(histogram.bounds, histogram.counts, strict=False):
+        cumulative += count
+        out.append((repr(bound), cumulative))
+    out.append(("+Inf", cumulative + histogram.counts[-1]))
+    return out
+
+
+def _histogram(name: str, documentation: str, histogram: LatencyHistogram) -> Metric:
+    family = HistogramMetricFamily(name, documentation)
+    family.add_metric([], _buckets(histogram), histogram.total)
+    return family
 
 
 def _counter(

@@ -28,6 +28,7 @@ from sfu.control.negotiation import (
 from sfu.control.problems import problem_response
 from sfu.control.sdp import LocalTransport, MediaSection, SdpError, SessionDescription, parse_sdp
 from sfu.logs import log_context
+from sfu.media.downtrack import JoinTimer
 from sfu.media.dtls import Fingerprint
 from sfu.media.engine import MediaEngine
 from sfu.media.transport import Transport
@@ -300,6 +301,7 @@ def _subscribe(
     session = _open_session(request, "whep", grants, room, stream, offer)
     rooms.add(session)
     cname = secrets.token_hex(8)
+    join = JoinTimer()
     sections: list[tuple[MediaSection, list[str] | None]] = []
     for item in plan:
         if isinstance(item, MediaSection):
@@ -315,6 +317,7 @@ def _subscribe(
             payload_type=item.payload_type,
             rtx_payload_type=item.rtx_payload_type,
             ext_map=item.ext_map,
+            join=join,
         )
         session.downtracks.append(downtrack)
         sections.append(

@@ -26,7 +26,33 @@ from sfu.media.rtp import (
 if TYPE_CHECKING:
     from sfu.media.producer import Producer
 
+from sfu.media.stats import MediaStats
+
 NTP_EPOCH_OFFSET = 2208988800  # seconds from 1900-01-01 (NTP) to 1970-01-01 (Unix)
+
+
+class JoinTimer:
+    """When one subscription asked to join: observed at its first forwarded frame per kind
+    (time to first frame) and at its first forwarded packet of any kind (join latency)."""
+
+    __slots__ = ("_joined", "_kinds", "clock", "requested_at")
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.requested_at = clock()
+        self._joined = False
+        self._kinds: set[str] = set()
+
+    def first_frame(self, kind: str, stats: MediaStats) -> None:
+        elapsed = self.clock() - self.requested_at
+        if not self._joined:
+            self._joined = True
+            stats.join_latency.observe(elapsed)
+        if kind not in self._kinds:
+            self._kinds.add(kind)
+            histogram = stats.first_frame_latency.get(kind)
+            if histogram is not None:
+                histogram.observe(elapsed)
 
 
 class PacketSink(Protocol):
@@ -47,6 +73,7 @@ def ntp_now(wallclock: float) -> int:
 
 class DownTrack:
     __slots__ = (
+        "_counts",
         "_ext_map",
         "_integrity",
         "_integrity_countdown",
@@ -58,6 +85,7 @@ class DownTrack:
         "clock",
         "closed",
         "ext_remap_failures",
+        "join",
         "keyframe_waits",
         "kind",
         "last_out_seq",
@@ -75,6 +103,7 @@ class DownTrack:
         "sink",
         "ssrc",
         "started",
+        "stats",
         "wallclock",
     )
 
@@ -92,6 +121,8 @@ class DownTrack:
         wallclock: Callable[[], float] = time.time,
         integrity: list[int] | None = None,
         integrity_sample_every: int = 0,
+        stats: MediaStats | None = None,
+        join: JoinTimer | None = None,
     ) -> None:
         self.producer = producer
         self.sink = sink
@@ -124,6 +155,9 @@ class DownTrack:
         self._integrity = integrity if integrity is not None else [0, 0]
         self._integrity_every = integrity_sample_every
         self._integrity_countdown = integrity_sample_every
+        self.stats = stats if stats is not None else MediaStats()
+        self._counts = self.stats.by_kind.setdefault(self.kind, [0, 0, 0, 0])
+        self.join = join
 
     # -- per packet --------------------------------------------------------------------------
 
@@ -150,6 +184,9 @@ class DownTrack:
                 self._integrity_countdown = self._integrity_every
                 self._check_integrity(data, hdr, packet)
         sink.send_rtp(packet)
+        counts = self._counts
+        counts[2] += 1
+        counts[3] += len(packet)
         # Only moving forward updates the reference; a late reordered packet must not.
         if (seq - self.last_out_seq) & 0xFFFF < 0x8000:
             self.last_out_seq = seq
@@ -180,6 +217,8 @@ class DownTrack:
 
     def _start(self, hdr: RtpHeader) -> None:
         """Map the producer's numbering onto ours so that our stream continues seamlessly."""
+        if self.join is not None and not self.started and self.packets_sent == 0:
+            self.join.first_frame(self.kind, self.stats)
         self.started = True
         self._seq_offset = (self.last_out_seq + 1 - hdr.seq) & 0xFFFF
         elapsed = 0.0 if self._last_out_at == 0.0 else self.clock() - self._last_out_at
@@ -228,6 +267,8 @@ class DownTrack:
                 # Byte-identical to the first send, so re-protecting it under the same index
                 # reuses no keystream with different plaintext.
                 self.sink.send_rtp(packet)
+                self._counts[2] += 1
+                self._counts[3] += len(packet)
             self.nacks_served += 1
         return missing
 

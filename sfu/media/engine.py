@@ -22,13 +22,14 @@ from dataclasses import dataclass
 
 from OpenSSL import SSL
 
-from sfu.media.downtrack import DownTrack
+from sfu.media.downtrack import DownTrack, JoinTimer
 from sfu.media.dtls import DtlsCertificate, DtlsServer, Fingerprint, create_server_context
 from sfu.media.ice import Address, IceLiteAgent
 from sfu.media.producer import Producer, TrackCodec
 from sfu.media.rtp import id_map_list
+from sfu.media.stats import MediaStats
 from sfu.media.stun import StunError, parse
-from sfu.media.transport import MediaStats, Transport, TransportState
+from sfu.media.transport import Transport, TransportState
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,7 @@ class MediaEngine(asyncio.DatagramProtocol):
             else self.settings.audio_buffer,
             keyframe_interval=self.settings.keyframe_interval,
             envelope_totals=self.stats.e2ee_frames.setdefault(kind, [0, 0]),
+            keyframe_totals=self.stats.keyframe_requests,
         )
         transport.producers.append(producer)
         transport.producers_by_mid[mid] = producer
@@ -169,6 +171,7 @@ class MediaEngine(asyncio.DatagramProtocol):
         payload_type: int,
         rtx_payload_type: int | None,
         ext_map: dict[int, int],
+        join: JoinTimer | None = None,
     ) -> DownTrack:
         ssrc = self._new_ssrc(transport)
         rtx_ssrc = self._new_ssrc(transport) if rtx_payload_type is not None else None
@@ -182,6 +185,8 @@ class MediaEngine(asyncio.DatagramProtocol):
             rtx_payload_type=rtx_payload_type,
             integrity=self.stats.integrity,
             integrity_sample_every=self.settings.integrity_sample_every,
+            stats=self.stats,
+            join=join,
         )
         producer.downtracks.append(downtrack)
         transport.downtracks_by_ssrc[ssrc] = downtrack

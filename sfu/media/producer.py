@@ -99,6 +99,7 @@ class Producer:
 
     __slots__ = (
         "_detect_keyframe",
+        "_keyframe_totals",
         "_last_keyframe_request",
         "_ring",
         "_ring_size",
@@ -142,6 +143,7 @@ class Producer:
         keyframe_interval: float = DEFAULT_KEYFRAME_INTERVAL,
         clock: Callable[[], float] = time.monotonic,
         envelope_totals: list[int] | None = None,
+        keyframe_totals: list[int] | None = None,
     ) -> None:
         self.id = producer_id
         self.kind = kind
@@ -161,6 +163,7 @@ class Producer:
         self.downtracks: list[DownTrack] = []
         self.closed = False
         self.created_at = clock()
+        self._keyframe_totals = keyframe_totals if keyframe_totals is not None else [0, 0]
         self.envelope = EnvelopeJudge(codec.key, envelope_totals)
         # Set by the control plane for rooms whose policy is `e2ee: required`.
         self.e2ee_required = False
@@ -220,9 +223,11 @@ class Producer:
         now = self.clock()
         if now - self._last_keyframe_request < self.keyframe_interval:
             self.keyframe_requests_throttled += 1
+            self._keyframe_totals[1] += 1
             return False
         self._last_keyframe_request = now
         self.keyframe_requests_sent += 1
+        self._keyframe_totals[0] += 1
         self.upstream.send_keyframe_request(self)
         return True
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -29,6 +30,7 @@ from sfu.media.rtcp import (
 )
 from sfu.media.rtp import RtpHeader, parse_header, read_sdes_extension
 from sfu.media.srtp import SrtpSession
+from sfu.media.stats import FORWARD_SAMPLE_EVERY, MediaStats
 
 if TYPE_CHECKING:
     from sfu.media.downtrack import DownTrack
@@ -46,55 +48,9 @@ class TransportState(enum.Enum):
     CLOSED = "closed"
 
 
-class MediaStats:
-    """Plain-int counters shared by all transports of one engine (exported per scrape)."""
-
-    __slots__ = (
-        "dtls_failed",
-        "dtls_ok",
-        "e2ee_frames",
-        "fir_received",
-        "integrity",
-        "nacks_missed",
-        "nacks_received",
-        "nacks_served",
-        "pli_received",
-        "rtcp_in",
-        "rtcp_malformed",
-        "rtcp_out",
-        "rtp_bytes_in",
-        "rtp_bytes_out",
-        "rtp_in",
-        "rtp_out",
-        "rtp_unroutable",
-        "srtp_failures",
-    )
-
-    def __init__(self) -> None:
-        # [frames without envelope, frames with] per kind, for sfu_e2ee_frames_total.
-        self.e2ee_frames: dict[str, list[int]] = {"audio": [0, 0], "video": [0, 0]}
-        # [match, mismatch] of sampled payload comparisons, for sfu_payload_integrity_*.
-        self.integrity = [0, 0]
-        self.dtls_failed = 0
-        self.dtls_ok = 0
-        self.fir_received = 0
-        self.nacks_missed = 0
-        self.nacks_received = 0
-        self.nacks_served = 0
-        self.pli_received = 0
-        self.rtcp_in = 0
-        self.rtcp_malformed = 0
-        self.rtcp_out = 0
-        self.rtp_bytes_in = 0
-        self.rtp_bytes_out = 0
-        self.rtp_in = 0
-        self.rtp_out = 0
-        self.rtp_unroutable = 0
-        self.srtp_failures = 0
-
-
 class Transport:
     __slots__ = (
+        "_sample",
         "_sendto",
         "addr",
         "close_reason",
@@ -137,6 +93,7 @@ class Transport:
         self.addr: Address | None = None
         self.srtp: SrtpSession | None = None
         self.rtcp_ssrc = secrets.randbits(32) or 1
+        self._sample = FORWARD_SAMPLE_EVERY
         self.producers: list[Producer] = []
         self.producers_by_ssrc: dict[int, Producer] = {}
         self.rtx_by_ssrc: dict[int, Producer] = {}
@@ -240,6 +197,17 @@ class Transport:
         srtp = self.srtp
         if srtp is None:
             return
+        self._sample -= 1
+        if self._sample <= 0:
+            # One packet in FORWARD_SAMPLE_EVERY is timed from here to its last send.
+            self._sample = FORWARD_SAMPLE_EVERY
+            started = time.perf_counter()
+            self._on_srtp(data, srtp)
+            self.stats.forward_latency.observe(time.perf_counter() - started)
+            return
+        self._on_srtp(data, srtp)
+
+    def _on_srtp(self, data: bytes, srtp: SrtpSession) -> None:
         # RFC 5761 §4: RTCP packet types 192-223 occupy the second byte's range 64-95 after
         # masking the marker bit, which no dynamic RTP payload type uses.
         if len(data) > 1 and 64 <= data[1] & 0x7F <= 95:
@@ -258,16 +226,24 @@ class Transport:
         if self.packet_tap is not None:
             self.packet_tap(plain)
         producer = self.producers_by_ssrc.get(hdr.ssrc)
-        if producer is not None:
+        if producer is None:
+            producer = self.rtx_by_ssrc.get(hdr.ssrc)
+            if producer is not None:
+                self._count_in(producer.kind, len(plain))
+                producer.on_rtx(plain, hdr)
+                return
+        else:
+            self._count_in(producer.kind, len(plain))
             producer.on_rtp(plain, hdr)
-            return
-        producer = self.rtx_by_ssrc.get(hdr.ssrc)
-        if producer is not None:
-            producer.on_rtx(plain, hdr)
             return
         producer = self._bind_ssrc(plain, hdr)
         if producer is None:
             self.stats.rtp_unroutable += 1
+
+    def _count_in(self, kind: str, size: int) -> None:
+        counts = self.stats.by_kind[kind]
+        counts[0] += 1
+        counts[1] += size
 
     def _bind_ssrc(self, data: bytes, hdr: RtpHeader) -> Producer | None:
         """First packet of an SSRC the SDP did not declare: find its track by MID (RFC 8843)."""
@@ -284,11 +260,13 @@ class Transport:
         if payload_type == producer.codec.rtx_payload_type:
             producer.rtx_ssrc = ssrc
             self.rtx_by_ssrc[ssrc] = producer
+            self._count_in(producer.kind, len(data))
             producer.on_rtx(data, hdr)
         elif payload_type == producer.codec.payload_type:
             if producer.ssrc is not None:
                 self.producers_by_ssrc.pop(producer.ssrc, None)
             self.producers_by_ssrc[ssrc] = producer
+            self._count_in(producer.kind, len(data))
             producer.on_rtp(data, hdr)
         else:
             return None

@@ -67,8 +67,8 @@ async def test_encrypted_publisher_is_seen_as_encrypted() -> None:
     assert values['sfu_e2ee_frames_total{envelope="sframe",kind="audio"}'] >= 60
     assert values['sfu_e2ee_frames_total{envelope="none",kind="video"}'] == 0
     assert values['sfu_e2ee_frames_total{envelope="none",kind="audio"}'] == 0
-    assert values['sfu_e2ee_tracks{state="encrypted"}'] == 2
-    assert values['sfu_e2ee_tracks{state="plaintext_suspected"}'] == 0
+    assert values['sfu_e2ee_tracks{policy="optional",state="encrypted"}'] == 2
+    assert values['sfu_e2ee_tracks{policy="optional",state="plaintext_suspected"}'] == 0
     assert values['sfu_payload_integrity_checks_total{result="match"}'] > 10
     assert values['sfu_payload_integrity_checks_total{result="mismatch"}'] == 0
 
@@ -88,7 +88,7 @@ async def test_plaintext_publisher_is_suspected() -> None:
     finally:
         await pub.close()
         await server.close()
-    assert values['sfu_e2ee_tracks{state="plaintext_suspected"}'] == 2
+    assert values['sfu_e2ee_tracks{policy="optional",state="plaintext_suspected"}'] == 2
     assert values['sfu_e2ee_frames_total{envelope="none",kind="video"}'] >= 30
     # Some plaintext frames look consistent by chance; far fewer than those that don't.
     assert (

@@ -62,13 +62,19 @@ async def test_one_publisher_two_subscribers_decode_audio_and_video(sfu: Server)
         }
         assert values['sfu_media_sessions{kind="whip"}'] == 1
         assert values['sfu_media_sessions{kind="whep"}'] == 2
-        assert values['sfu_rtp_packets_total{direction="in"}'] > 50
-        # Two subscribers: about twice as many packets out as in.
-        assert (
-            values['sfu_rtp_packets_total{direction="out"}']
-            > 1.5 * values['sfu_rtp_packets_total{direction="in"}'] - 100
-        )
+        for kind in ("audio", "video"):
+            packets_in = values[f'sfu_rtp_packets_total{{direction="in",kind="{kind}"}}']
+            packets_out = values[f'sfu_rtp_packets_total{{direction="out",kind="{kind}"}}']
+            assert packets_in > 20
+            # Two subscribers: about twice as many packets out as in.
+            assert packets_out > 1.5 * packets_in - 50
         assert values['sfu_dtls_handshakes_total{result="ok"}'] == 3
+        assert values['sfu_transports{state="connected"}'] == 3
+        assert values['sfu_published_tracks{kind="video"}'] == 1
+        assert values["sfu_subscriptions"] == 4
+        assert values["sfu_join_latency_seconds_count"] == 2
+        assert values['sfu_first_frame_seconds_count{kind="video"}'] == 2
+        assert values["sfu_forward_latency_seconds_count"] > 0
     finally:
         await pub.close()
         for pc, _ in subs:
