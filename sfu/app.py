@@ -14,6 +14,7 @@ from aiohttp import web
 from sfu import __version__
 from sfu.config import DEV_API_KEY, DEV_API_SECRET, Config
 from sfu.control.http import create_app
+from sfu.control.rooms_ws import HUB_KEY, RoomHub
 from sfu.lifecycle import Lifecycle
 from sfu.media.dtls import DtlsCertificate
 from sfu.media.engine import MediaEngine, MediaSettings
@@ -51,8 +52,10 @@ class Server:
             _dtls_certificate(config),
         )
         self.rooms = Rooms(config.limits.max_rooms)
-        self.metrics.registry.register(MediaCollector(self.engine, self.rooms))
+        self.hub = RoomHub(config, self.engine, self.rooms)
+        self.metrics.registry.register(MediaCollector(self.engine, self.rooms, self.hub))
         self.app = create_app(config, self.lifecycle, self.metrics, self.engine, self.rooms)
+        self.app[HUB_KEY] = self.hub
         self._runner: web.AppRunner | None = None
         self._lag_task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
@@ -102,6 +105,7 @@ class Server:
             self._lag_task = asyncio.create_task(
                 measure_loop_lag(self.metrics.loop_lag, self.config.metrics.loop_lag_interval)
             )
+        self.hub.start()
         self.lifecycle.ready = True
         self.metrics.ready.set(1)
         log.info("blindfold %s listening on %s", __version__, self.url)
@@ -167,6 +171,7 @@ class Server:
         self.lifecycle.ready = False
         await stop_task(self._lag_task)
         self._lag_task = None
+        await self.hub.close()
         await self.engine.close()
         if self._runner is not None:
             await self._runner.cleanup()

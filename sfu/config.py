@@ -247,6 +247,12 @@ class LimitsConfig(_Section):
         65536, description="Largest signaling (WebSocket) message accepted."
     )
     max_sdp_bytes: PositiveInt = Field(65536, description="Largest SDP offer accepted.")
+    max_messages_per_second: PositiveInt = Field(
+        50, description="Room protocol messages one client may send per second (burst: 2x)."
+    )
+    max_relay_payload_bytes: PositiveInt = Field(
+        4096, description="Largest E2EE key-exchange payload the blind relay forwards."
+    )
 
 
 E2eePolicy = Literal["required", "optional"]
@@ -279,6 +285,17 @@ class E2eeConfig(_Section):
 
     def policy_for(self, room: str) -> E2eePolicy:
         return self.rooms.get(room, self.policy)
+
+
+class RoomsConfig(_Section):
+    reconnect_window: Duration = Field(
+        20.0,
+        description="How long a participant whose WebSocket dropped may resume (same "
+        "identity, resume token) before the others are told it left.",
+    )
+    join_timeout: Duration = Field(
+        10.0, description="How long a new WebSocket may take to send its join message."
+    )
 
 
 class MetricsConfig(_Section):
@@ -325,6 +342,7 @@ class Config(_Section):
     rtc: RtcConfig = Field(default_factory=RtcConfig, description="Media plane (UDP).")
     auth: AuthConfig = Field(default_factory=AuthConfig, description="Access tokens.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Resource limits.")
+    rooms: RoomsConfig = Field(default_factory=RoomsConfig, description="Room protocol.")
     e2ee: E2eeConfig = Field(
         default_factory=E2eeConfig, description="End-to-end encryption policy."
     )

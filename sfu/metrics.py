@@ -40,6 +40,7 @@ from sfu.media.envelope import STATES
 from sfu.media.stats import FORWARD_SAMPLE_EVERY, LatencyHistogram
 
 if TYPE_CHECKING:
+    from sfu.control.rooms_ws import RoomHub
     from sfu.media.engine import MediaEngine
     from sfu.rooms import Rooms
 
@@ -107,9 +108,10 @@ class MediaCollector(Collector):
     """Exports the media plane's plain-int counters at scrape time (none are touched per
     packet by prometheus_client, which would cost microseconds each)."""
 
-    def __init__(self, engine: MediaEngine, rooms: Rooms) -> None:
+    def __init__(self, engine: MediaEngine, rooms: Rooms, hub: RoomHub) -> None:
         self.engine = engine
         self.rooms = rooms
+        self.hub = hub
 
     def collect(self) -> Iterator[Metric]:
         stats, demux, agent = self.engine.stats, self.engine.demux, self.engine.agent
@@ -264,7 +266,9 @@ class MediaCollector(Collector):
         verdicts = {(state, policy): 0 for state in STATES for policy in ("required", "optional")}
         published = {"audio": 0, "video": 0}
         subscriptions = 0
-        participants: set[tuple[str, str]] = set()
+        participants: set[tuple[str, str]] = {
+            (p.room, p.identity) for p in self.hub.participants.values()
+        }
         for session in self.rooms.all_sessions():
             participants.add((session.room, session.identity))
             subscriptions += len(session.downtracks)
@@ -312,6 +316,19 @@ class MediaCollector(Collector):
         yield sessions
         yield GaugeMetricFamily(
             "sfu_rooms", "Rooms with at least one session.", value=len(self.rooms)
+        )
+        yield _counter(
+            "sfu_e2ee_relay_messages",
+            "E2EE key-exchange messages forwarded by the blind relay (one per recipient); "
+            "their content is never parsed, stored or logged.",
+            None,
+            {"": self.hub.relay_messages},
+        )
+        yield _counter(
+            "sfu_e2ee_relay_bytes",
+            "Bytes of opaque payload forwarded by the blind relay.",
+            None,
+            {"": self.hub.relay_bytes},
         )
         yield GaugeMetricFamily(
             "sfu_media_codecs_loaded",

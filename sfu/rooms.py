@@ -11,6 +11,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from sfu.media.downtrack import DownTrack
 from sfu.media.producer import Producer
@@ -41,16 +42,31 @@ class MediaSession:
     def location(self) -> str:
         return f"/{self.kind}/{self.room}/{self.stream}/{self.id}"
 
+    @property
+    def publishes(self) -> bool:
+        """WHIP sessions and room participants' publisher transports carry producers."""
+        return self.kind in ("whip", "rtc")
+
 
 @dataclass(eq=False)
 class Room:
     name: str
     publications: dict[str, MediaSession] = field(default_factory=dict)
     subscriptions: dict[str, MediaSession] = field(default_factory=dict)
+    # Participants of the room protocol (WebSocket), by participant id; kept by the hub.
+    members: dict[str, object] = field(default_factory=dict)
 
     @property
     def empty(self) -> bool:
-        return not self.publications and not self.subscriptions
+        return not self.publications and not self.subscriptions and not self.members
+
+
+class RoomListener(Protocol):
+    """Told when WHIP/WHEP or room sessions start and end (the room hub listens)."""
+
+    def session_added(self, session: MediaSession) -> None: ...
+
+    def session_removed(self, session: MediaSession) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -74,6 +90,7 @@ class Rooms:
         self.sessions: dict[str, MediaSession] = {}
         # Bounded: oldest first out, so a flood of terminations cannot grow memory.
         self.ended: dict[str, Ended] = {}
+        self.listeners: list[RoomListener] = []
 
     def record_ended(self, session: MediaSession, code: str, detail: str) -> None:
         self.ended[session.id] = Ended(session.kind, session.room, session.stream, code, detail)
@@ -96,11 +113,13 @@ class Rooms:
 
     def add(self, session: MediaSession) -> None:
         room = self.get_or_create(session.room)
-        if session.kind == "whip":
+        if session.publishes:
             room.publications[session.stream] = session
         else:
             room.subscriptions[session.id] = session
         self.sessions[session.id] = session
+        for listener in self.listeners:
+            listener.session_added(session)
 
     def remove(self, session: MediaSession) -> bool:
         """Forget a session; False if it was already gone (closing is idempotent)."""
@@ -111,9 +130,14 @@ class Rooms:
             if room.publications.get(session.stream) is session:
                 del room.publications[session.stream]
             room.subscriptions.pop(session.id, None)
-            if room.empty:
-                del self._rooms[room.name]
+            self.drop_if_empty(room)
+        for listener in self.listeners:
+            listener.session_removed(session)
         return True
+
+    def drop_if_empty(self, room: Room) -> None:
+        if room.empty and self._rooms.get(room.name) is room:
+            del self._rooms[room.name]
 
     def all_sessions(self) -> list[MediaSession]:
         return list(self.sessions.values())

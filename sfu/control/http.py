@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from sfu.config import Config
-from sfu.control import whip
+from sfu.control import rooms_ws, whip
 from sfu.control.keys import CONFIG_KEY, ENGINE_KEY, LIFECYCLE_KEY, METRICS_KEY, ROOMS_KEY
 from sfu.control.problems import code_for_status, problem_response
 from sfu.lifecycle import Lifecycle
@@ -44,6 +44,7 @@ def create_app(
     if config.metrics.enabled:
         app.router.add_get("/metrics", metrics_endpoint)
     whip.add_routes(app)
+    rooms_ws.add_routes(app)
     return app
 
 

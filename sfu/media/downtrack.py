@@ -95,6 +95,7 @@ class DownTrack:
         "nacks_served",
         "octets_sent",
         "packets_sent",
+        "paused",
         "payload_type",
         "producer",
         "rtx_payload_type",
@@ -136,6 +137,8 @@ class DownTrack:
         self.wallclock = wallclock
         self.started = False
         self.closed = False
+        # Held by signaling until the subscriber has the SSRC (renegotiated sections).
+        self.paused = False
         # Random starts (RFC 3550 §5.1) keep sequence numbers and timestamps unpredictable.
         self.last_out_seq = secrets.randbelow(1 << 15)
         self.last_out_ts = secrets.randbelow(1 << 31)
@@ -163,7 +166,7 @@ class DownTrack:
 
     def forward(self, data: bytes, hdr: RtpHeader, keyframe: bool) -> None:
         sink = self.sink
-        if self.closed or not sink.ready:
+        if self.closed or self.paused or not sink.ready:
             return
         if not self.started:
             if not keyframe:
@@ -224,6 +227,17 @@ class DownTrack:
         elapsed = 0.0 if self._last_out_at == 0.0 else self.clock() - self._last_out_at
         gap = max(1, int(elapsed * self.producer.codec.clock_rate))
         self._ts_offset = (self.last_out_ts + gap - hdr.timestamp) & 0xFFFFFFFF
+
+    def restrict_extensions(self, accepted_ids: set[int]) -> None:
+        """Drop extensions the subscriber's answer did not accept (ids are the offered ones)."""
+        table = self._ext_map
+        for index, target in enumerate(table):
+            if target and target not in accepted_ids:
+                table[index] = 0
+
+    def disable_rtx(self) -> None:
+        self.rtx_payload_type = None
+        self.rtx_ssrc = None
 
     def resync(self) -> None:
         """The producer's source changed: re-base on its next keyframe (audio: next packet)."""

@@ -117,8 +117,14 @@ class MediaEngine(asyncio.DatagramProtocol):
         return str(self.certificate.fingerprint)
 
     def create_transport(
-        self, role: str, remote_ufrag: str, remote_pwd: str, fingerprints: Sequence[Fingerprint]
+        self,
+        role: str,
+        remote_ufrag: str | None,
+        remote_pwd: str | None,
+        fingerprints: Sequence[Fingerprint],
     ) -> Transport:
+        """A transport for one client. When the SFU makes the offer, the client's ICE
+        credentials and fingerprint come later with its answer (None and [] until then)."""
         session = self.agent.create_session(remote_ufrag, remote_pwd)
         dtls = DtlsServer(self._ssl_context, remote_fingerprints=fingerprints)
         transport = Transport(
@@ -193,6 +199,23 @@ class MediaEngine(asyncio.DatagramProtocol):
         if rtx_ssrc is not None:
             transport.downtracks_by_ssrc[rtx_ssrc] = downtrack
         return downtrack
+
+    def restart_ice(self, transport: Transport, remote_ufrag: str, remote_pwd: str) -> None:
+        """ICE restart (RFC 8445 §9): new credentials on both sides, same DTLS association.
+
+        The old session is dropped at once: its addresses stay mapped until the new
+        session's checks arrive, so media keeps flowing from where it was flowing, and
+        consent is now judged by the new credentials only.
+        """
+        old = transport.ice
+        session = self.agent.create_session(remote_ufrag, remote_pwd)
+        session.addresses.update(old.addresses)
+        session.selected = old.selected
+        session.last_check = old.last_check
+        transport.ice = session
+        self._by_ufrag.pop(old.local_ufrag, None)
+        self.agent.remove(old.local_ufrag)
+        self._by_ufrag[session.local_ufrag] = transport
 
     def close_transport(self, transport: Transport, reason: str) -> None:
         transport.close(reason)

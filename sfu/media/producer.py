@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from sfu.media.envelope import STATE_PLAINTEXT, EnvelopeJudge
-from sfu.media.rtp import RtpHeader, parse_header, parse_vp8, rtx_to_original
+from sfu.media.rtp import RtpHeader, parse_header, parse_vp8, read_audio_level, rtx_to_original
+
+EXT_AUDIO_LEVEL = "urn:ietf:params:rtp-hdrext:ssrc-audio-level"
 
 if TYPE_CHECKING:
     from sfu.media.downtrack import DownTrack
@@ -101,6 +103,9 @@ class Producer:
         "_detect_keyframe",
         "_keyframe_totals",
         "_last_keyframe_request",
+        "_level_count",
+        "_level_id",
+        "_level_sum",
         "_ring",
         "_ring_size",
         "bytes_received",
@@ -164,6 +169,9 @@ class Producer:
         self.closed = False
         self.created_at = clock()
         self._keyframe_totals = keyframe_totals if keyframe_totals is not None else [0, 0]
+        self._level_id = ext_ids.get(EXT_AUDIO_LEVEL, 0) if kind == "audio" else 0
+        self._level_sum = 0
+        self._level_count = 0
         self.envelope = EnvelopeJudge(codec.key, envelope_totals)
         # Set by the control plane for rooms whose policy is `e2ee: required`.
         self.e2ee_required = False
@@ -191,6 +199,11 @@ class Producer:
         self.bytes_received += len(data)
         self._ring[hdr.seq % self._ring_size] = data
         self.envelope.on_packet(data, hdr)
+        if self._level_id:
+            level = read_audio_level(data, hdr, self._level_id)
+            if level is not None:
+                self._level_sum += 127 - level[1]
+                self._level_count += 1
         keyframe = self._detect_keyframe is None or self._detect_keyframe(data, hdr)
         if keyframe and self._detect_keyframe is not None:
             self.keyframes_seen += 1
@@ -208,6 +221,12 @@ class Producer:
         original_hdr = parse_header(original)
         if original_hdr is not None:
             self.on_rtp(original, original_hdr)
+
+    def take_levels(self) -> tuple[int, int]:
+        """(sum of loudness, packets) since the last call, for the active-speaker detector."""
+        taken = (self._level_sum, self._level_count)
+        self._level_sum = self._level_count = 0
+        return taken
 
     def get(self, seq: int) -> bytes | None:
         """A stored packet by its publisher sequence number, if still in the ring."""

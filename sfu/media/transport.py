@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from sfu.media.dtls import DtlsServer, DtlsState
+from sfu.media.dtls import DtlsServer, DtlsState, Fingerprint
 from sfu.media.ice import Address, IceLiteSession
 from sfu.media.rtcp import (
     Bye,
@@ -142,6 +142,14 @@ class Transport:
     def send_nack(self, producer: Producer, seqs: list[int]) -> None:
         if producer.ssrc is not None:
             self.send_rtcp(build_nack(self.rtcp_ssrc, producer.ssrc, seqs))
+
+    def set_remote_fingerprints(self, fingerprints: list[Fingerprint]) -> None:
+        """The client's DTLS fingerprint, when it arrives after the transport was made (the
+        SFU offered first): a handshake that already finished is authenticated now."""
+        for out in self.dtls.set_remote_fingerprints(fingerprints):
+            if self.addr is not None:
+                self._sendto(out, self.addr)
+        self._after_dtls()
 
     # -- ICE ---------------------------------------------------------------------------------
 

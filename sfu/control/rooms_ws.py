@@ -1,0 +1,867 @@
+"""The room protocol: one WebSocket per participant at /rtc, JSON messages, version 1.
+
+A participant joins with a token, publishes over a peer connection it offers
+(`publish_offer` → `publish_answer`), and receives everything else over a second peer
+connection the SFU offers and renegotiates as tracks come and go (`subscribe_offer` →
+`subscribe_answer`). The SFU relays E2EE key-exchange messages blind: it forwards an opaque
+payload with the sender's participant id and never parses, stores or logs it.
+docs/protocol.md lists every message and error code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from sfu.config import Config
+from sfu.control.auth import AuthError, Grants, verify_token
+from sfu.control.keys import CONFIG_KEY, LIFECYCLE_KEY
+from sfu.control.negotiation import (
+    NOT_FORWARDED_EXTENSIONS,
+    NegotiationError,
+    plan_publisher,
+    render_answer,
+    require_dtls_offer,
+)
+from sfu.control.sdp import LocalTransport, SdpError, SessionDescription, parse_sdp
+from sfu.control.subscriber import SubscriberOffers
+from sfu.control.whip import ice_server_links
+from sfu.logs import log_context
+from sfu.media.downtrack import JoinTimer
+from sfu.media.dtls import Fingerprint
+from sfu.media.engine import MediaEngine
+from sfu.media.producer import Producer
+from sfu.media.speaker import SpeakerDetector
+from sfu.media.transport import Transport
+from sfu.names import room_name_problem
+from sfu.rooms import LimitExceeded, MediaSession, Room, Rooms
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+OUTBOX_LIMIT = 256
+SPEAKER_INTERVAL = 0.3
+
+
+class ProtocolError(Exception):
+    """A client mistake answered with an `error` message; fatal ones close the socket."""
+
+    def __init__(self, code: str, message: str, *, fatal: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.fatal = fatal
+
+
+@dataclass(eq=False)
+class Participant:
+    id: str
+    room: str
+    identity: str
+    name: str | None
+    grants: Grants
+    resume_token: str
+    stream: str
+    outbox: asyncio.Queue[dict[str, Any] | None] = field(default_factory=asyncio.Queue)
+    connected: bool = True
+    left: bool = False
+    overflowed: bool = False
+    disconnected_at: float | None = None
+    publication: MediaSession | None = None
+    subscriber: Transport | None = None
+    offers: SubscriberOffers | None = None
+    subscribe_all: bool = True
+    wanted: set[str] = field(default_factory=set)
+    muted: dict[str, bool] = field(default_factory=dict)
+    release_drain: Callable[[], None] = lambda: None
+    join: JoinTimer = field(default_factory=JoinTimer)
+
+    def public(self) -> dict[str, Any]:
+        return {"id": self.id, "identity": self.identity, "name": self.name, "kind": "rtc"}
+
+    def send(self, message: dict[str, Any]) -> None:
+        if self.left or not self.connected:
+            return  # a resuming client gets a fresh snapshot instead of a backlog
+        if self.outbox.qsize() >= OUTBOX_LIMIT:
+            # A client that stops reading must not make the server buffer without bound:
+            # its socket is closed (1008) and it may resume with a fresh snapshot.
+            self.overflowed = True
+            self.outbox.put_nowait(None)
+            return
+        self.outbox.put_nowait(message)
+
+
+class RoomHub:
+    """Participants of every room, and what the room protocol does with them."""
+
+    def __init__(self, config: Config, engine: MediaEngine, rooms: Rooms) -> None:
+        self.config = config
+        self.engine = engine
+        self.rooms = rooms
+        self.participants: dict[str, Participant] = {}
+        self.by_resume: dict[str, Participant] = {}
+        self.relay_messages = 0
+        self.relay_bytes = 0
+        self.speakers: dict[str, SpeakerDetector] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._timer: asyncio.Task[None] | None = None
+        rooms.listeners.append(self)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._timer = asyncio.create_task(self._run_timer())
+
+    async def close(self) -> None:
+        for participant in list(self.participants.values()):
+            self._remove(participant, "server shutting down")
+        if self._timer is not None:
+            self._timer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._timer
+
+    async def _run_timer(self) -> None:
+        while True:
+            await asyncio.sleep(SPEAKER_INTERVAL)
+            try:
+                self._tick(time.monotonic())
+            except Exception:
+                log.exception("room timer failed (continuing)")
+
+    def _tick(self, now: float) -> None:
+        window = self.config.rooms.reconnect_window
+        for participant in list(self.participants.values()):
+            gone = participant.disconnected_at
+            if gone is not None and now - gone > window:
+                self._remove(participant, "did not reconnect in time")
+        for room_name, detector in list(self.speakers.items()):
+            room = self.rooms.get(room_name)
+            if room is None:
+                del self.speakers[room_name]
+                continue
+            changed = detector.update(self._audio_producers(room), now)
+            if changed is not None:
+                self._broadcast(room, {"type": "active_speaker", "speakers": changed})
+
+    # -- room state --------------------------------------------------------------------------
+
+    def _members(self, room: Room) -> list[Participant]:
+        return [m for m in room.members.values() if isinstance(m, Participant)]
+
+    def _audio_producers(self, room: Room) -> dict[str, list[Producer]]:
+        out: dict[str, list[Producer]] = {}
+        for session in room.publications.values():
+            owner = self._owner_id(session)
+            out[owner] = [p for p in session.producers if p.kind == "audio" and not p.closed]
+        return out
+
+    def _owner_id(self, session: MediaSession) -> str:
+        """Participant id of a publication: the room participant's, or the WHIP session's."""
+        for participant in self.participants.values():
+            if participant.publication is session:
+                return participant.id
+        return session.id
+
+    def _track_info(self, session: MediaSession, producer: Producer) -> dict[str, Any]:
+        owner = self._owner_id(session)
+        participant = self.participants.get(owner)
+        muted = participant.muted.get(producer.id, False) if participant else False
+        return {
+            "id": producer.id,
+            "participant": owner,
+            "kind": producer.kind,
+            "codec": producer.codec.name,
+            "stream": session.stream,
+            "muted": muted,
+        }
+
+    def _tracks(self, room: Room) -> list[dict[str, Any]]:
+        return [
+            self._track_info(session, producer)
+            for session in room.publications.values()
+            for producer in session.producers
+            if not producer.closed
+        ]
+
+    def _participants(self, room: Room) -> list[dict[str, Any]]:
+        people = [p.public() for p in self._members(room)]
+        people += [
+            {"id": s.id, "identity": s.identity, "name": None, "kind": "whip"}
+            for s in room.publications.values()
+            if s.kind == "whip"
+        ]
+        return people
+
+    def _broadcast(self, room: Room, message: dict[str, Any], exclude: str | None = None) -> None:
+        for member in self._members(room):
+            if member.id != exclude:
+                member.send(message)
+
+    # -- RoomListener: WHIP/WHEP and room publications --------------------------------------
+
+    def session_added(self, session: MediaSession) -> None:
+        room = self.rooms.get(session.room)
+        if room is None or not session.publishes:
+            return
+        if session.kind == "whip":
+            self._broadcast(
+                room,
+                {
+                    "type": "participant_joined",
+                    "participant": {
+                        "id": session.id,
+                        "identity": session.identity,
+                        "name": None,
+                        "kind": "whip",
+                    },
+                },
+            )
+        self.tracks_published(room, session, session.producers)
+
+    def session_removed(self, session: MediaSession) -> None:
+        room = self.rooms.get(session.room)
+        if room is None or not session.publishes:
+            return
+        self.tracks_unpublished(room, session, session.producers)
+        if session.kind == "whip":
+            self._broadcast(room, {"type": "participant_left", "participant": session.id})
+
+    def tracks_published(
+        self, room: Room, session: MediaSession, producers: list[Producer]
+    ) -> None:
+        owner = self._owner_id(session)
+        for producer in producers:
+            self._broadcast(
+                room, {"type": "track_published", "track": self._track_info(session, producer)}
+            )
+        for member in self._members(room):
+            if member.id != owner:
+                self._sync_subscriptions(member)
+
+    def tracks_unpublished(
+        self, room: Room, session: MediaSession, producers: list[Producer]
+    ) -> None:
+        for producer in producers:
+            self._broadcast(room, {"type": "track_unpublished", "track": producer.id})
+            for member in self._members(room):
+                if member.offers is not None and member.offers.end(producer) is not None:
+                    self._send_offer(member)
+
+    # -- subscriptions -----------------------------------------------------------------------
+
+    def _available(self, member: Participant) -> list[tuple[MediaSession, Producer]]:
+        room = self.rooms.get(member.room)
+        if room is None:
+            return []
+        return [
+            (session, producer)
+            for session in room.publications.values()
+            if session is not member.publication
+            for producer in session.producers
+            if not producer.closed
+        ]
+
+    def _sync_subscriptions(self, member: Participant) -> None:
+        if member.offers is None or member.subscriber is None:
+            return
+        offered = {t.producer for t in member.offers.live()}
+        for session, producer in self._available(member):
+            if producer in offered:
+                continue
+            if not member.subscribe_all and producer.id not in member.wanted:
+                continue
+            rtx = producer.codec.rtx_payload_type if producer.kind == "video" else None
+            ext = {
+                i: i for uri, i in producer.ext_ids.items() if uri not in NOT_FORWARDED_EXTENSIONS
+            }
+            downtrack = self.engine.add_downtrack(
+                member.subscriber,
+                producer,
+                payload_type=producer.codec.payload_type,
+                rtx_payload_type=rtx,
+                ext_map=ext,
+                join=member.join,
+            )
+            member.offers.add(producer, session.stream, downtrack)
+        if not member.subscribe_all:
+            for track in member.offers.live():
+                if track.producer.id not in member.wanted:
+                    member.offers.end(track.producer)
+        self._send_offer(member)
+
+    def _send_offer(self, member: Participant) -> None:
+        if member.offers is None:
+            return
+        sdp = member.offers.next_offer()
+        if sdp is not None:
+            member.send({"type": "subscribe_offer", "sdp": sdp})
+
+    # -- participants ------------------------------------------------------------------------
+
+    def _new_participant(
+        self, grants: Grants, name: str | None, lifecycle_hold: Callable[[], None]
+    ) -> Participant:
+        room = self.rooms.get_or_create(grants.room)
+        members = self._members(room)
+        limit = self.config.limits.max_participants_per_room
+        for existing in members:
+            if existing.identity == grants.identity:
+                # The same identity joining again (a second tab, a crashed client) replaces
+                # the old participant rather than appearing twice.
+                existing.send(
+                    {
+                        "type": "error",
+                        "code": "replaced",
+                        "message": "joined elsewhere",
+                        "fatal": True,
+                    }
+                )
+                self._remove(existing, "replaced by a new connection")
+        if len(self._members(room)) >= limit:
+            self.rooms.drop_if_empty(room)
+            raise ProtocolError(
+                "room_full", f"the room has limits.max_participants_per_room ({limit})", fatal=True
+            )
+        pid = "p-" + secrets.token_urlsafe(9)
+        stream = grants.identity if room_name_problem(grants.identity) is None else pid
+        participant = Participant(
+            id=pid,
+            room=grants.room,
+            identity=grants.identity,
+            name=name or grants.name,
+            grants=grants,
+            resume_token=secrets.token_urlsafe(24),
+            stream=stream,
+            release_drain=lifecycle_hold,
+        )
+        room.members[pid] = participant
+        self.participants[pid] = participant
+        self.by_resume[participant.resume_token] = participant
+        self.speakers.setdefault(room.name, SpeakerDetector())
+        if grants.can_subscribe:
+            transport = self.engine.create_transport("rtc-sub", None, None, [])
+            transport.on_closed = lambda t: self._transport_closed(participant, t)
+            participant.subscriber = transport
+            participant.offers = SubscriberOffers(self._local(transport))
+            transport.on_connected = lambda _t: self._subscriber_connected(participant)
+        self._broadcast(
+            room, {"type": "participant_joined", "participant": participant.public()}, exclude=pid
+        )
+        return participant
+
+    def _local(self, transport: Transport) -> LocalTransport:
+        return LocalTransport(
+            transport.ice.local_ufrag,
+            transport.ice.local_pwd,
+            self.engine.fingerprint,
+            self.engine.candidates,
+        )
+
+    def _joined_message(self, participant: Participant, resumed: bool) -> dict[str, Any]:
+        room = self.rooms.get(participant.room)
+        assert room is not None
+        return {
+            "type": "joined",
+            "version": PROTOCOL_VERSION,
+            "resumed": resumed,
+            "participant": participant.public(),
+            "resume_token": participant.resume_token,
+            "participants": [p for p in self._participants(room) if p["id"] != participant.id],
+            "tracks": [t for t in self._tracks(room) if t["participant"] != participant.id],
+            "ice_servers": [self._ice_server(s) for s in self.config.rtc.ice_servers],
+            "e2ee_policy": self.config.e2ee.policy_for(participant.room),
+            "limits": {
+                "max_message_bytes": self.config.limits.max_message_bytes,
+                "max_relay_payload_bytes": self.config.limits.max_relay_payload_bytes,
+            },
+        }
+
+    @staticmethod
+    def _ice_server(server: Any) -> dict[str, Any]:
+        entry: dict[str, Any] = {"urls": list(server.urls)}
+        if server.username is not None and server.credential is not None:
+            entry["username"] = server.username
+            entry["credential"] = server.credential.get_secret_value()
+        return entry
+
+    def _subscriber_connected(self, participant: Participant) -> None:
+        if participant.offers is None:
+            return
+        for track in participant.offers.live():
+            track.producer.request_keyframe()
+
+    def _transport_closed(self, participant: Participant, transport: Transport) -> None:
+        if participant.left:
+            return
+        reason = transport.close_reason or "closed"
+        if transport is participant.subscriber:
+            participant.subscriber = None
+            participant.offers = None
+        participant.send(
+            {
+                "type": "error",
+                "code": "transport_closed",
+                "message": f"media transport closed: {reason}",
+            }
+        )
+
+    def _remove(self, participant: Participant, reason: str) -> None:
+        if participant.left:
+            return
+        participant.left = True
+        with log_context(room=participant.room, participant=participant.id):
+            log.info("participant %s (%s) left: %s", participant.id, participant.identity, reason)
+        self.participants.pop(participant.id, None)
+        self.by_resume.pop(participant.resume_token, None)
+        if participant.publication is not None:
+            participant.publication.transport.close(f"participant left: {reason}")
+        if participant.subscriber is not None:
+            participant.subscriber.close(f"participant left: {reason}")
+        room = self.rooms.get(participant.room)
+        if room is not None:
+            room.members.pop(participant.id, None)
+            self._broadcast(room, {"type": "participant_left", "participant": participant.id})
+            self.rooms.drop_if_empty(room)
+        participant.outbox.put_nowait(None)
+        participant.release_drain()
+
+    # -- publishing --------------------------------------------------------------------------
+
+    def publish(self, participant: Participant, offer: SessionDescription) -> str:
+        if not participant.grants.can_publish:
+            raise ProtocolError("no_publish_grant", "this token does not grant publish")
+        try:
+            plan = plan_publisher(offer)
+        except NegotiationError as exc:
+            raise ProtocolError(exc.code, exc.detail) from None
+        limit = self.config.limits.max_tracks_per_participant
+        if len(plan.tracks) > limit:
+            raise ProtocolError(
+                "too_many_tracks",
+                f"{len(plan.tracks)} tracks exceed limits.max_tracks_per_participant ({limit})",
+            )
+        first = next(m for m in offer.media if not m.rejected)
+        try:
+            ufrag, pwd = offer.ice_credentials(first)
+            algorithm, digest = offer.fingerprint(first)
+            fingerprints = [Fingerprint(algorithm, digest)]
+        except (SdpError, ValueError) as exc:
+            raise ProtocolError("invalid_sdp", str(exc)) from None
+        room = self.rooms.get_or_create(participant.room)
+        session = participant.publication
+        if session is None:
+            transport = self.engine.create_transport("rtc-pub", ufrag, pwd, fingerprints)
+            session = MediaSession(
+                kind="rtc",
+                room=participant.room,
+                stream=participant.stream,
+                identity=participant.identity,
+                transport=transport,
+                release_drain=lambda: None,
+            )
+            participant.publication = session
+            transport.on_closed = lambda t: self._publication_closed(participant, session)
+            self.rooms.add(session)
+        elif session.transport.ice.remote_ufrag != ufrag:
+            self.engine.restart_ice(session.transport, ufrag, pwd)
+        transport = session.transport
+        by_mid = {p.mid: p for p in session.producers if not p.closed}
+        wanted = {t.mid for t in plan.tracks}
+        ended = [p for mid, p in by_mid.items() if mid not in wanted]
+        for producer in ended:
+            producer.close()
+            transport.producers_by_mid.pop(producer.mid, None)
+        session.producers = [p for p in session.producers if not p.closed]
+        added: list[Producer] = []
+        for track in plan.tracks:
+            if track.mid in by_mid:
+                continue
+            producer = self.engine.add_producer(
+                transport,
+                kind=track.kind,
+                mid=track.mid,
+                codec=track.codec,
+                ext_ids=track.ext_ids,
+                ssrc=track.ssrc,
+                rtx_ssrc=track.rtx_ssrc,
+            )
+            if self.config.e2ee.policy_for(participant.room) == "required":
+                producer.e2ee_required = True
+                producer.on_policy_violation = lambda _p, why: self._policy_violation(
+                    participant, why
+                )
+            session.producers.append(producer)
+            added.append(producer)
+        transport.mid_ext_id = next(
+            (t.ext_ids[uri] for t in plan.tracks for uri in t.ext_ids if uri.endswith("sdes:mid")),
+            None,
+        )
+        if ended:
+            self.tracks_unpublished(room, session, ended)
+        if added:
+            self.tracks_published(room, session, added)
+        return render_answer(
+            offer, self._local(transport), plan.answer_sections, secrets.randbits(62)
+        )
+
+    def _publication_closed(self, participant: Participant, session: MediaSession) -> None:
+        if participant.publication is session:
+            participant.publication = None
+        self.rooms.remove(session)
+        if not participant.left:
+            participant.send(
+                {
+                    "type": "error",
+                    "code": "transport_closed",
+                    "message": f"publish transport closed: {session.transport.close_reason}",
+                }
+            )
+
+    def _policy_violation(self, participant: Participant, why: str) -> None:
+        with log_context(room=participant.room, participant=participant.id):
+            log.warning("stopping publication of %s: %s", participant.id, why)
+        participant.send({"type": "error", "code": "e2ee_required", "message": why})
+        if participant.publication is not None:
+            participant.publication.transport.close(f"e2ee policy: {why}")
+
+    # -- subscribing -------------------------------------------------------------------------
+
+    def subscribe_answer(self, participant: Participant, sdp: str) -> None:
+        offers, transport = participant.offers, participant.subscriber
+        if offers is None or transport is None:
+            raise ProtocolError(
+                "no_subscribe_grant", "this participant has no subscriber transport"
+            )
+        try:
+            answer = parse_sdp(sdp)
+            started, rejected = offers.apply_answer(sdp)
+            first = next((m for m in answer.media if not m.rejected), None)
+            if first is not None and transport.ice.remote_ufrag is None:
+                ufrag, pwd = answer.ice_credentials(first)
+                algorithm, digest = answer.fingerprint(first)
+                transport.ice.set_remote_credentials(ufrag, pwd)
+                transport.set_remote_fingerprints([Fingerprint(algorithm, digest)])
+        except (SdpError, ValueError) as exc:
+            raise ProtocolError("invalid_sdp", str(exc)) from None
+        for track in started:
+            track.producer.request_keyframe()
+        for track in rejected:
+            participant.send(
+                {
+                    "type": "subscription_failed",
+                    "track": track.producer.id,
+                    "code": "codec_not_supported",
+                    "message": f"the answer rejected {track.producer.codec.name}; the SFU "
+                    "forwards the publisher's codec and cannot transcode",
+                }
+            )
+        self._send_offer(participant)
+
+    def set_subscriptions(self, participant: Participant, tracks: Any) -> None:
+        if tracks == "all":
+            participant.subscribe_all = True
+            participant.wanted = set()
+        elif isinstance(tracks, list) and all(isinstance(t, str) for t in tracks):
+            participant.subscribe_all = False
+            participant.wanted = set(tracks)
+        else:
+            raise ProtocolError("invalid_message", 'tracks must be "all" or a list of track ids')
+        self._sync_subscriptions(participant)
+
+    def mute(self, participant: Participant, track_id: Any, muted: Any) -> None:
+        session = participant.publication
+        if not isinstance(muted, bool) or session is None:
+            raise ProtocolError(
+                "invalid_message", "mute needs a published track and muted: true/false"
+            )
+        if not any(p.id == track_id for p in session.producers):
+            raise ProtocolError("unknown_track", f"{track_id!r} is not one of your tracks")
+        participant.muted[str(track_id)] = muted
+        room = self.rooms.get(participant.room)
+        if room is not None:
+            self._broadcast(
+                room,
+                {
+                    "type": "track_muted",
+                    "track": track_id,
+                    "participant": participant.id,
+                    "muted": muted,
+                },
+                exclude=participant.id,
+            )
+
+    # -- blind relay -------------------------------------------------------------------------
+
+    def relay(self, participant: Participant, to: Any, payload: Any) -> None:
+        limit = self.config.limits.max_relay_payload_bytes
+        if not isinstance(payload, str) or not payload:
+            raise ProtocolError("invalid_message", "relay payload must be a base64 string")
+        if len(payload) > limit:
+            raise ProtocolError("relay_too_large", f"relay payload exceeds {limit} bytes")
+        try:
+            base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise ProtocolError("invalid_message", "relay payload is not base64") from None
+        room = self.rooms.get(participant.room)
+        if room is None:
+            return
+        message = {"type": "relay", "from": participant.id, "payload": payload}
+        if to is None:
+            targets = [m for m in self._members(room) if m.id != participant.id]
+        else:
+            target = room.members.get(str(to))
+            if not isinstance(target, Participant) or target.id == participant.id:
+                raise ProtocolError("unknown_participant", "no such participant in this room")
+            targets = [target]
+        for target in targets:
+            target.send(message)
+        # Only how much, never what: the payload is neither logged nor kept.
+        self.relay_messages += len(targets)
+        self.relay_bytes += len(payload) * len(targets)
+
+
+# ---------------------------------------------------------------------------------------------
+# The WebSocket endpoint
+
+
+class RateLimiter:
+    __slots__ = ("burst", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.burst = 2 * rate
+        self.tokens = self.burst
+        self.stamp = time.monotonic()
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+HUB_KEY = web.AppKey("room_hub", RoomHub)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/rtc", rtc_socket)
+
+
+async def rtc_socket(request: web.Request) -> web.StreamResponse:
+    config = request.app[CONFIG_KEY]
+    hub: RoomHub = request.app[HUB_KEY]
+    ws = web.WebSocketResponse(max_msg_size=config.limits.max_message_bytes, heartbeat=15.0)
+    await ws.prepare(request)
+    participant: Participant | None = None
+    writer: asyncio.Task[None] | None = None
+    queue: object = None
+    try:
+        participant = await _join(request, ws, hub)
+        if participant is None:
+            return ws
+        queue = participant.outbox
+        writer = asyncio.create_task(_write(ws, participant, queue))
+        limiter = RateLimiter(config.limits.max_messages_per_second)
+        async for msg in ws:
+            if msg.type is not WSMsgType.TEXT:
+                if msg.type is WSMsgType.ERROR:
+                    break
+                participant.send(_error("invalid_message", "messages are JSON text"))
+                continue
+            if not limiter.allow():
+                participant.send(_error("rate_limited", "too many messages; slow down"))
+                continue
+            try:
+                if _dispatch(hub, participant, msg.data):
+                    break  # the client left
+            except ProtocolError as exc:
+                participant.send(_error(exc.code, exc.message, exc.fatal))
+                if exc.fatal:
+                    break
+        if ws.close_code == 1009:  # aiohttp closed it: message over max_msg_size
+            log.info("closing socket: message larger than limits.max_message_bytes")
+    finally:
+        if participant is not None and writer is not None:
+            # A resumed participant has a new socket and queue: this one's end changes nothing.
+            if not participant.left and participant.outbox is queue:
+                # Dropped, not left: the others see nothing until the reconnect window ends.
+                participant.connected = False
+                participant.disconnected_at = time.monotonic()
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await writer
+        await ws.close()
+    return ws
+
+
+def _error(code: str, message: str, fatal: bool = False) -> dict[str, Any]:
+    return {"type": "error", "code": code, "message": message, "fatal": fatal}
+
+
+async def _write(
+    ws: web.WebSocketResponse,
+    participant: Participant,
+    outbox: asyncio.Queue[dict[str, Any] | None],
+) -> None:
+    """Send queued messages in order; a None ends the socket (left, or not reading)."""
+    while True:
+        message = await outbox.get()
+        if message is None:
+            if participant.overflowed:
+                participant.overflowed = False
+                await ws.close(code=1008, message=b"slow consumer")
+            else:
+                await ws.close()
+            return
+        if ws.closed:
+            return
+        await ws.send_str(json.dumps(message))
+
+
+async def _join(
+    request: web.Request, ws: web.WebSocketResponse, hub: RoomHub
+) -> Participant | None:
+    config = request.app[CONFIG_KEY]
+    lifecycle = request.app[LIFECYCLE_KEY]
+
+    async def refuse(code: str, message: str) -> None:
+        await ws.send_str(json.dumps(_error(code, message, True)))
+
+    try:
+        msg = await ws.receive(timeout=config.rooms.join_timeout)
+    except TimeoutError:
+        await refuse("join_timeout", "send a join message first")
+        return None
+    if msg.type is not WSMsgType.TEXT:
+        if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+            await refuse("invalid_message", "messages are JSON text")
+        return None
+    try:
+        data = json.loads(msg.data)
+    except ValueError:
+        await refuse("invalid_message", "not JSON")
+        return None
+    if not isinstance(data, dict) or data.get("type") != "join":
+        await refuse("join_required", 'the first message must be {"type": "join", ...}')
+        return None
+    version = data.get("version", PROTOCOL_VERSION)
+    if version != PROTOCOL_VERSION:
+        await refuse(
+            "unsupported_version", f"this server speaks protocol version {PROTOCOL_VERSION}"
+        )
+        return None
+    if not lifecycle.accepting:
+        await refuse("draining", "the server is shutting down; try another instance")
+        return None
+    token = data.get("token")
+    try:
+        if not isinstance(token, str):
+            raise AuthError(401, "missing_token", "join needs a token (sfu token)")
+        grants = verify_token(config, token)
+    except AuthError as exc:
+        await refuse(exc.code, exc.detail)
+        return None
+    resume = data.get("resume")
+    if isinstance(resume, str):
+        participant = hub.by_resume.get(resume)
+        if (
+            participant is not None
+            and participant.identity == grants.identity
+            and participant.room == grants.room
+        ):
+            participant.connected = True
+            participant.disconnected_at = None
+            participant.outbox = asyncio.Queue()
+            participant.send(hub._joined_message(participant, resumed=True))
+            if participant.offers is not None and participant.offers.awaiting_answer:
+                # The outstanding offer may have been lost with the old socket.
+                participant.offers.awaiting_answer = False
+                participant.offers.dirty = True
+                hub._send_offer(participant)
+            with log_context(room=participant.room, participant=participant.id):
+                log.info("participant %s resumed", participant.id)
+            return participant
+        await refuse(
+            "resume_failed", "nothing to resume (expired, or another identity); join afresh"
+        )
+        return None
+    name = data.get("name")
+    try:
+        participant = hub._new_participant(
+            grants, name if isinstance(name, str) else None, lifecycle.hold("room_participant")
+        )
+    except ProtocolError as exc:
+        await refuse(exc.code, exc.message)
+        return None
+    except LimitExceeded as exc:
+        await refuse("limit_reached", str(exc))
+        return None
+    with log_context(room=participant.room, participant=participant.id):
+        log.info("participant %s (%s) joined", participant.id, participant.identity)
+    participant.send(hub._joined_message(participant, resumed=False))
+    subscribe = data.get("subscribe", "all")
+    hub.set_subscriptions(participant, subscribe)
+    return participant
+
+
+def _dispatch(hub: RoomHub, participant: Participant, text: str) -> bool:
+    """Handle one message; True when the participant left."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise ProtocolError("invalid_message", "not JSON") from None
+    if not isinstance(data, dict) or not isinstance(data.get("type"), str):
+        raise ProtocolError("invalid_message", "a message is a JSON object with a type")
+    kind = data["type"]
+    with log_context(room=participant.room, participant=participant.id):
+        if kind == "publish_offer":
+            sdp = _sdp_field(data)
+            try:
+                offer = parse_sdp(sdp)
+                require_dtls_offer(offer)
+            except SdpError as exc:
+                raise ProtocolError("invalid_sdp", str(exc)) from None
+            participant.send({"type": "publish_answer", "sdp": hub.publish(participant, offer)})
+        elif kind == "subscribe_answer":
+            hub.subscribe_answer(participant, _sdp_field(data))
+        elif kind == "subscribe":
+            hub.set_subscriptions(participant, data.get("tracks"))
+        elif kind == "mute":
+            hub.mute(participant, data.get("track"), data.get("muted"))
+        elif kind == "relay":
+            hub.relay(participant, data.get("to"), data.get("payload"))
+        elif kind == "ping":
+            participant.send({"type": "pong", "ts": data.get("ts")})
+        elif kind == "ice_candidate":
+            pass  # ICE-lite: client addresses are learnt from its connectivity checks
+        elif kind == "leave":
+            hub._remove(participant, "left")
+            return True
+        else:
+            raise ProtocolError("unknown_type", f"unknown message type {kind!r}")
+    return False
+
+
+def _sdp_field(data: dict[str, Any]) -> str:
+    sdp = data.get("sdp")
+    if not isinstance(sdp, str):
+        raise ProtocolError("invalid_message", "sdp must be a string")
+    return sdp
+
+
+def ice_links(config: Config) -> list[str]:
+    return ice_server_links(config.rtc.ice_servers)

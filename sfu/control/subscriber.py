@@ -1,0 +1,203 @@
+"""The subscriber side of a room participant: the SFU offers, the client answers.
+
+One transport per participant carries every track it subscribes to, one m-section per track.
+Tracks come and go, so the SFU renegotiates: it appends an m-section for a new track and
+rejects (port 0) the section of a track that ended; sections are never reordered or removed,
+as offer/answer requires (RFC 8829 §5.2.2). The SFU offers each track with the publisher's own
+payload type and extension ids, so forwarding needs no payload-type rewrite; a client that
+cannot decode the codec rejects the section and is told so.
+
+A new section's down-track stays paused until the client's answer arrives: before that the
+client does not know the SSRC and could mis-route the packets by payload type.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+
+from sfu.control.negotiation import NOT_FORWARDED_EXTENSIONS
+from sfu.control.sdp import (
+    Codec,
+    LocalTransport,
+    SdpError,
+    candidate_lines,
+    codec_lines,
+    parse_sdp,
+    render,
+)
+from sfu.media.downtrack import DownTrack
+from sfu.media.producer import Producer
+
+SUBSCRIBER_FEEDBACK = ["nack", "nack pli", "ccm fir"]
+
+
+@dataclass(eq=False)
+class OfferedTrack:
+    mid: str
+    kind: str
+    producer: Producer
+    stream: str
+    downtrack: DownTrack
+    ended: bool = False
+    accepted: bool = False
+
+
+@dataclass(eq=False)
+class SubscriberOffers:
+    """The m-sections offered so far, in order, and the offer/answer state."""
+
+    local: LocalTransport
+    session_id: int = field(default_factory=lambda: secrets.randbits(62))
+    version: int = 0
+    sections: list[OfferedTrack] = field(default_factory=list)
+    awaiting_answer: bool = False
+    # Changes made while an offer is outstanding wait for its answer (no glare by design:
+    # only the SFU offers on this transport).
+    dirty: bool = False
+    cname: str = field(default_factory=lambda: secrets.token_hex(8))
+
+    def add(self, producer: Producer, stream: str, downtrack: DownTrack) -> OfferedTrack:
+        track = OfferedTrack(str(len(self.sections)), producer.kind, producer, stream, downtrack)
+        downtrack.paused = True
+        self.sections.append(track)
+        self.dirty = True
+        return track
+
+    def end(self, producer: Producer) -> OfferedTrack | None:
+        for track in self.sections:
+            if track.producer is producer and not track.ended:
+                track.ended = True
+                track.downtrack.close()
+                self.dirty = True
+                return track
+        return None
+
+    def live(self) -> list[OfferedTrack]:
+        return [t for t in self.sections if not t.ended]
+
+    def next_offer(self) -> str | None:
+        """The next offer to send, or None if nothing changed or an answer is pending."""
+        if self.awaiting_answer or not self.dirty:
+            return None
+        self.dirty = False
+        self.awaiting_answer = True
+        self.version += 1
+        return self._render()
+
+    def _render(self) -> str:
+        live = [t.mid for t in self.sections if not t.ended]
+        lines = [
+            "v=0",
+            f"o=- {self.session_id} {self.version} IN IP4 0.0.0.0",
+            "s=blindfold",
+            "t=0 0",
+            "a=ice-lite",
+            "a=msid-semantic: WMS *",
+        ]
+        if live:
+            lines.append("a=group:BUNDLE " + " ".join(live))
+        for track in self.sections:
+            lines += self._section(track)
+        return render(lines)
+
+    def _section(self, track: OfferedTrack) -> list[str]:
+        codec = track.producer.codec
+        media = Codec(
+            codec.payload_type,
+            codec.name,
+            codec.clock_rate,
+            codec.channels,
+            codec.fmtp,
+            list(SUBSCRIBER_FEEDBACK) if track.kind == "video" else [],
+        )
+        codecs = [media]
+        rtx_pt = track.downtrack.rtx_payload_type
+        if rtx_pt is not None:
+            codecs.append(Codec(rtx_pt, "rtx", codec.clock_rate, None, f"apt={codec.payload_type}"))
+        formats = " ".join(str(c.payload_type) for c in codecs)
+        local = self.local
+        if track.ended:
+            return [
+                f"m={track.kind} 0 UDP/TLS/RTP/SAVPF {formats}",
+                "c=IN IP4 0.0.0.0",
+                f"a=mid:{track.mid}",
+                # Not needed for a rejected section, but aiortc refuses one without them.
+                f"a=ice-ufrag:{local.ice_ufrag}",
+                f"a=ice-pwd:{local.ice_pwd}",
+                f"a=fingerprint:{local.fingerprint}",
+                "a=setup:actpass",
+                "a=rtcp-mux",
+                "a=inactive",
+                *codec_lines(codecs),
+            ]
+        track_id = track.producer.id
+        downtrack = track.downtrack
+        lines = [
+            f"m={track.kind} 9 UDP/TLS/RTP/SAVPF {formats}",
+            "c=IN IP4 0.0.0.0",
+            f"a=mid:{track.mid}",
+            f"a=ice-ufrag:{local.ice_ufrag}",
+            f"a=ice-pwd:{local.ice_pwd}",
+            f"a=fingerprint:{local.fingerprint}",
+            # An offerer must say actpass (RFC 8842 §5.2); the client answers active, which
+            # keeps the SFU the DTLS server as on every other transport.
+            "a=setup:actpass",
+            "a=rtcp-mux",
+            "a=rtcp-rsize",
+            *candidate_lines(local.candidates),
+            "a=end-of-candidates",
+        ]
+        for uri, ext_id in track.producer.ext_ids.items():
+            if uri not in NOT_FORWARDED_EXTENSIONS:
+                lines.append(f"a=extmap:{ext_id} {uri}")
+        lines += codec_lines(codecs)
+        lines += ["a=sendonly", f"a=msid:{track.stream} {track_id}"]
+        ssrcs = [downtrack.ssrc]
+        if downtrack.rtx_ssrc is not None:
+            ssrcs.append(downtrack.rtx_ssrc)
+            lines.append(f"a=ssrc-group:FID {downtrack.ssrc} {downtrack.rtx_ssrc}")
+        for ssrc in ssrcs:
+            lines.append(f"a=ssrc:{ssrc} cname:{self.cname}")
+            lines.append(f"a=ssrc:{ssrc} msid:{track.stream} {track_id}")
+        return lines
+
+    def apply_answer(self, text: str) -> tuple[list[OfferedTrack], list[OfferedTrack]]:
+        """Take the client's answer: (tracks now flowing, tracks the client rejected).
+
+        Raises SdpError if the answer does not fit the outstanding offer.
+        """
+        if not self.awaiting_answer:
+            raise SdpError("no offer is waiting for an answer")
+        answer = parse_sdp(text)
+        if len(answer.media) != len(self.sections):
+            raise SdpError(
+                f"the answer has {len(answer.media)} media sections; the offer had "
+                f"{len(self.sections)}"
+            )
+        started: list[OfferedTrack] = []
+        rejected: list[OfferedTrack] = []
+        for track, section in zip(self.sections, answer.media, strict=True):
+            if track.ended:
+                continue
+            if section.mid is not None and section.mid != track.mid:
+                raise SdpError(f"answer section {section.mid!r} does not match offer {track.mid!r}")
+            payload_types = {c.payload_type for c in section.codecs()}
+            if section.rejected or track.producer.codec.payload_type not in payload_types:
+                track.ended = True
+                track.downtrack.close()
+                rejected.append(track)
+                self.dirty = True
+                continue
+            if answer.setup(section) == "passive":
+                raise SdpError("the answer chose a=setup:passive; the SFU is the DTLS server")
+            accepted_ids = set(section.extmaps().values())
+            track.downtrack.restrict_extensions(accepted_ids)
+            if track.downtrack.rtx_payload_type not in payload_types:
+                track.downtrack.disable_rtx()
+            if not track.accepted:
+                track.accepted = True
+                track.downtrack.paused = False
+                started.append(track)
+        self.awaiting_answer = False
+        return started, rejected

@@ -1,0 +1,5 @@
+"""Fixtures for room-protocol tests: a real SFU in process, aiortc participants."""
+
+from tests.media.harness import sfu
+
+__all__ = ["sfu"]
