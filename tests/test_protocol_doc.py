@@ -1,0 +1,51 @@
+"""docs/protocol.md must list every message type and error code the server can send."""
+
+from __future__ import annotations
+
+import re
+
+from tests.conftest import ROOT
+
+DOC = (ROOT / "docs" / "protocol.md").read_text()
+
+
+def documented(name: str) -> bool:
+    return f"`{name}`" in DOC
+
+
+def source(*parts: str) -> str:
+    return (ROOT.joinpath("sfu", *parts)).read_text()
+
+
+def test_every_room_message_type_is_documented() -> None:
+    text = source("control", "rooms_ws.py")
+    types = set(re.findall(r'"type":\s*"([a-z_]+)"', text))
+    assert {"joined", "relay", "subscribe_offer", "error"} <= types
+    missing = sorted(t for t in types if not documented(t))
+    assert missing == [], f"undocumented message types: {missing}"
+
+
+def test_every_room_error_code_is_documented() -> None:
+    text = source("control", "rooms_ws.py")
+    codes = set(re.findall(r'(?:ProtocolError|_error|refuse)\(\s*"([a-z_]+)"', text))
+    codes |= set(re.findall(r'"code":\s*"([a-z_]+)"', text))
+    codes |= set(re.findall(r'AuthError\(\s*\d+,\s*"([a-z_]+)"', source("control", "auth.py")))
+    assert {"room_full", "relay_too_large", "rate_limited"} <= codes
+    missing = sorted(c for c in codes if not documented(c))
+    assert missing == [], f"undocumented room error codes: {missing}"
+
+
+def test_every_http_problem_code_is_documented() -> None:
+    codes: set[str] = set()
+    for module in ("whip.py", "http.py", "negotiation.py"):
+        text = source("control", module)
+        codes |= set(
+            re.findall(
+                r'(?:Problem|problem_response|NegotiationError)\(\s*\d+,\s*"([a-z_]+)"', text
+            )
+        )
+        codes |= set(re.findall(r"problem_response\(\s*\d+,\s*([a-z_]+),", text)) - {"reason"}
+    codes |= {"draining", "starting"}  # /readyz states, passed through a variable
+    assert {"stream_exists", "codec_not_offered", "sdp_too_large"} <= codes
+    missing = sorted(c for c in codes if not documented(c))
+    assert missing == [], f"undocumented problem codes: {missing}"
