@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -45,7 +46,39 @@ def create_app(
         app.router.add_get("/metrics", metrics_endpoint)
     whip.add_routes(app)
     rooms_ws.add_routes(app)
+    add_web_routes(app)
     return app
+
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+# The demo page loads only its own scripts and talks only to this server; media arrives over
+# WebRTC, which CSP does not govern. Workers (the E2EE transform) come from the same origin.
+DEMO_CSP = (
+    "default-src 'self'; script-src 'self'; worker-src 'self' blob:; "
+    "connect-src 'self' ws: wss:; img-src 'self' data:; media-src 'self' blob: mediastream:; "
+    "style-src 'self' 'unsafe-inline'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+)
+
+
+def add_web_routes(app: web.Application) -> None:
+    """The browser client under /client/ and the demo page at /, straight from sfu/web/
+    (no build step)."""
+    if not WEB_DIR.is_dir():
+        log.warning("no browser client found at %s; / and /client/ are not served", WEB_DIR)
+        return
+    app.router.add_get("/", demo_page)
+    app.router.add_static("/client/", WEB_DIR, show_index=False, follow_symlinks=False)
+
+
+async def demo_page(request: web.Request) -> web.StreamResponse:
+    index = WEB_DIR / "index.html"
+    if not index.is_file():
+        raise web.HTTPNotFound(text="the demo page is not installed")
+    response = web.FileResponse(index)
+    response.headers["Content-Security-Policy"] = DEMO_CSP
+    response.headers["Referrer-Policy"] = "no-referrer"
+    response.headers["Cache-Control"] = "no-cache"
+    return response
 
 
 async def healthz(request: web.Request) -> web.Response:
