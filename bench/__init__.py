@@ -1,0 +1,1 @@
+"""Benchmarks and the load generator (not part of the installed package)."""
