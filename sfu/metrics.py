@@ -180,6 +180,7 @@ class MediaCollector(Collector):
                 "unknown_address": demux.dropped_unknown_address,
                 "unknown_type": demux.dropped_unknown_type,
                 "error": demux.errors,
+                "send_failed": demux.send_errors,
             },
         )
         yield _counter(

@@ -21,6 +21,7 @@ from sfu.media.rtp import (
     rebuild_extensions,
     remap_extension_ids,
     rewrite_header,
+    rewritten_copy,
 )
 
 if TYPE_CHECKING:
@@ -75,6 +76,7 @@ class DownTrack:
     __slots__ = (
         "_counts",
         "_ext_map",
+        "_identity_ext",
         "_integrity",
         "_integrity_countdown",
         "_integrity_every",
@@ -133,6 +135,7 @@ class DownTrack:
         self.rtx_ssrc = rtx_ssrc if rtx_payload_type is not None else None
         self.rtx_payload_type = rtx_payload_type
         self._ext_map = ext_map
+        self._identity_ext = self._is_identity()
         self.clock = clock
         self.wallclock = wallclock
         self.started = False
@@ -178,9 +181,14 @@ class DownTrack:
             self._start(hdr)
         seq = (hdr.seq + self._seq_offset) & 0xFFFF
         ts = (hdr.timestamp + self._ts_offset) & 0xFFFFFFFF
-        packet = self._rewrite(data, hdr, seq, ts)
-        if packet is None:
-            return
+        packet: bytes | bytearray | None
+        if self._identity_ext or not hdr.has_extension:
+            # The common case: one copy, straight into the bytes SRTP takes.
+            packet = rewritten_copy(data, self.ssrc, seq, ts, self.payload_type)
+        else:
+            packet = self._rewrite(data, hdr, seq, ts)
+            if packet is None:
+                return
         if self._integrity_every:
             self._integrity_countdown -= 1
             if self._integrity_countdown <= 0:
@@ -194,7 +202,8 @@ class DownTrack:
         if (seq - self.last_out_seq) & 0xFFFF < 0x8000:
             self.last_out_seq = seq
             self.last_out_ts = ts
-            self._last_out_at = self.clock()
+            # The producer read the clock once for this packet; not once per subscriber.
+            self._last_out_at = self.producer.last_packet_at
         self.packets_sent += 1
         self.octets_sent += hdr.payload_len
 
@@ -211,7 +220,7 @@ class DownTrack:
             return rebuilt
         return buf
 
-    def _check_integrity(self, data: bytes, hdr: RtpHeader, packet: bytearray) -> None:
+    def _check_integrity(self, data: bytes, hdr: RtpHeader, packet: bytes | bytearray) -> None:
         """Sampled proof for operators that forwarding leaves payload bytes as received:
         the bytes handed to SRTP after the rewrite, against the bytes that came in."""
         out = parse_header(packet)
@@ -228,12 +237,21 @@ class DownTrack:
         gap = max(1, int(elapsed * self.producer.codec.clock_rate))
         self._ts_offset = (self.last_out_ts + gap - hdr.timestamp) & 0xFFFFFFFF
 
+    def _is_identity(self) -> bool:
+        """Whether every extension the publisher may send keeps its id for this subscriber,
+        so the extension block needs no rewrite at all."""
+        return all(
+            ext_id < len(self._ext_map) and self._ext_map[ext_id] == ext_id
+            for ext_id in self.producer.ext_ids.values()
+        )
+
     def restrict_extensions(self, accepted_ids: set[int]) -> None:
         """Drop extensions the subscriber's answer did not accept (ids are the offered ones)."""
         table = self._ext_map
         for index, target in enumerate(table):
             if target and target not in accepted_ids:
                 table[index] = 0
+        self._identity_ext = self._is_identity()
 
     def disable_rtx(self) -> None:
         self.rtx_payload_type = None

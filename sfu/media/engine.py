@@ -15,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
+import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,7 +54,14 @@ class MediaSettings:
 
 
 class DemuxStats:
-    __slots__ = ("datagrams", "dropped_unknown_address", "dropped_unknown_type", "errors", "stun")
+    __slots__ = (
+        "datagrams",
+        "dropped_unknown_address",
+        "dropped_unknown_type",
+        "errors",
+        "send_errors",
+        "stun",
+    )
 
     def __init__(self) -> None:
         self.datagrams = 0
@@ -60,6 +69,7 @@ class DemuxStats:
         self.dropped_unknown_address = 0
         self.dropped_unknown_type = 0
         self.errors = 0
+        self.send_errors = 0
 
 
 class MediaEngine(asyncio.DatagramProtocol):
@@ -71,6 +81,7 @@ class MediaEngine(asyncio.DatagramProtocol):
         self.stats = MediaStats()
         self.demux = DemuxStats()
         self._udp: asyncio.DatagramTransport | None = None
+        self._sock: socket.socket | None = None
         self._by_addr: dict[Address, Transport] = {}
         self._by_ufrag: dict[str, Transport] = {}
         self.transports: dict[str, Transport] = {}
@@ -99,6 +110,13 @@ class MediaEngine(asyncio.DatagramProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._udp = transport  # type: ignore[assignment]
+        # Sending straight on the socket skips the event loop's transport layer (buffering,
+        # bookkeeping) that UDP does not need: a full socket buffer means the datagram is
+        # dropped, as the network would have done anyway.
+        raw = transport.get_extra_info("socket") if hasattr(transport, "get_extra_info") else None
+        if raw is not None:
+            self._sock = socket.socket(raw.family, raw.type, fileno=os.dup(raw.fileno()))
+            self._sock.setblocking(False)
 
     async def close(self) -> None:
         for transport in list(self.transports.values()):
@@ -109,6 +127,9 @@ class MediaEngine(asyncio.DatagramProtocol):
                 await self._timer
         if self._udp is not None:
             self._udp.close()
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
     # -- commands ----------------------------------------------------------------------------
 
@@ -238,7 +259,13 @@ class MediaEngine(asyncio.DatagramProtocol):
     # -- packet path -------------------------------------------------------------------------
 
     def _sendto(self, data: bytes, addr: Address) -> None:
-        if self._udp is not None:
+        sock = self._sock
+        if sock is not None:
+            try:
+                sock.sendto(data, addr)
+            except OSError:  # buffer full (BlockingIOError), unreachable: UDP drops it
+                self.demux.send_errors += 1
+        elif self._udp is not None:
             self._udp.sendto(data, addr)
 
     def datagram_received(self, data: bytes, addr: Address) -> None:

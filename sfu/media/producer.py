@@ -123,6 +123,7 @@ class Producer:
         "keyframe_requests_throttled",
         "keyframes_seen",
         "kind",
+        "last_packet_at",
         "mid",
         "on_policy_violation",
         "packets_received",
@@ -168,6 +169,7 @@ class Producer:
         self.downtracks: list[DownTrack] = []
         self.closed = False
         self.created_at = clock()
+        self.last_packet_at = self.created_at
         self._keyframe_totals = keyframe_totals if keyframe_totals is not None else [0, 0]
         self._level_id = ext_ids.get(EXT_AUDIO_LEVEL, 0) if kind == "audio" else 0
         self._level_sum = 0
@@ -197,6 +199,7 @@ class Producer:
             self.ssrc = hdr.ssrc
         self.packets_received += 1
         self.bytes_received += len(data)
+        self.last_packet_at = self.clock()
         self._ring[hdr.seq % self._ring_size] = data
         self.envelope.on_packet(data, hdr)
         if self._level_id:

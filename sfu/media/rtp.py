@@ -185,6 +185,21 @@ def rewrite_header(
     )
 
 
+def rewritten_copy(data: bytes, ssrc: int, seq: int, timestamp: int, payload_type: int) -> bytes:
+    """A copy of `data` with the subscriber's SSRC, sequence number, timestamp and PT, and
+    everything else (marker, extensions, payload, padding) byte for byte: one allocation,
+    directly the `bytes` SRTP wants."""
+    return b"".join(
+        (
+            data[:1],
+            _FROM_BYTE1.pack(
+                (data[1] & 0x80) | payload_type, seq & 0xFFFF, timestamp & 0xFFFFFFFF, ssrc
+            ),
+            memoryview(data)[FIXED_HEADER_SIZE:],
+        )
+    )
+
+
 # --- RFC 8285 header extensions -----------------------------------------------------------
 
 

@@ -115,7 +115,7 @@ class Transport:
         srtp, addr = self.srtp, self.addr
         if srtp is None or addr is None:
             return
-        protected = srtp.protect_rtp(bytes(packet))
+        protected = srtp.protect_rtp(packet if type(packet) is bytes else bytes(packet))
         if protected is None:
             self.stats.srtp_failures += 1
             return

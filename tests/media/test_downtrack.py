@@ -58,10 +58,12 @@ def vp8_packet(seq: int, ts: int, ssrc: int = 0x1111, key: bool = False, ext: by
 
 
 def setup(
-    ext_map: list[int] | None = None, rtx: bool = True
+    ext_map: list[int] | None = None, rtx: bool = True, ext_ids: dict[str, int] | None = None
 ) -> tuple[Producer, DownTrack, Sink, Upstream, Clock]:
     clock, upstream, sink = Clock(), Upstream(), Sink()
-    producer = Producer("p", "video", "1", VP8, {}, upstream, buffer_size=64, clock=clock)
+    producer = Producer(
+        "p", "video", "1", VP8, ext_ids or {}, upstream, buffer_size=64, clock=clock
+    )
     downtrack = DownTrack(
         producer,
         sink,
@@ -165,7 +167,8 @@ def test_without_rtx_the_same_packet_is_resent() -> None:
 def test_extension_ids_are_remapped_and_unnegotiated_ones_removed() -> None:
     ext_map = [0] * 256
     ext_map[1] = 5  # audio level-like: publisher id 1 is the subscriber's 5; id 2 is dropped
-    producer, _, sink, _, _ = setup(ext_map=ext_map)
+    negotiated = {"urn:example:one": 1, "urn:example:two": 2}
+    producer, _, sink, _, _ = setup(ext_map=ext_map, ext_ids=negotiated)
     # One-byte elements: id 1 (1 byte, 0x7f) and id 2 (2 bytes), padded to 8 bytes.
     ext = bytes([0x10, 0x7F, 0x21, 0xAA, 0xBB, 0, 0, 0])
     original = vp8_packet(7, 0, key=True, ext=ext)
