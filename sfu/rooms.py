@@ -55,6 +55,14 @@ class Room:
     subscriptions: dict[str, MediaSession] = field(default_factory=dict)
     # Participants of the room protocol (WebSocket), by participant id; kept by the hub.
     members: dict[str, object] = field(default_factory=dict)
+    # E2EE sender slots (KID = slot << 4 | generation, docs/e2ee.md §4): never reused within
+    # a room's life, so a late frame of someone who left can never pass for a newcomer's.
+    next_slot: int = 1
+
+    def allocate_slot(self) -> int:
+        slot = self.next_slot
+        self.next_slot += 1
+        return slot
 
     @property
     def empty(self) -> bool:

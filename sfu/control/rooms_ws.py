@@ -73,6 +73,7 @@ class Participant:
     grants: Grants
     resume_token: str
     stream: str
+    slot: int
     outbox: asyncio.Queue[dict[str, Any] | None] = field(default_factory=asyncio.Queue)
     connected: bool = True
     left: bool = False
@@ -88,7 +89,13 @@ class Participant:
     join: JoinTimer = field(default_factory=JoinTimer)
 
     def public(self) -> dict[str, Any]:
-        return {"id": self.id, "identity": self.identity, "name": self.name, "kind": "rtc"}
+        return {
+            "id": self.id,
+            "identity": self.identity,
+            "name": self.name,
+            "kind": "rtc",
+            "slot": self.slot,
+        }
 
     def send(self, message: dict[str, Any]) -> None:
         if self.left or not self.connected:
@@ -343,6 +350,7 @@ class RoomHub:
             grants=grants,
             resume_token=secrets.token_urlsafe(24),
             stream=stream,
+            slot=room.allocate_slot(),
             release_drain=lifecycle_hold,
         )
         room.members[pid] = participant
@@ -676,17 +684,23 @@ async def rtc_socket(request: web.Request) -> web.StreamResponse:
         queue = participant.outbox
         writer = asyncio.create_task(_write(ws, participant, queue))
         limiter = RateLimiter(config.limits.max_messages_per_second)
+        # Key exchange is bursty by design (a joiner answers every member at once) and a
+        # dropped key message leaves someone unable to decrypt: relay gets its own budget,
+        # sized to the room.
+        relay_limiter = RateLimiter(
+            max(config.limits.max_messages_per_second, 2 * config.limits.max_participants_per_room)
+        )
         async for msg in ws:
             if msg.type is not WSMsgType.TEXT:
                 if msg.type is WSMsgType.ERROR:
                     break
                 participant.send(_error("invalid_message", "messages are JSON text"))
                 continue
-            if not limiter.allow():
-                participant.send(_error("rate_limited", "too many messages; slow down"))
-                continue
             try:
-                if _dispatch(hub, participant, msg.data):
+                data = _parse(msg.data)
+                if not (relay_limiter if data["type"] == "relay" else limiter).allow():
+                    raise ProtocolError("rate_limited", "too many messages; slow down")
+                if _dispatch(hub, participant, data):
                     break  # the client left
             except ProtocolError as exc:
                 participant.send(_error(exc.code, exc.message, exc.fatal))
@@ -818,14 +832,18 @@ async def _join(
     return participant
 
 
-def _dispatch(hub: RoomHub, participant: Participant, text: str) -> bool:
-    """Handle one message; True when the participant left."""
+def _parse(text: str) -> dict[str, Any]:
     try:
         data = json.loads(text)
     except ValueError:
         raise ProtocolError("invalid_message", "not JSON") from None
     if not isinstance(data, dict) or not isinstance(data.get("type"), str):
         raise ProtocolError("invalid_message", "a message is a JSON object with a type")
+    return data
+
+
+def _dispatch(hub: RoomHub, participant: Participant, data: dict[str, Any]) -> bool:
+    """Handle one message; True when the participant left."""
     kind = data["type"]
     with log_context(room=participant.room, participant=participant.id):
         if kind == "publish_offer":

@@ -45,12 +45,14 @@ async def test_two_participants_exchange_media_and_events(sfu: Server) -> None:
         assert joined["version"] == 1
         assert joined["participants"] == []
         assert joined["participant"]["identity"] == "alice"
+        assert joined["participant"]["slot"] == 1
         await alice.publish([ColourTrack(), ToneTrack()])
         joined_b = await bob.connect()
         assert [p["identity"] for p in joined_b["participants"]] == ["alice"]
         assert sorted(t["kind"] for t in joined_b["tracks"]) == ["audio", "video"]
         event = await alice.next_event("participant_joined")
         assert event["participant"]["identity"] == "bob"
+        assert event["participant"]["slot"] == 2  # slots are never reused in a room
         await bob.publish([ColourTrack((20, 200, 20)), ToneTrack()])
         published = await alice.next_event("track_published")
         assert published["track"]["participant"] == bob.participant_id
