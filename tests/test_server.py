@@ -234,3 +234,37 @@ def make_self_signed(folder: Path) -> tuple[Path, Path]:
         )
     )
     return cert_path, key_path
+
+
+def test_dev_token_endpoint_exists_only_in_dev_mode(server_factory) -> None:
+    import jwt
+
+    server = server_factory()
+    request = urllib.request.Request(
+        f"{server.base}/dev/token",
+        data=json.dumps({"room": "demo", "identity": "alice", "name": "Alice"}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        token = json.loads(response.read())["token"]
+    claims = jwt.decode(token, DEV_API_SECRET, algorithms=["HS256"])
+    assert (claims["room"], claims["sub"], claims["grants"]) == (
+        "demo",
+        "alice",
+        {"publish": True, "subscribe": True},
+    )
+    bad = urllib.request.Request(
+        f"{server.base}/dev/token",
+        data=json.dumps({"room": "no spaces allowed", "identity": "a"}).encode(),
+        method="POST",
+    )
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(bad, timeout=5)
+    assert caught.value.code == 400
+    secret = "p" * 40
+    prod = server_factory({"dev_mode": False, "auth": {"keys": {"prod": secret}}})
+    closed = urllib.request.Request(f"{prod.base}/dev/token", data=b"{}", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(closed, timeout=5)
+    assert caught.value.code == 404

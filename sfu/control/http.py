@@ -47,7 +47,41 @@ def create_app(
     whip.add_routes(app)
     rooms_ws.add_routes(app)
     add_web_routes(app)
+    if config.dev_mode:
+        app.router.add_post("/dev/token", dev_token)
     return app
+
+
+DEV_TOKEN_TTL = 6 * 3600.0
+
+
+async def dev_token(request: web.Request) -> web.Response:
+    """Dev mode only (loopback, public dev key): mint a publish+subscribe token for the demo
+    page, so trying a call needs no command line. Never routed outside dev mode."""
+    from sfu.control.auth import mint_token
+
+    try:
+        body = await request.json()
+    except ValueError:
+        return problem_response(400, "invalid_json", 'send {"room": ..., "identity": ...}')
+    if not isinstance(body, dict):
+        return problem_response(400, "invalid_json", 'send {"room": ..., "identity": ...}')
+    room, identity, name = body.get("room"), body.get("identity"), body.get("name")
+    if not isinstance(room, str) or not isinstance(identity, str):
+        return problem_response(400, "invalid_json", "room and identity must be strings")
+    try:
+        token = mint_token(
+            request.app[CONFIG_KEY],
+            room=room,
+            identity=identity,
+            publish=True,
+            subscribe=True,
+            ttl=DEV_TOKEN_TTL,
+            name=name if isinstance(name, str) else None,
+        )
+    except ValueError as exc:
+        return problem_response(400, "invalid_name", str(exc))
+    return web.json_response({"token": token, "expires_in": int(DEV_TOKEN_TTL)})
 
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
