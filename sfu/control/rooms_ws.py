@@ -341,7 +341,9 @@ class RoomHub:
                 "room_full", f"the room has limits.max_participants_per_room ({limit})", fatal=True
             )
         pid = "p-" + secrets.token_urlsafe(9)
-        stream = grants.identity if room_name_problem(grants.identity) is None else pid
+        # The identity doubles as the WHEP stream name when it is a valid, free one.
+        usable = room_name_problem(grants.identity) is None
+        stream = grants.identity if usable and grants.identity not in room.publications else pid
         participant = Participant(
             id=pid,
             room=grants.room,
@@ -468,6 +470,8 @@ class RoomHub:
             raise ProtocolError("invalid_sdp", str(exc)) from None
         room = self.rooms.get_or_create(participant.room)
         session = participant.publication
+        if session is None and participant.stream in room.publications:
+            participant.stream = participant.id  # a WHIP publisher took the name meanwhile
         if session is None:
             transport = self.engine.create_transport("rtc-pub", ufrag, pwd, fingerprints)
             session = MediaSession(

@@ -249,13 +249,6 @@ def _publish(
             f"{len(plan.tracks)} tracks exceed limits.max_tracks_per_participant ({limit})",
         )
     session = _open_session(request, "whip", grants, room, stream, offer)
-    try:
-        rooms.add(session)
-    except LimitExceeded:
-        session.transport.on_closed = None
-        session.transport.close("refused")
-        session.release_drain()
-        raise
     for track in plan.tracks:
         session.producers.append(
             engine.add_producer(
@@ -275,6 +268,14 @@ def _publish(
     session.transport.mid_ext_id = next(
         (t.ext_ids[uri] for t in plan.tracks for uri in t.ext_ids if uri.endswith("sdes:mid")), None
     )
+    # Added last, with its tracks in place: adding tells the room's participants about them.
+    try:
+        rooms.add(session)
+    except LimitExceeded:
+        session.transport.on_closed = None
+        session.transport.close("refused")
+        session.release_drain()
+        raise
     answer = render_answer(
         offer, _local(engine, session.transport), plan.answer_sections, secrets.randbits(62)
     )

@@ -337,3 +337,29 @@ def _drain(c: RoomClient) -> list[dict[str, object]]:
     while not c.events.empty():
         out.append(c.events.get_nowait())
     return out
+
+
+async def test_whip_and_whep_meet_room_participants(sfu: Server) -> None:
+    from tests.media.harness import publish as whip_publish
+    from tests.media.harness import subscribe as whep_subscribe
+
+    seen = Decoded()
+    carol = client(sfu, "carol", on_track=seen.on_track)
+    try:
+        await carol.connect()
+        pc, _ = await whip_publish(sfu, "obs", tracks=[ColourTrack()])
+        joined = await carol.next_event("participant_joined")
+        assert joined["participant"]["kind"] == "whip"
+        track = await carol.next_event("track_published")
+        assert (track["track"]["kind"], track["track"]["stream"]) == ("video", "obs")
+        await wait_for(lambda: seen.frames["video"] >= 5, what="carol decoding the WHIP stream")
+        # A room participant's publication is a WHEP stream named after its identity.
+        await carol.publish([ColourTrack()])
+        viewer, counter = await whep_subscribe(sfu, "carol", kinds=("video",))
+        await wait_for(lambda: counter.frames["video"] >= 5, what="WHEP viewer of carol")
+        await pc.close()
+        await viewer.close()
+        left = await carol.next_event("participant_left")
+        assert left["participant"] == joined["participant"]["id"]
+    finally:
+        await carol.leave()
