@@ -169,3 +169,27 @@ def test_oversized_packets_fail_softly(keys: SrtpKeyingMaterial) -> None:
     assert sfu.protect_failures == 1
     assert sfu.unprotect_rtp(rtp(1, size=1600)) is None
     assert sfu.rtp_malformed == 1
+
+
+def test_protect_fast_path_matches_pylibsrtp_public_api() -> None:
+    import os
+
+    from sfu.media.srtp import AEAD_AES_128_GCM, AES128_CM_SHA1_80, SrtpKeyingMaterial, SrtpSession
+
+    for profile in (AEAD_AES_128_GCM, AES128_CM_SHA1_80):
+        material = SrtpKeyingMaterial.from_exported(profile, os.urandom(profile.exporter_length))
+        fast, public = SrtpSession(material), SrtpSession(material)
+        public._tx_len = None  # force pylibsrtp's own protect()
+        assert fast._tx_len is not None, "the fast path must be active with the pinned pylibsrtp"
+        receiver = SrtpSession(material, role="client")
+        for seq in range(50):
+            packet = (
+                bytes([0x80, 96, 0, seq])
+                + b"\x00\x00\x00\x01\x00\x00\x00\x07"
+                + os.urandom(seq * 20)
+            )
+            out = fast.protect_rtp(packet)
+            assert out == public.protect_rtp(packet)
+            assert receiver.unprotect_rtp(out) == packet  # type: ignore[arg-type]
+        assert fast.protect_rtp(bytes(1400)) is None
+        assert fast.protect_failures == 1
