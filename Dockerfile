@@ -19,11 +19,18 @@ RUN if ! command -v python3 >/dev/null; then \
 
 FROM base AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+# Builds that cannot reach PyPI: put wheels of every dependency (plus setuptools and wheel)
+# into deploy/wheels/ and pass --build-arg PIP_OFFLINE=1; pip then reads that folder only
+# (docs/deployment.md). The folder exists in every checkout, so this COPY never fails; it
+# stays in this stage and never reaches the final image.
+ARG PIP_OFFLINE=0
+COPY deploy/wheels /wheels
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY sfu ./sfu
 # A self-contained venv, copied whole into the final stage: no compiler or pip cache ships.
-RUN python3 -m venv /opt/sfu && /opt/sfu/bin/pip install --no-compile . \
+RUN if [ "$PIP_OFFLINE" = 1 ]; then export PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheels; fi \
+    && python3 -m venv /opt/sfu && /opt/sfu/bin/pip install --no-compile . \
     && /opt/sfu/bin/python -c "import sfu.cli, sfu.app"
 
 FROM base

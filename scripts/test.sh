@@ -8,6 +8,22 @@ ensure_venv "test"
 # System tools the tests use. promtool comes with Debian's prometheus package.
 command -v promtool >/dev/null 2>&1 || apt_install prometheus ||
     say "promtool missing: its test will be skipped (and fails under CI=true)"
+# The image test (tests/deploy/test_image.py) builds and runs the Dockerfile with podman
+# (no Docker engine needed) from a base image made by debootstrap.
+for cmd in podman buildah runc debootstrap; do
+    command -v "$cmd" >/dev/null 2>&1 && continue
+    apt_install podman buildah runc uidmap slirp4netns fuse-overlayfs catatonit debootstrap ||
+        say "podman/debootstrap missing: the image test will be skipped (and fails under CI=true)"
+    break
+done
+
+# The browser client's JavaScript is tested with Node's own runner (node:test, WebCrypto),
+# and the real-browser tests drive Debian's Chromium through Playwright (never its own
+# browser download: `playwright install` cannot work here).
+command -v node >/dev/null 2>&1 || apt_install nodejs ||
+    say "node missing: the JavaScript tests cannot run"
+command -v chromium >/dev/null 2>&1 || apt_install chromium ||
+    say "chromium missing: the browser tests will be skipped (and fail under CI=true)"
 
 cd "$ROOT"
 failed=()
@@ -19,6 +35,7 @@ gate ruff check .
 gate ruff format --check .
 gate mypy sfu
 gate hadolint Dockerfile
+gate node --test tests/js/
 say "pytest"
 status=0
 pytest "$@" || status=$?
