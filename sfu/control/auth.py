@@ -15,20 +15,15 @@ from typing import Any
 import jwt
 
 from sfu.config import Config
+from sfu.control.problems import ApiError
 from sfu.names import identity_problem, room_name_problem
 
 ALGORITHM = "HS256"
 MAX_TTL_SECONDS = 30 * 86400
 
 
-class AuthError(Exception):
+class AuthError(ApiError):
     """A token was refused. `status` is 401 (not authenticated) or 403 (not allowed)."""
-
-    def __init__(self, status: int, code: str, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.code = code
-        self.detail = detail
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from sfu.control.problems import ApiError
 from sfu.control.sdp import (
     EXT_ABS_SEND_TIME,
     EXT_MID,
@@ -42,14 +43,8 @@ NOT_FORWARDED_EXTENSIONS = HOP_BY_HOP_EXTENSIONS | {EXT_MID, EXT_RID, EXT_REPAIR
 SUPPORTED_NAMES = "Opus, VP8, VP9, H.264, AV1"
 
 
-class NegotiationError(Exception):
+class NegotiationError(ApiError):
     """The offer is well-formed but cannot be served; `code` is a documented problem code."""
-
-    def __init__(self, status: int, code: str, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.code = code
-        self.detail = detail
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,20 @@ from aiohttp import web
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 
 
+class ApiError(Exception):
+    """A request refused with a documented code: HTTP status, code, and a sentence for people.
+
+    The room protocol turns the same errors into `error` messages, so auth and negotiation
+    raise this rather than anything HTTP-specific.
+    """
+
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+
+
 def problem_response(
     status: int,
     code: str,

@@ -34,6 +34,7 @@ from sfu.control.negotiation import (
     render_answer,
     require_dtls_offer,
 )
+from sfu.control.publishing import open_producers
 from sfu.control.sdp import LocalTransport, SdpError, SessionDescription, parse_sdp
 from sfu.control.subscriber import SubscriberOffers
 from sfu.control.whip import ice_server_links
@@ -495,30 +496,14 @@ class RoomHub:
             producer.close()
             transport.producers_by_mid.pop(producer.mid, None)
         session.producers = [p for p in session.producers if not p.closed]
-        added: list[Producer] = []
-        for track in plan.tracks:
-            if track.mid in by_mid:
-                continue
-            producer = self.engine.add_producer(
-                transport,
-                kind=track.kind,
-                mid=track.mid,
-                codec=track.codec,
-                ext_ids=track.ext_ids,
-                ssrc=track.ssrc,
-                rtx_ssrc=track.rtx_ssrc,
-            )
-            if self.config.e2ee.policy_for(participant.room) == "required":
-                producer.e2ee_required = True
-                producer.on_policy_violation = lambda _p, why: self._policy_violation(
-                    participant, why
-                )
-            session.producers.append(producer)
-            added.append(producer)
-        transport.mid_ext_id = next(
-            (t.ext_ids[uri] for t in plan.tracks for uri in t.ext_ids if uri.endswith("sdes:mid")),
-            None,
+        added = open_producers(
+            self.engine,
+            transport,
+            [t for t in plan.tracks if t.mid not in by_mid],
+            e2ee_required=self.config.e2ee.policy_for(participant.room) == "required",
+            on_violation=lambda _p, why: self._policy_violation(participant, why),
         )
+        session.producers.extend(added)
         if ended:
             self.tracks_unpublished(room, session, ended)
         if added:

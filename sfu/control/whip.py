@@ -18,14 +18,14 @@ from sfu.config import Config, IceServer
 from sfu.control.auth import AuthError, Grants, verify_token
 from sfu.control.keys import CONFIG_KEY, ENGINE_KEY, LIFECYCLE_KEY, ROOMS_KEY
 from sfu.control.negotiation import (
-    NegotiationError,
     plan_publisher,
     plan_subscriber,
     render_answer,
     require_dtls_offer,
     subscriber_section_lines,
 )
-from sfu.control.problems import problem_response
+from sfu.control.problems import ApiError, problem_response
+from sfu.control.publishing import open_producers
 from sfu.control.sdp import LocalTransport, MediaSection, SdpError, SessionDescription, parse_sdp
 from sfu.logs import log_context
 from sfu.media.downtrack import JoinTimer
@@ -42,13 +42,12 @@ TRICKLE_TYPE = "application/trickle-ice-sdpfrag"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class Problem(Exception):
-    def __init__(self, status: int, code: str, detail: str, **headers: str) -> None:
-        super().__init__(detail)
-        self.status, self.code, self.detail, self.headers = status, code, detail, headers
+class Problem(ApiError):
+    """An HTTP-only refusal, possibly with response headers (e.g. Accept-Post)."""
 
-    def response(self) -> web.Response:
-        return problem_response(self.status, self.code, self.detail, headers=self.headers or None)
+    def __init__(self, status: int, code: str, detail: str, **headers: str) -> None:
+        super().__init__(status, code, detail)
+        self.headers = headers
 
 
 def add_routes(app: web.Application) -> None:
@@ -64,10 +63,10 @@ def _guard(handler: Handler) -> Handler:
     async def wrapped(request: web.Request) -> web.StreamResponse:
         try:
             return await handler(request)
-        except Problem as problem:
-            return problem.response()
-        except AuthError as exc:
-            headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+        except ApiError as exc:
+            headers = dict(exc.headers) if isinstance(exc, Problem) else {}
+            if exc.status == 401:
+                headers["WWW-Authenticate"] = "Bearer"
             return problem_response(exc.status, exc.code, exc.detail, headers=headers or None)
 
     return wrapped
@@ -180,8 +179,6 @@ async def create_session(request: web.Request) -> web.StreamResponse:
             if kind == "whip":
                 return _publish(request, grants, room, stream, offer)
             return _subscribe(request, grants, room, stream, offer)
-        except NegotiationError as exc:
-            raise Problem(exc.status, exc.code, exc.detail) from None
         except LimitExceeded as exc:
             raise Problem(503, "limit_reached", str(exc)) from None
 
@@ -249,24 +246,12 @@ def _publish(
             f"{len(plan.tracks)} tracks exceed limits.max_tracks_per_participant ({limit})",
         )
     session = _open_session(request, "whip", grants, room, stream, offer)
-    for track in plan.tracks:
-        session.producers.append(
-            engine.add_producer(
-                session.transport,
-                kind=track.kind,
-                mid=track.mid,
-                codec=track.codec,
-                ext_ids=track.ext_ids,
-                ssrc=track.ssrc,
-                rtx_ssrc=track.rtx_ssrc,
-            )
-        )
-    if request.app[CONFIG_KEY].e2ee.policy_for(room) == "required":
-        for producer in session.producers:
-            producer.e2ee_required = True
-            producer.on_policy_violation = lambda _p, why: _stop_for_policy(rooms, session, why)
-    session.transport.mid_ext_id = next(
-        (t.ext_ids[uri] for t in plan.tracks for uri in t.ext_ids if uri.endswith("sdes:mid")), None
+    session.producers = open_producers(
+        engine,
+        session.transport,
+        plan.tracks,
+        e2ee_required=request.app[CONFIG_KEY].e2ee.policy_for(room) == "required",
+        on_violation=lambda _p, why: _stop_for_policy(rooms, session, why),
     )
     # Added last, with its tracks in place: adding tells the room's participants about them.
     try:

@@ -1,0 +1,42 @@
+"""Turning a negotiated publisher offer into producers: shared by WHIP and the room protocol."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from sfu.control.negotiation import PublishedTrack
+from sfu.control.sdp import EXT_MID
+from sfu.media.engine import MediaEngine
+from sfu.media.producer import Producer
+from sfu.media.transport import Transport
+
+
+def open_producers(
+    engine: MediaEngine,
+    transport: Transport,
+    tracks: Sequence[PublishedTrack],
+    *,
+    e2ee_required: bool,
+    on_violation: Callable[[Producer, str], None],
+) -> list[Producer]:
+    """One producer per negotiated track, with the room's E2EE policy attached; the
+    transport learns the MID extension id so undeclared SSRCs can be bound (RFC 8843)."""
+    producers = []
+    for track in tracks:
+        producer = engine.add_producer(
+            transport,
+            kind=track.kind,
+            mid=track.mid,
+            codec=track.codec,
+            ext_ids=track.ext_ids,
+            ssrc=track.ssrc,
+            rtx_ssrc=track.rtx_ssrc,
+        )
+        if e2ee_required:
+            producer.e2ee_required = True
+            producer.on_policy_violation = on_violation
+        producers.append(producer)
+    mid_ids = [t.ext_ids[EXT_MID] for t in tracks if EXT_MID in t.ext_ids]
+    if mid_ids:
+        transport.mid_ext_id = mid_ids[0]
+    return producers
