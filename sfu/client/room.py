@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 from aiortc import (
     MediaStreamTrack,
+    RTCBundlePolicy,
     RTCConfiguration,
     RTCPeerConnection,
     RTCRtpTransceiver,
@@ -29,6 +30,10 @@ from sfu.client.whip import prefer_offered_codecs
 
 EventCallback = Callable[[dict[str, Any]], None]
 TrackCallback = Callable[[MediaStreamTrack, RTCRtpTransceiver], None]
+
+
+def _configuration() -> RTCConfiguration:
+    return RTCConfiguration(iceServers=[], bundlePolicy=RTCBundlePolicy.MAX_BUNDLE)
 
 
 class RoomError(Exception):
@@ -64,7 +69,9 @@ class RoomClient:
         self.participant_id = ""
         self.resume_token = ""
         self.publisher: RTCPeerConnection | None = None
-        self.subscriber = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        # max-bundle: with aiortc's default (balanced) a second section of one kind in an
+        # offer stays on a transport aiortc then discards, and its packets are misrouted.
+        self.subscriber = RTCPeerConnection(_configuration())
         self.subscriber.on("track", self._track)
         self.remote_tracks: list[MediaStreamTrack] = []
         self._http: aiohttp.ClientSession | None = None
@@ -135,12 +142,16 @@ class RoomClient:
                 task = asyncio.create_task(self._answer(message["sdp"]))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-            elif kind == "publish_answer" or (kind == "error" and message.get("code") in (
-                "invalid_sdp",
-                "no_publish_grant",
-                "no_usable_media",
-                "too_many_tracks",
-            )):
+            elif kind == "publish_answer" or (
+                kind == "error"
+                and message.get("code")
+                in (
+                    "invalid_sdp",
+                    "no_publish_grant",
+                    "no_usable_media",
+                    "too_many_tracks",
+                )
+            ):
                 self._answers.put_nowait(message)
             self.events.put_nowait(message)
             if self.on_event is not None:
@@ -150,7 +161,7 @@ class RoomClient:
 
     async def publish(self, tracks: Sequence[MediaStreamTrack]) -> list[RTCRtpTransceiver]:
         """Publish `tracks` on the publisher connection (offer → publish_answer)."""
-        self.publisher = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.publisher = RTCPeerConnection(_configuration())
         transceivers = []
         for track in tracks:
             transceiver = self.publisher.addTransceiver(track, direction="sendonly")

@@ -392,11 +392,17 @@ class RoomHub:
             "tracks": [t for t in self._tracks(room) if t["participant"] != participant.id],
             "ice_servers": [self._ice_server(s) for s in self.config.rtc.ice_servers],
             "e2ee_policy": self.config.e2ee.policy_for(participant.room),
+            # active_speaker events announce changes only; a newcomer needs the current state.
+            "speakers": self._current_speakers(participant.room),
             "limits": {
                 "max_message_bytes": self.config.limits.max_message_bytes,
                 "max_relay_payload_bytes": self.config.limits.max_relay_payload_bytes,
             },
         }
+
+    def _current_speakers(self, room: str) -> list[str]:
+        detector = self.speakers.get(room)
+        return [detector.dominant] if detector is not None and detector.dominant else []
 
     @staticmethod
     def _ice_server(server: Any) -> dict[str, Any]:

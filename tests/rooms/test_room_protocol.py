@@ -327,6 +327,11 @@ async def test_active_speaker_follows_who_makes_sound(sfu: Server) -> None:
         event = await carol.next_event("active_speaker", within=10)
         assert event["speakers"][0] == alice.participant_id
         assert bob.participant_id not in event["speakers"]
+        # Someone joining later learns the current speaker from `joined`.
+        dave = client(sfu, "dave")
+        joined = await dave.connect()
+        assert joined["speakers"] == [alice.participant_id]
+        await dave.leave()
     finally:
         for c in (alice, bob, carol):
             await c.leave()

@@ -1,0 +1,1097 @@
+// Blindfold's browser client: one participant of an end-to-end-encrypted room.
+//
+// It speaks the room protocol of docs/protocol.md (version 1) over the WebSocket at /rtc:
+// join (and resume after a dropped socket), a publisher RTCPeerConnection this client offers
+// (publish_offer -> publish_answer), a subscriber RTCPeerConnection the SFU offers and
+// renegotiates (subscribe_offer -> subscribe_answer, a=setup:active), mute and leave.
+//
+// E2EE is always on and cannot be turned off: every outgoing frame is protected with SFrame in
+// one module worker (../e2ee/worker.js) before it leaves the browser, and every incoming frame
+// must authenticate before it reaches the decoder. The media keys come from the passphrase-
+// authenticated key exchange (../e2ee/keyexchange.js) over the SFU's blind relay; the SFU
+// never sees a key or the passphrase. See docs/e2ee.md sections 11 and 12.
+//
+// No build step: load it as an ES module.
+//
+//   import { joinRoom } from '/client/client/blindfold.js';
+//   const room = await joinRoom({ token, passphrase, name: 'Ada', media: stream,
+//                                 onEvent: (event) => console.log(event.type, event) });
+//   room.setMuted('audio', true);
+//   await room.leave();
+
+import { KeyExchange } from '../e2ee/keyexchange.js';
+
+export const PROTOCOL_VERSION = 1;
+
+/** How long the server keeps a dropped participant (rooms.reconnect_window default). */
+const DEFAULT_RECONNECT_WINDOW_MS = 20000;
+/** How long to wait for `joined`, `publish_answer` and the like. */
+const REQUEST_TIMEOUT_MS = 10000;
+/** Stats intervals (1 s each) of failures without a single good frame before a peer's media
+ * counts as undecryptable: a joiner's first frames may legitimately arrive before its key. */
+const CANNOT_DECRYPT_AFTER = 2;
+/** Error codes the server answers a publish_offer with. */
+const PUBLISH_ERRORS = new Set([
+  'invalid_sdp', 'no_publish_grant', 'no_usable_media', 'bundle_required', 'too_many_tracks',
+]);
+
+/** Human-readable explanations of the room protocol's error codes (docs/protocol.md). */
+export const ERROR_MESSAGES = Object.freeze({
+  join_required: 'The client did not join properly (a bug).',
+  join_timeout: 'The server timed out waiting for the join.',
+  unsupported_version: 'This page speaks another protocol version than the server.',
+  missing_token: 'No access token was given.',
+  invalid_token: 'The access token is not valid for this server.',
+  unknown_key: 'The access token was signed with a key this server does not know.',
+  token_expired: 'The access token has expired: get a new one.',
+  token_not_yet_valid: 'The access token is not valid yet (check the clocks).',
+  resume_failed: 'The connection was lost for too long: join again.',
+  room_full: 'The room is full.',
+  limit_reached: 'The server has reached its room limit.',
+  draining: 'The server is shutting down: try again shortly.',
+  replaced: 'You joined this room again from another tab or device.',
+  no_publish_grant: 'This token does not allow publishing camera or microphone.',
+  no_subscribe_grant: 'This token does not allow receiving media.',
+  no_usable_media: 'The server could not use any of the offered media.',
+  too_many_tracks: 'Too many tracks for this server.',
+  transport_closed: 'A media connection closed.',
+  e2ee_required: 'The server stopped your media: it did not look end-to-end encrypted.',
+  codec_not_supported: 'This browser cannot decode a participant\'s codec.',
+  rate_limited: 'Too many messages: slow down.',
+});
+
+/**
+ * @typedef {Object} JoinOptions
+ * @property {string} token  access token (a JWT from `sfu token` or the dev endpoint)
+ * @property {string} passphrase  the room passphrase (from the URL fragment); never sent anywhere
+ * @property {string} [url]  the server: http(s)://host[:port] or ws(s)://host[:port]/rtc;
+ *   default: this page's origin
+ * @property {string} [room]  the room name; default: the token's `room` claim. The key exchange
+ *   binds the keys to it, so every participant must use the same one
+ * @property {string} [name]  display name shown to the others
+ * @property {MediaStream} [media]  local camera/microphone to publish (video must be VP8-able)
+ * @property {(event: RoomEvent) => void} [onEvent]  every event the room emits
+ * @property {URL|string} [workerUrl]  the E2EE worker; default: ../e2ee/worker.js next to this file
+ * @property {'auto'|'script'|'streams'} [transformApi]  RTCRtpScriptTransform ('script'),
+ *   createEncodedStreams ('streams') or whichever the browser has ('auto', the default)
+ * @property {boolean} [recordKeys]  keep every media key used, as hex, for tests that check the
+ *   server never saw them (window.blindfoldTest). Off by default: keys should not linger
+ * @property {number} [reconnectWindowMs]  how long to try resuming after the socket drops
+ * @property {number} [kxIterations]  PBKDF2 iterations of the key exchange: tests only
+ */
+
+/**
+ * Everything the room reports. `type` is one of:
+ * - `joined` {participant, participants, tracks, resumed}
+ * - `participant_joined` / `participant_left` {participant}
+ * - `track` {participant, kind, trackId, track, stream}: remote media to show
+ * - `track_removed` {participant, kind, trackId}
+ * - `track_muted` {participant, trackId, muted}
+ * - `active_speaker` {speakers}: participant ids, loudest first (may include our own id)
+ * - `peer_verified` {participant}: proved the passphrase and got our key
+ * - `peer_rejected` {participant, reason}: cannot be verified (probably another passphrase)
+ * - `decrypt_status` {participant, status, counts}: status is `ok`, `cannot-decrypt` or `waiting`
+ * - `send_key` {kid, generation}: our frames are protected with a new key generation
+ * - `receive_key` {participant, kid}: a peer's key arrived
+ * - `connection` {state}: `connected`, `reconnecting`, `closed`
+ * - `error` {code, message, fatal}
+ * - `left` {reason}
+ * @typedef {{type: string, [field: string]: any}} RoomEvent
+ */
+
+/**
+ * @typedef {Object} Participant
+ * @property {string} id
+ * @property {string} identity
+ * @property {string|null} name
+ * @property {'rtc'|'whip'} kind
+ * @property {number} [slot]
+ */
+
+/**
+ * @typedef {Object} TrackInfo
+ * @property {string} id
+ * @property {string} participant
+ * @property {'audio'|'video'} kind
+ * @property {string} codec
+ * @property {string} stream
+ * @property {boolean} muted
+ */
+
+/**
+ * Join a room and return the connected {@link BlindfoldRoom}. Rejects with a
+ * {@link BlindfoldError} when the server refuses (bad token, room full, ...) or cannot be
+ * reached.
+ * @param {JoinOptions} options
+ * @returns {Promise<BlindfoldRoom>}
+ */
+export async function joinRoom(options) {
+  const room = new BlindfoldRoom(options);
+  await room.join();
+  return room;
+}
+
+/** A refusal by the server (an `error` message) or a failure of this client. */
+export class BlindfoldError extends Error {
+  /**
+   * @param {string} code  a protocol error code (docs/protocol.md) or a client one
+   * @param {string} message
+   * @param {boolean} [fatal]
+   */
+  constructor(code, message, fatal = false) {
+    super(message);
+    this.name = 'BlindfoldError';
+    this.code = code;
+    this.fatal = fatal;
+  }
+}
+
+/**
+ * The room claim of a JWT, read without verifying it (the server verifies; we only need the
+ * room name for the key exchange).
+ * @param {string} token
+ * @returns {string|null}
+ */
+export function roomFromToken(token) {
+  try {
+    const part = token.split('.')[1];
+    const json = atob(part.replace(/-/g, '+').replace(/_/g, '/').padEnd(Math.ceil(part.length / 4) * 4, '='));
+    const claims = JSON.parse(json);
+    return typeof claims.room === 'string' ? claims.room : null;
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * The WebSocket URL of the room protocol for a server URL.
+ * @param {string} url
+ * @returns {string}
+ */
+export function socketUrl(url) {
+  const parsed = new URL(url, globalThis.location?.href);
+  if (parsed.protocol === 'http:') parsed.protocol = 'ws:';
+  else if (parsed.protocol === 'https:') parsed.protocol = 'wss:';
+  if (!parsed.pathname.endsWith('/rtc')) parsed.pathname = `${parsed.pathname.replace(/\/$/, '')}/rtc`;
+  parsed.hash = '';
+  return parsed.toString();
+}
+
+/**
+ * mid -> SFU track id of each m-section of a subscriber offer (from `a=msid:<stream> <track>`).
+ * @param {string} sdp
+ * @returns {Map<string, string>}
+ */
+export function tracksByMid(sdp) {
+  const out = new Map();
+  for (const section of sdp.split(/\r?\nm=/).slice(1)) {
+    const mid = /^a=mid:(\S+)/m.exec(section)?.[1];
+    const track = /^a=msid:\S+ (\S+)/m.exec(section)?.[1];
+    if (mid !== undefined && track !== undefined) out.set(mid, track);
+  }
+  return out;
+}
+
+/** @param {Uint8Array} bytes */
+const hex = (bytes) => Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('');
+/** @param {bigint} kid */
+const kidHex = (kid) => `0x${kid.toString(16)}`;
+/** @param {number} ms */
+const sleep = (ms) => new Promise((resolve) => { setTimeout(resolve, ms); });
+
+/**
+ * One participant in one room. Create it with {@link joinRoom}.
+ */
+export class BlindfoldRoom {
+  /** @param {JoinOptions} options */
+  constructor(options) {
+    if (!options || typeof options.token !== 'string' || options.token === '') {
+      throw new BlindfoldError('missing_token', 'joinRoom needs an access token');
+    }
+    if (typeof options.passphrase !== 'string' || options.passphrase === '') {
+      throw new BlindfoldError('missing_passphrase', 'joinRoom needs the room passphrase (E2EE is always on)');
+    }
+    const tokenRoom = roomFromToken(options.token);
+    const roomName = options.room ?? tokenRoom;
+    if (!roomName) throw new BlindfoldError('invalid_token', 'the token names no room; pass options.room');
+    if (tokenRoom !== null && options.room !== undefined && tokenRoom !== options.room) {
+      throw new BlindfoldError('wrong_room', `the token is for room "${tokenRoom}", not "${options.room}"`);
+    }
+    /** @readonly */ this.roomName = roomName;
+    /** @private */ this.options = options;
+    /** @private */ this.url = socketUrl(options.url ?? globalThis.location.origin);
+    /** @private */ this.onEvent = options.onEvent ?? (() => {});
+    /** @private */ this.reconnectWindowMs = options.reconnectWindowMs ?? DEFAULT_RECONNECT_WINDOW_MS;
+
+    /** Our participant as the server describes it (after join). @type {Participant|null} */
+    this.self = null;
+    /** Everyone else, by id. @type {Map<string, Participant>} */
+    this.participants = new Map();
+    /** Every track in the room (ours too), by SFU track id. @type {Map<string, TrackInfo>} */
+    this.tracks = new Map();
+    /** Remote media per participant id. @type {Map<string, MediaStream>} */
+    this.streams = new Map();
+    /** Current dominant-speaker list. @type {string[]} */
+    this.speakers = [];
+    /** 'new' | 'connected' | 'reconnecting' | 'closed' */
+    this.state = 'new';
+    /** Which encoded-transform API is in use. @type {'script'|'streams'} */
+    this.transformApi = pickTransformApi(options.transformApi ?? 'auto');
+
+    /** @private @type {WebSocket|null} */ this.ws = null;
+    /** @private */ this.resumeToken = '';
+    /** @private */ this.leaving = false;
+    /** @private @type {RTCPeerConnection|null} */ this.publisher = null;
+    /** @private @type {RTCPeerConnection|null} */ this.subscriber = null;
+    /** @private @type {RTCIceServer[]} */ this.iceServers = [];
+    /** @private @type {Promise<void>} */ this.subscriberQueue = Promise.resolve();
+    /** @private @type {Map<string, string>} mid -> SFU track id */ this.midTracks = new Map();
+    /** @private @type {WeakSet<RTCRtpReceiver>} */ this.transformed = new WeakSet();
+    /** @private @type {{resolve: (m: any) => void, reject: (e: Error) => void}|null} */
+    this.pendingPublish = null;
+    /** @private @type {Record<string, string>} kind -> our SFU track id */ this.ownTracks = {};
+    /** @private @type {Record<string, boolean>} */ this.muted = { audio: false, video: false };
+    /** @private @type {KeyExchange|null} */ this.kx = null;
+    /** @private @type {Worker|null} */ this.worker = null;
+    /** @private */ this.workerStats = null;
+    /** @private @type {Map<string, PeerE2ee>} */ this.peerE2ee = new Map();
+    /** Generations of our own send key, oldest first. @type {{kid: string, generation: number, at: number}[]} */
+    this.sendKeys = [];
+    /** With options.recordKeys: every media key used, as hex. @type {{direction: 'send'|'receive', participant: string, kid: string, key: string}[]} */
+    this.keyLog = [];
+  }
+
+  // --- public API ----------------------------------------------------------------------------
+
+  /**
+   * Connect, join, start the key exchange and publish `options.media`.
+   * @returns {Promise<void>}
+   */
+  async join() {
+    if (this.state !== 'new') throw new BlindfoldError('already_joined', 'join() runs once');
+    this.startWorker();
+    try {
+      const joined = await this.connect(false);
+      this.applyJoined(joined);
+      this.setState('connected');
+      this.startKeyExchange();
+      await this.kx?.start();
+      if (this.options.media && this.options.media.getTracks().length > 0) {
+        await this.publish(this.options.media);
+      }
+    } catch (err) {
+      // Leave rather than linger half-joined (the others would see a silent member).
+      this.leaving = true;
+      this.send({ type: 'leave' });
+      this.shutdown('join failed');
+      throw err;
+    }
+  }
+
+  /**
+   * Mute or unmute our microphone ('audio') or camera ('video'). Muted tracks keep sending
+   * (silence or black frames, still encrypted) so unmuting needs no renegotiation; the others
+   * are told through the room's `mute` message.
+   * @param {'audio'|'video'} kind
+   * @param {boolean} muted
+   */
+  setMuted(kind, muted) {
+    this.muted[kind] = muted;
+    for (const track of this.options.media?.getTracks() ?? []) {
+      if (track.kind === kind) track.enabled = !muted;
+    }
+    const trackId = this.ownTracks[kind];
+    if (trackId !== undefined) this.send({ type: 'mute', track: trackId, muted });
+  }
+
+  /** @param {'audio'|'video'} kind */
+  isMuted(kind) {
+    return this.muted[kind] === true;
+  }
+
+  /**
+   * Leave the room: the others are told at once and rotate their keys.
+   * @returns {Promise<void>}
+   */
+  async leave() {
+    if (this.state === 'closed') return;
+    this.leaving = true;
+    const ws = this.ws;
+    if (ws !== null && this.send({ type: 'leave' })) {
+      // The server closes the socket once it has removed us; wait (briefly) for that so the
+      // leave is not lost with a socket closed too early, and the others rotate at once.
+      await new Promise((resolve) => {
+        const timer = setTimeout(resolve, 1000);
+        ws.addEventListener('close', () => { clearTimeout(timer); resolve(undefined); });
+      });
+    }
+    this.shutdown('left');
+  }
+
+  /**
+   * Close the room socket without leaving, as a network failure would (for tests and
+   * diagnostics). Media keeps flowing while the client resumes within the reconnect window.
+   */
+  dropConnection() {
+    this.ws?.close();
+  }
+
+  /**
+   * Per-peer E2EE state: verified by the key exchange, rejected (and why), and whether its
+   * media decrypts.
+   * @returns {Record<string, {verified: boolean, rejected: string|null, status: string, counts: Record<string, number>, kids: string[]}>}
+   */
+  peerStatus() {
+    const out = {};
+    for (const [id, peer] of this.peerE2ee) {
+      out[id] = {
+        verified: peer.verified,
+        rejected: peer.rejected,
+        status: peer.status,
+        counts: { ...peer.counts },
+        kids: [...peer.kids],
+      };
+    }
+    return out;
+  }
+
+  /**
+   * Inbound and outbound RTP statistics (from getStats) with the participant each inbound
+   * stream belongs to, plus the E2EE worker's frame counters.
+   * @returns {Promise<{inbound: Record<string, any>[], outbound: Record<string, any>[], e2ee: any, peers: ReturnType<BlindfoldRoom['peerStatus']>}>}
+   */
+  async getStats() {
+    const inbound = [];
+    const outbound = [];
+    if (this.subscriber !== null) {
+      const receivers = new Map(this.subscriber.getReceivers().map((r) => [r.track.id, r]));
+      const report = await this.subscriber.getStats();
+      report.forEach((s) => {
+        if (s.type !== 'inbound-rtp') return;
+        const mid = s.mid ?? this.midOfReceiver(receivers.get(s.trackIdentifier));
+        const trackId = mid !== undefined ? this.midTracks.get(mid) : undefined;
+        const info = trackId !== undefined ? this.tracks.get(trackId) : undefined;
+        inbound.push({
+          participant: info?.participant ?? null,
+          trackId: trackId ?? null,
+          kind: s.kind,
+          codec: report.get(s.codecId)?.mimeType ?? null,
+          packetsReceived: s.packetsReceived ?? 0,
+          packetsLost: s.packetsLost ?? 0,
+          bytesReceived: s.bytesReceived ?? 0,
+          framesReceived: s.framesReceived ?? null,
+          framesDecoded: s.framesDecoded ?? null,
+          keyFramesDecoded: s.keyFramesDecoded ?? null,
+          pliCount: s.pliCount ?? null,
+          audioLevel: s.audioLevel ?? null,
+          totalSamplesReceived: s.totalSamplesReceived ?? null,
+          concealedSamples: s.concealedSamples ?? null,
+        });
+      });
+    }
+    if (this.publisher !== null) {
+      const report = await this.publisher.getStats();
+      report.forEach((s) => {
+        if (s.type !== 'outbound-rtp') return;
+        outbound.push({
+          kind: s.kind,
+          codec: report.get(s.codecId)?.mimeType ?? null,
+          packetsSent: s.packetsSent ?? 0,
+          bytesSent: s.bytesSent ?? 0,
+          framesEncoded: s.framesEncoded ?? null,
+        });
+      });
+    }
+    return { inbound, outbound, e2ee: this.workerStats, peers: this.peerStatus() };
+  }
+
+  // --- connection ----------------------------------------------------------------------------
+
+  /**
+   * Open a socket and send `join` (or `join` with `resume`); resolves with `joined`.
+   * @private
+   * @param {boolean} resume
+   * @returns {Promise<any>}
+   */
+  connect(resume) {
+    return new Promise((resolve, reject) => {
+      let ws;
+      try {
+        ws = new WebSocket(this.url);
+      } catch (err) {
+        reject(new BlindfoldError('connect_failed', `cannot open ${this.url}: ${err}`));
+        return;
+      }
+      let settled = false;
+      const fail = (/** @type {BlindfoldError} */ error) => {
+        if (settled) return;
+        settled = true;
+        clearTimeout(timer);
+        ws.onclose = null;
+        ws.close();
+        reject(error);
+      };
+      const timer = setTimeout(
+        () => fail(new BlindfoldError('join_timeout', 'the server did not answer the join in time')),
+        REQUEST_TIMEOUT_MS,
+      );
+      ws.onopen = () => {
+        /** @type {Record<string, any>} */
+        const join = { type: 'join', version: PROTOCOL_VERSION, token: this.options.token };
+        if (this.options.name) join.name = this.options.name;
+        if (resume) join.resume = this.resumeToken;
+        ws.send(JSON.stringify(join));
+      };
+      ws.onerror = () => {}; // onclose follows with the details we have
+      ws.onclose = (event) => fail(new BlindfoldError(
+        'connect_failed',
+        `the connection to ${this.url} closed before joining (code ${event.code})`,
+      ));
+      ws.onmessage = (event) => {
+        let message;
+        try {
+          message = JSON.parse(event.data);
+        } catch {
+          fail(new BlindfoldError('invalid_message', 'the server sent something that is not JSON'));
+          return;
+        }
+        if (message.type === 'error') {
+          fail(new BlindfoldError(message.code, ERROR_MESSAGES[message.code] ?? message.message, true));
+          return;
+        }
+        if (message.type !== 'joined') {
+          fail(new BlindfoldError('invalid_message', `expected joined, got ${message.type}`));
+          return;
+        }
+        settled = true;
+        clearTimeout(timer);
+        this.ws = ws;
+        ws.onmessage = (e) => this.receive(e.data);
+        ws.onclose = () => this.socketClosed(ws);
+        resolve(message);
+      };
+    });
+  }
+
+  /**
+   * @private
+   * @param {WebSocket} ws
+   */
+  socketClosed(ws) {
+    if (this.ws !== ws) return;
+    this.ws = null;
+    if (this.leaving || this.state === 'closed') return;
+    this.reconnect().catch((err) => {
+      this.emit({ type: 'error', code: err.code ?? 'resume_failed', message: err.message, fatal: true });
+      this.shutdown('connection lost');
+    });
+  }
+
+  /**
+   * The socket dropped: media keeps flowing while we resume within the reconnect window.
+   * @private
+   */
+  async reconnect() {
+    this.setState('reconnecting');
+    const deadline = Date.now() + this.reconnectWindowMs;
+    let delay = 250;
+    for (;;) {
+      if (this.leaving || this.state === 'closed') return;
+      try {
+        const joined = await this.connect(true);
+        this.applyJoined(joined);
+        this.setState('connected');
+        // Relay messages sent while we were away are lost: announce again so every peer
+        // re-sends its current key.
+        await this.kx?.resync();
+        if (this.publisher?.signalingState === 'have-local-offer') {
+          // Our offer (or its answer) was lost with the old socket.
+          this.send({ type: 'publish_offer', sdp: this.publisher.localDescription?.sdp });
+        }
+        return;
+      } catch (err) {
+        // A refusal (the window is over, the token expired, ...) ends it; a network error
+        // is retried until the window ends.
+        if (err instanceof BlindfoldError && err.fatal) throw err;
+        if (Date.now() + delay > deadline) {
+          throw new BlindfoldError('resume_failed', 'could not reconnect to the server in time', true);
+        }
+        await sleep(delay);
+        delay = Math.min(delay * 2, 4000);
+      }
+    }
+  }
+
+  /**
+   * Take a `joined` message (first or resumed): our identity, and a fresh snapshot of the
+   * room that replaces what we knew.
+   * @private
+   * @param {any} joined
+   */
+  applyJoined(joined) {
+    this.self = joined.participant;
+    this.resumeToken = joined.resume_token;
+    this.iceServers = Array.isArray(joined.ice_servers) ? joined.ice_servers : [];
+    const before = new Map(this.participants);
+    const now = new Map((joined.participants ?? []).map((p) => [p.id, p]));
+    for (const id of before.keys()) if (!now.has(id)) this.participantLeft(id);
+    const trackIds = new Set((joined.tracks ?? []).map((t) => t.id));
+    for (const id of [...this.tracks.keys()]) {
+      const track = this.tracks.get(id);
+      if (!trackIds.has(id) && track?.participant !== this.self?.id) this.trackUnpublished(id);
+    }
+    for (const [id, participant] of now) {
+      if (!before.has(id)) this.participantJoined(participant, false);
+      else this.participants.set(id, participant);
+    }
+    for (const track of joined.tracks ?? []) if (!this.tracks.has(track.id)) this.trackPublished(track);
+    this.emit({
+      type: 'joined',
+      resumed: joined.resumed === true,
+      participant: this.self,
+      participants: [...this.participants.values()],
+      tracks: [...this.tracks.values()],
+      e2eePolicy: joined.e2ee_policy,
+    });
+  }
+
+  /**
+   * @private
+   * @param {Record<string, any>} message
+   * @returns {boolean} whether it was sent
+   */
+  send(message) {
+    if (this.ws === null || this.ws.readyState !== WebSocket.OPEN) return false;
+    this.ws.send(JSON.stringify(message));
+    return true;
+  }
+
+  /**
+   * @private
+   * @param {string} text
+   */
+  receive(text) {
+    let message;
+    try {
+      message = JSON.parse(text);
+    } catch {
+      this.emit({ type: 'error', code: 'invalid_message', message: 'the server sent invalid JSON', fatal: false });
+      return;
+    }
+    switch (message.type) {
+      case 'relay':
+        this.kx?.onRelay(message.from, message.payload).catch((err) => this.clientError('key_exchange', err));
+        break;
+      case 'subscribe_offer':
+        this.subscriberQueue = this.subscriberQueue
+          .then(() => this.answerSubscriber(message.sdp))
+          .catch((err) => this.clientError('subscribe_failed', err));
+        break;
+      case 'publish_answer':
+        this.pendingPublish?.resolve(message);
+        this.pendingPublish = null;
+        break;
+      case 'participant_joined':
+        this.participantJoined(message.participant, true);
+        break;
+      case 'participant_left':
+        this.participantLeft(message.participant);
+        break;
+      case 'track_published':
+        this.trackPublished(message.track);
+        break;
+      case 'track_unpublished':
+        this.trackUnpublished(message.track);
+        break;
+      case 'track_muted': {
+        const track = this.tracks.get(message.track);
+        if (track !== undefined) track.muted = message.muted === true;
+        this.emit({ type: 'track_muted', participant: message.participant, trackId: message.track, muted: message.muted === true, kind: track?.kind });
+        break;
+      }
+      case 'active_speaker':
+        this.speakers = Array.isArray(message.speakers) ? message.speakers : [];
+        this.emit({ type: 'active_speaker', speakers: this.speakers });
+        break;
+      case 'subscription_failed':
+        this.emit({ type: 'error', code: message.code, message: ERROR_MESSAGES[message.code] ?? message.message, fatal: false, track: message.track });
+        break;
+      case 'error':
+        if (this.pendingPublish !== null && PUBLISH_ERRORS.has(message.code)) {
+          this.pendingPublish.reject(new BlindfoldError(message.code, message.message));
+          this.pendingPublish = null;
+        }
+        this.emit({ type: 'error', code: message.code, message: ERROR_MESSAGES[message.code] ?? message.message, detail: message.message, fatal: message.fatal === true });
+        if (message.fatal === true) {
+          this.leaving = true;
+          this.shutdown(message.code);
+        }
+        break;
+      case 'pong':
+        break;
+      default:
+        // A newer server may add messages; ignore what we do not know.
+        break;
+    }
+  }
+
+  // --- membership ----------------------------------------------------------------------------
+
+  /**
+   * @private
+   * @param {Participant} participant
+   * @param {boolean} live  false while applying a snapshot
+   */
+  participantJoined(participant, live) {
+    if (participant.id === this.self?.id) return;
+    this.participants.set(participant.id, participant);
+    if (participant.kind === 'rtc') {
+      this.peerState(participant.id);
+      this.kx?.peerJoined(participant.id).catch((err) => this.clientError('key_exchange', err));
+    }
+    if (live) this.emit({ type: 'participant_joined', participant });
+  }
+
+  /**
+   * @private
+   * @param {string} id
+   */
+  participantLeft(id) {
+    const participant = this.participants.get(id);
+    this.participants.delete(id);
+    for (const track of [...this.tracks.values()]) {
+      if (track.participant === id) this.trackUnpublished(track.id);
+    }
+    this.streams.delete(id);
+    this.peerE2ee.delete(id);
+    // The key exchange forgets the peer and, if it held our key, rotates ours.
+    this.kx?.peerLeft(id).catch((err) => this.clientError('key_exchange', err));
+    this.speakers = this.speakers.filter((s) => s !== id);
+    this.emit({ type: 'participant_left', participant: id, name: participant?.name ?? null });
+  }
+
+  /**
+   * @private
+   * @param {TrackInfo} track
+   */
+  trackPublished(track) {
+    this.tracks.set(track.id, track);
+    if (track.participant === this.self?.id) {
+      this.ownTracks[track.kind] = track.id;
+      // A mute set before the server knew the track.
+      if (this.muted[track.kind]) this.send({ type: 'mute', track: track.id, muted: true });
+    }
+  }
+
+  /**
+   * @private
+   * @param {string} trackId
+   */
+  trackUnpublished(trackId) {
+    const track = this.tracks.get(trackId);
+    this.tracks.delete(trackId);
+    if (track === undefined || track.participant === this.self?.id) return;
+    const stream = this.streams.get(track.participant);
+    const receiver = this.receiverOf(trackId);
+    if (stream !== undefined && receiver !== undefined) stream.removeTrack(receiver.track);
+    this.emit({ type: 'track_removed', participant: track.participant, kind: track.kind, trackId });
+  }
+
+  // --- E2EE ------------------------------------------------------------------------------------
+
+  /** @private */
+  startWorker() {
+    const url = this.options.workerUrl ?? new URL('../e2ee/worker.js', import.meta.url);
+    const worker = new Worker(url, { type: 'module' });
+    worker.onmessage = (event) => {
+      if (event.data?.type === 'stats') this.takeWorkerStats(event.data);
+      else if (event.data?.type === 'error') this.emit({ type: 'error', code: 'e2ee_worker', message: event.data.message, fatal: false });
+    };
+    worker.onerror = (event) => {
+      this.emit({ type: 'error', code: 'e2ee_worker', message: `the E2EE worker failed: ${event.message}`, fatal: false });
+    };
+    this.worker = worker;
+  }
+
+  /** @private */
+  startKeyExchange() {
+    const self = this.self;
+    if (self === null || typeof self.slot !== 'number') {
+      throw new BlindfoldError('no_slot', 'the server gave this participant no E2EE sender slot');
+    }
+    /** @type {import('../e2ee/keyexchange.js').KeyExchangeOptions} */
+    const kxOptions = {
+      slot: self.slot,
+      onSendKey: (kid, key) => {
+        this.worker?.postMessage({ type: 'setSendKey', kid, key });
+        // The exchange sets its current key before calling us.
+        const current = this.kx?.currentSendKey();
+        const generation = current?.kid === kid ? current.generation : Number(kid & 0xfn);
+        const entry = { kid: kidHex(kid), generation, at: Date.now() };
+        this.sendKeys.push(entry);
+        if (this.options.recordKeys) this.keyLog.push({ direction: 'send', participant: self.id, kid: entry.kid, key: hex(key) });
+        this.emit({ type: 'send_key', kid: entry.kid, generation: entry.generation });
+      },
+      onKeyRemoved: (_sender, kid) => this.worker?.postMessage({ type: 'removeReceiveKey', kid }),
+      onPeerVerified: (peerId) => {
+        const peer = this.peerState(peerId);
+        peer.verified = true;
+        peer.rejected = null;
+        this.emit({ type: 'peer_verified', participant: peerId });
+      },
+    };
+    if (this.options.kxIterations !== undefined) kxOptions.iterations = this.options.kxIterations;
+    this.kx = new KeyExchange(
+      this.roomName,
+      self.id,
+      this.options.passphrase,
+      (to, payload) => {
+        /** @type {Record<string, any>} */
+        const message = { type: 'relay', payload };
+        if (to !== null) message.to = to;
+        // Lost while the socket is down; resync() after resuming makes up for it.
+        this.send(message);
+      },
+      (sender, kid, key) => {
+        this.worker?.postMessage({ type: 'addReceiveKey', kid, key });
+        const peer = this.peerState(sender);
+        peer.kids.add(kidHex(kid));
+        if (this.options.recordKeys) this.keyLog.push({ direction: 'receive', participant: sender, kid: kidHex(kid), key: hex(key) });
+        this.emit({ type: 'receive_key', participant: sender, kid: kidHex(kid) });
+      },
+      (peerId, reason) => {
+        const peer = this.peerState(peerId);
+        if (peer.rejected === reason) return;
+        peer.rejected = reason;
+        this.emit({ type: 'peer_rejected', participant: peerId, reason });
+      },
+      kxOptions,
+    );
+    for (const participant of this.participants.values()) {
+      if (participant.kind === 'rtc') this.kx.peerJoined(participant.id).catch((err) => this.clientError('key_exchange', err));
+    }
+  }
+
+  /**
+   * @private
+   * @param {string} id
+   * @returns {PeerE2ee}
+   */
+  peerState(id) {
+    let peer = this.peerE2ee.get(id);
+    if (peer === undefined) {
+      peer = {
+        verified: false, rejected: null, status: 'waiting', failing: 0,
+        counts: { ok: 0, authFailed: 0, unknownKid: 0, malformed: 0 }, kids: new Set(),
+      };
+      this.peerE2ee.set(id, peer);
+    }
+    return peer;
+  }
+
+  /**
+   * Fold the worker's per-stream counters into per-peer decrypt status.
+   * @private
+   * @param {any} stats
+   */
+  takeWorkerStats(stats) {
+    this.workerStats = stats;
+    /** @type {Map<string, {ok: number, authFailed: number, unknownKid: number, malformed: number}>} */
+    const sums = new Map();
+    for (const stream of stats.streams ?? []) {
+      if (stream.operation !== 'decrypt' || !stream.peerId) continue;
+      const sum = sums.get(stream.peerId) ?? { ok: 0, authFailed: 0, unknownKid: 0, malformed: 0 };
+      sum.ok += stream.ok;
+      sum.authFailed += stream.authFailed;
+      sum.unknownKid += stream.unknownKid;
+      sum.malformed += stream.malformed;
+      sums.set(stream.peerId, sum);
+    }
+    for (const [id, sum] of sums) {
+      if (!this.participants.has(id)) continue;
+      const peer = this.peerState(id);
+      const okDelta = Math.max(0, sum.ok - peer.counts.ok);
+      const failDelta = Math.max(0, sum.authFailed + sum.unknownKid + sum.malformed
+        - (peer.counts.authFailed + peer.counts.unknownKid + peer.counts.malformed));
+      peer.counts = sum;
+      let status = peer.status;
+      if (okDelta > 0) {
+        peer.failing = 0;
+        status = 'ok';
+      } else if (failDelta > 0) {
+        peer.failing += 1;
+        if (peer.failing >= CANNOT_DECRYPT_AFTER) status = 'cannot-decrypt';
+      }
+      if (status !== peer.status) {
+        peer.status = status;
+        this.emit({ type: 'decrypt_status', participant: id, status, counts: { ...sum } });
+      }
+    }
+  }
+
+  /**
+   * @private
+   * @param {RTCRtpSender|RTCRtpReceiver} endpoint
+   * @param {Record<string, any>} options  worker transform options
+   */
+  attachTransform(endpoint, options) {
+    if (this.worker === null) throw new BlindfoldError('no_worker', 'the E2EE worker is not running');
+    if (this.transformApi === 'script') {
+      endpoint.transform = new RTCRtpScriptTransform(this.worker, options);
+      return;
+    }
+    const { readable, writable } = /** @type {any} */ (endpoint).createEncodedStreams();
+    this.worker.postMessage({ type: 'stream', readable, writable, options }, [readable, writable]);
+  }
+
+  // --- media -----------------------------------------------------------------------------------
+
+  /** @private @returns {RTCConfiguration} */
+  peerConfig() {
+    /** @type {Record<string, any>} */
+    const config = { iceServers: this.iceServers, bundlePolicy: 'max-bundle', rtcpMuxPolicy: 'require' };
+    if (this.transformApi === 'streams') config.encodedInsertableStreams = true;
+    return config;
+  }
+
+  /**
+   * Publish the local tracks on the publisher connection: every frame encrypted, video in VP8
+   * and audio in Opus (the codecs whose clear prefix docs/e2ee.md defines).
+   * @private
+   * @param {MediaStream} stream
+   */
+  async publish(stream) {
+    const pc = new RTCPeerConnection(this.peerConfig());
+    this.publisher = pc;
+    pc.onconnectionstatechange = () => {
+      if (pc.connectionState === 'failed') {
+        this.emit({ type: 'error', code: 'transport_closed', message: 'The connection for your camera and microphone failed.', fatal: false });
+      }
+    };
+    for (const track of stream.getTracks()) {
+      const transceiver = pc.addTransceiver(track, { direction: 'sendonly', streams: [stream] });
+      const kind = /** @type {'audio'|'video'} */ (track.kind);
+      preferCodec(transceiver, kind);
+      this.attachTransform(transceiver.sender, { operation: 'encrypt', kind });
+      track.enabled = !this.muted[kind];
+    }
+    await pc.setLocalDescription(await pc.createOffer());
+    const answer = await this.request(pc.localDescription?.sdp ?? '');
+    await pc.setRemoteDescription({ type: 'answer', sdp: answer.sdp });
+  }
+
+  /**
+   * Send a publish_offer and wait for its answer.
+   * @private
+   * @param {string} sdp
+   * @returns {Promise<any>}
+   */
+  request(sdp) {
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.pendingPublish = null;
+        reject(new BlindfoldError('timeout', 'the server did not answer the publish offer'));
+      }, REQUEST_TIMEOUT_MS);
+      this.pendingPublish = {
+        resolve: (m) => { clearTimeout(timer); resolve(m); },
+        reject: (e) => { clearTimeout(timer); reject(e); },
+      };
+      // If the socket is down, reconnect() sends the offer again once it has resumed.
+      this.send({ type: 'publish_offer', sdp });
+    });
+  }
+
+  /**
+   * Answer the SFU's (re)offer for the subscriber connection.
+   * @private
+   * @param {string} sdp
+   */
+  async answerSubscriber(sdp) {
+    if (this.state === 'closed') return;
+    if (this.subscriber === null) {
+      const pc = new RTCPeerConnection(this.peerConfig());
+      pc.ontrack = (event) => this.remoteTrack(event);
+      pc.onconnectionstatechange = () => {
+        if (pc.connectionState === 'failed') {
+          this.emit({ type: 'error', code: 'transport_closed', message: 'The connection for receiving media failed.', fatal: false });
+        }
+      };
+      this.subscriber = pc;
+    }
+    for (const [mid, trackId] of tracksByMid(sdp)) this.midTracks.set(mid, trackId);
+    const pc = this.subscriber;
+    await pc.setRemoteDescription({ type: 'offer', sdp });
+    // ontrack attached transforms to new receivers; cover any it missed.
+    for (const transceiver of pc.getTransceivers()) {
+      if (transceiver.currentDirection !== 'stopped' && transceiver.mid !== null) this.ensureDecrypt(transceiver);
+    }
+    const answer = await pc.createAnswer();
+    // The SFU is the DTLS server on every transport (docs/protocol.md): answer active.
+    const fixed = answer.sdp?.replace(/^a=setup:(passive|actpass)\r?$/gm, 'a=setup:active');
+    await pc.setLocalDescription({ type: 'answer', sdp: fixed });
+    this.send({ type: 'subscribe_answer', sdp: pc.localDescription?.sdp });
+  }
+
+  /**
+   * @private
+   * @param {RTCRtpTransceiver} transceiver
+   */
+  ensureDecrypt(transceiver) {
+    const receiver = transceiver.receiver;
+    if (this.transformed.has(receiver)) return;
+    const trackId = transceiver.mid !== null ? this.midTracks.get(transceiver.mid) : undefined;
+    const info = trackId !== undefined ? this.tracks.get(trackId) : undefined;
+    this.transformed.add(receiver);
+    this.attachTransform(receiver, {
+      operation: 'decrypt',
+      kind: receiver.track.kind,
+      peerId: info?.participant ?? null,
+      trackId: trackId ?? null,
+    });
+  }
+
+  /**
+   * @private
+   * @param {RTCTrackEvent} event
+   */
+  remoteTrack(event) {
+    this.ensureDecrypt(event.transceiver);
+    const mid = event.transceiver.mid;
+    const trackId = mid !== null ? this.midTracks.get(mid) : undefined;
+    const info = trackId !== undefined ? this.tracks.get(trackId) : undefined;
+    if (info === undefined || trackId === undefined) return;
+    let stream = this.streams.get(info.participant);
+    if (stream === undefined) {
+      stream = new MediaStream();
+      this.streams.set(info.participant, stream);
+    }
+    stream.addTrack(event.track);
+    this.emit({ type: 'track', participant: info.participant, kind: info.kind, trackId, track: event.track, stream });
+  }
+
+  /**
+   * @private
+   * @param {string} trackId
+   * @returns {RTCRtpReceiver|undefined}
+   */
+  receiverOf(trackId) {
+    if (this.subscriber === null) return undefined;
+    for (const t of this.subscriber.getTransceivers()) {
+      if (t.mid !== null && this.midTracks.get(t.mid) === trackId) return t.receiver;
+    }
+    return undefined;
+  }
+
+  /**
+   * @private
+   * @param {RTCRtpReceiver|undefined} receiver
+   * @returns {string|undefined}
+   */
+  midOfReceiver(receiver) {
+    if (receiver === undefined || this.subscriber === null) return undefined;
+    return this.subscriber.getTransceivers().find((t) => t.receiver === receiver)?.mid ?? undefined;
+  }
+
+  // --- plumbing --------------------------------------------------------------------------------
+
+  /**
+   * @private
+   * @param {string} state
+   */
+  setState(state) {
+    if (this.state === state) return;
+    this.state = state;
+    this.emit({ type: 'connection', state });
+  }
+
+  /**
+   * @private
+   * @param {string} reason
+   */
+  shutdown(reason) {
+    if (this.state === 'closed') return;
+    this.setState('closed');
+    if (this.pendingPublish !== null) {
+      this.pendingPublish.reject(new BlindfoldError('closed', 'left the room'));
+      this.pendingPublish = null;
+    }
+    const ws = this.ws;
+    this.ws = null;
+    ws?.close();
+    this.publisher?.close();
+    this.subscriber?.close();
+    this.worker?.terminate();
+    this.worker = null;
+    this.emit({ type: 'left', reason });
+  }
+
+  /**
+   * @private
+   * @param {string} code
+   * @param {unknown} err
+   */
+  clientError(code, err) {
+    const message = err instanceof Error ? err.message : String(err);
+    this.emit({ type: 'error', code, message, fatal: false });
+  }
+
+  /**
+   * @private
+   * @param {RoomEvent} event
+   */
+  emit(event) {
+    try {
+      this.onEvent(event);
+    } catch (err) {
+      console.error('blindfold: onEvent handler failed', err);
+    }
+  }
+}
+
+/**
+ * @typedef {Object} PeerE2ee
+ * @property {boolean} verified  proved the passphrase (key exchange)
+ * @property {string|null} rejected  why the key exchange refused it, if it did
+ * @property {'waiting'|'ok'|'cannot-decrypt'} status  whether its frames decrypt
+ * @property {number} failing  consecutive stats intervals with failures and no good frame
+ * @property {{ok: number, authFailed: number, unknownKid: number, malformed: number}} counts
+ * @property {Set<string>} kids  KIDs received from it
+ */
+
+/**
+ * @param {'auto'|'script'|'streams'} wanted
+ * @returns {'script'|'streams'}
+ */
+function pickTransformApi(wanted) {
+  const hasScript = typeof globalThis.RTCRtpScriptTransform === 'function';
+  const hasStreams = typeof globalThis.RTCRtpSender !== 'undefined'
+    && typeof RTCRtpSender.prototype.createEncodedStreams === 'function';
+  if (wanted === 'script' && hasScript) return 'script';
+  if (wanted === 'streams' && hasStreams) return 'streams';
+  if (wanted === 'auto') {
+    if (hasScript) return 'script';
+    if (hasStreams) return 'streams';
+  }
+  throw new BlindfoldError(
+    'e2ee_unsupported',
+    'This browser cannot encrypt media frames (no RTCRtpScriptTransform or encoded streams): '
+      + 'Blindfold calls are always end-to-end encrypted. Use a recent Chrome, Edge, Firefox or Safari.',
+    true,
+  );
+}
+
+/**
+ * Keep only the codecs the E2EE frame format defines: VP8 (with RTX) for video, Opus for audio.
+ * @param {RTCRtpTransceiver} transceiver
+ * @param {'audio'|'video'} kind
+ */
+function preferCodec(transceiver, kind) {
+  if (typeof transceiver.setCodecPreferences !== 'function' || typeof RTCRtpSender.getCapabilities !== 'function') return;
+  const codecs = RTCRtpSender.getCapabilities(kind)?.codecs ?? [];
+  const wanted = kind === 'video' ? ['video/vp8', 'video/rtx'] : ['audio/opus'];
+  const chosen = codecs.filter((c) => wanted.includes(c.mimeType.toLowerCase()));
+  if (!chosen.some((c) => c.mimeType.toLowerCase() !== 'video/rtx')) {
+    throw new BlindfoldError('codec_not_supported', `this browser cannot send ${kind === 'video' ? 'VP8' : 'Opus'}`);
+  }
+  transceiver.setCodecPreferences(chosen);
+}
