@@ -56,6 +56,9 @@ class SubscriberOffers:
     # only the SFU offers on this transport).
     dirty: bool = False
     cname: str = field(default_factory=lambda: secrets.token_hex(8))
+    # How many sections the outstanding offer had: tracks added while it is outstanding
+    # belong to the next offer, not to the answer being waited for.
+    offered: int = 0
 
     def add(self, producer: Producer, stream: str, downtrack: DownTrack) -> OfferedTrack:
         track = OfferedTrack(str(len(self.sections)), producer.kind, producer, stream, downtrack)
@@ -83,6 +86,7 @@ class SubscriberOffers:
         self.dirty = False
         self.awaiting_answer = True
         self.version += 1
+        self.offered = len(self.sections)
         return self._render()
 
     def _render(self) -> str:
@@ -170,14 +174,14 @@ class SubscriberOffers:
         if not self.awaiting_answer:
             raise SdpError("no offer is waiting for an answer")
         answer = parse_sdp(text)
-        if len(answer.media) != len(self.sections):
+        if len(answer.media) != self.offered:
             raise SdpError(
                 f"the answer has {len(answer.media)} media sections; the offer had "
-                f"{len(self.sections)}"
+                f"{self.offered}"
             )
         started: list[OfferedTrack] = []
         rejected: list[OfferedTrack] = []
-        for track, section in zip(self.sections, answer.media, strict=True):
+        for track, section in zip(self.sections[: self.offered], answer.media, strict=True):
             if track.ended:
                 continue
             if section.mid is not None and section.mid != track.mid:

@@ -368,3 +368,29 @@ async def test_whip_and_whep_meet_room_participants(sfu: Server) -> None:
         assert left["participant"] == joined["participant"]["id"]
     finally:
         await carol.leave()
+
+
+async def test_subscribing_to_a_chosen_set_of_tracks(sfu: Server) -> None:
+    alice = client(sfu, "alice")
+    bob = client(sfu, "bob", subscribe=[])
+    try:
+        await alice.connect()
+        await alice.publish([ColourTrack(), ToneTrack()])
+        await bob.connect()
+        await asyncio.sleep(0.3)
+        assert "subscribe_offer" not in {e["type"] for e in _drain(bob)}
+        session = sfu.hub.participants[alice.participant_id].publication
+        assert session is not None
+        video = next(p for p in session.producers if p.kind == "video")
+        await bob.send({"type": "subscribe", "tracks": [video.id]})
+        offer = await bob.next_event("subscribe_offer")
+        assert offer["sdp"].count("m=video") == 1
+        assert "m=audio" not in offer["sdp"]
+        await bob.send({"type": "subscribe", "tracks": "all"})
+        offer = await bob.next_event("subscribe_offer")
+        assert "m=audio" in offer["sdp"]
+        await bob.send({"type": "subscribe", "tracks": 42})
+        assert (await bob.next_event("error"))["code"] == "invalid_message"
+    finally:
+        await alice.leave()
+        await bob.leave()
