@@ -176,8 +176,7 @@ class SubscriberOffers:
         answer = parse_sdp(text)
         if len(answer.media) != self.offered:
             raise SdpError(
-                f"the answer has {len(answer.media)} media sections; the offer had "
-                f"{self.offered}"
+                f"the answer has {len(answer.media)} media sections; the offer had {self.offered}"
             )
         started: list[OfferedTrack] = []
         rejected: list[OfferedTrack] = []
