@@ -290,6 +290,11 @@ def id_map_list(mapping: dict[int, int]) -> list[int]:
     return table
 
 
+def _as_table(mapping: ExtIdMap) -> list[int]:
+    """One lookup form for the loops below; the packet path passes lists already."""
+    return id_map_list(mapping) if isinstance(mapping, dict) else mapping
+
+
 def _zero_tail(buf: bytearray, start: int, end: int) -> None:
     # A block may be up to 2**18 bytes long (RFC 3550 section 5.3.1), longer than _ZEROS;
     # the slice assignment must never change the buffer's length.
@@ -320,9 +325,8 @@ def remap_extension_ids(buf: bytearray, hdr: RtpHeader, mapping: ExtIdMap) -> bo
     profile = hdr.ext_profile
     pos = hdr.ext_start
     end = hdr.ext_end
-    as_dict = mapping if isinstance(mapping, dict) else None
-    as_list: list[int] = mapping if isinstance(mapping, list) else []
-    list_len = len(as_list)
+    table = _as_table(mapping)
+    table_len = len(table)
     if profile == PROFILE_ONE_BYTE:
         while pos < end:
             b = buf[pos]
@@ -334,10 +338,7 @@ def remap_extension_ids(buf: bytearray, hdr: RtpHeader, mapping: ExtIdMap) -> bo
             if ext_id == 0 or ext_id == _ONE_BYTE_STOP_ID or stop > end:
                 _zero_tail(buf, pos, end)
                 return True
-            if as_dict is not None:
-                new_id = as_dict.get(ext_id, 0)
-            else:
-                new_id = as_list[ext_id] if ext_id < list_len else 0
+            new_id = table[ext_id] if ext_id < table_len else 0
             if new_id == 0:
                 buf[pos:stop] = _ZEROS[: stop - pos]
             elif new_id != ext_id:
@@ -357,10 +358,7 @@ def remap_extension_ids(buf: bytearray, hdr: RtpHeader, mapping: ExtIdMap) -> bo
             if stop > end:
                 _zero_tail(buf, pos, end)
                 return True
-            if as_dict is not None:
-                new_id = as_dict.get(ext_id, 0)
-            else:
-                new_id = as_list[ext_id] if ext_id < list_len else 0
+            new_id = table[ext_id] if ext_id < table_len else 0
             if new_id == 0:
                 buf[pos:stop] = _ZEROS[: stop - pos]
             elif new_id != ext_id:
@@ -383,14 +381,10 @@ def rebuild_extensions(
     longer than 16 bytes). With no element kept the extension block and X bit are dropped.
     Payload and RTP padding are copied byte for byte.
     """
-    as_dict = mapping if isinstance(mapping, dict) else None
-    as_list: list[int] = mapping if isinstance(mapping, list) else []
+    table = _as_table(mapping)
     block = bytearray()
     for ext_id, off, length in iter_extensions(data, hdr):
-        if as_dict is not None:
-            new_id = as_dict.get(ext_id, 0)
-        else:
-            new_id = as_list[ext_id] if ext_id < len(as_list) else 0
+        new_id = table[ext_id] if ext_id < len(table) else 0
         if new_id == 0:
             continue
         if two_byte:

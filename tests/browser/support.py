@@ -16,26 +16,11 @@ from typing import Any
 
 import pytest
 
+from tests.chromium import CHROMIUM_FLAGS
 from tests.conftest import IN_CI
 
 CHROMIUM = os.environ.get("BLINDFOLD_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 
-# docs: /work/shared/reference/testing-here.md. Loopback candidates need
-# --allow-loopback-in-peer-connection; mDNS obfuscation would hide them.
-CHROMIUM_FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--use-fake-ui-for-media-stream",
-    "--use-fake-device-for-media-stream",
-    "--allow-loopback-in-peer-connection",
-    "--disable-features=WebRtcHideLocalIpsWithMdns",
-    "--autoplay-policy=no-user-gesture-required",
-]
 
 # The fake camera's four quadrants (top-left, top-right, bottom-left, bottom-right), RGB.
 QUADRANTS: list[tuple[int, int, int]] = [

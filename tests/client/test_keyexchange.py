@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from sfu.client import keyexchange as kx
 from sfu.client import sframe as sf
+from tests.chromium import CHROMIUM_FLAGS as SHARED_FLAGS
 
 ROOT = Path(__file__).resolve().parents[2]
 VECTORS: dict[str, Any] = json.loads(
@@ -790,23 +791,7 @@ def test_node_suite_is_present() -> None:
 # --- A real browser (opt-in: pytest -m slow) -------------------------------------------------
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMIUM_FLAGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--use-fake-ui-for-media-stream",
-    "--use-fake-device-for-media-stream",
-    "--allow-loopback-in-peer-connection",
-    "--disable-features=WebRtcHideLocalIpsWithMdns",
-    "--autoplay-policy=no-user-gesture-required",
-    "--enable-logging=stderr",
-    "--v=0",
-]
+CHROMIUM_FLAGS = ["--headless=new", *SHARED_FLAGS, "--enable-logging=stderr", "--v=0"]
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
