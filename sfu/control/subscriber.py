@@ -1,11 +1,15 @@
 """The subscriber side of a room participant: the SFU offers, the client answers.
 
 One transport per participant carries every track it subscribes to, one m-section per track.
-Tracks come and go, so the SFU renegotiates: it appends an m-section for a new track and
-rejects (port 0) the section of a track that ended; sections are never reordered or removed,
-as offer/answer requires (RFC 8829 §5.2.2). The SFU offers each track with the publisher's own
-payload type and extension ids, so forwarding needs no payload-type rewrite; a client that
-cannot decode the codec rejects the section and is told so.
+Tracks come and go, so the SFU renegotiates. A section whose track ended is *retired*: offered
+`a=inactive`, still inside the BUNDLE group, never rejected with port 0 — rejecting the section
+that tags the BUNDLE group makes the client tear down the one transport every stream shares.
+Once the client has answered a retirement, the section is free and the next track of the same
+kind reuses it (same mid, new SSRC and msid), so sections do not pile up over a long call.
+Sections are never reordered or removed, as offer/answer requires (RFC 8829 §5.2.2). The SFU
+offers each track with the publisher's own payload type and extension ids, so forwarding needs
+no payload-type rewrite; a client that cannot decode the codec rejects the section (port 0 in
+its answer) and is told so; such a section stays rejected.
 
 A new section's down-track stays paused until the client's answer arrives: before that the
 client does not know the SSRC and could mis-route the packets by payload type.
@@ -41,6 +45,14 @@ class OfferedTrack:
     downtrack: DownTrack
     ended: bool = False
     accepted: bool = False
+    # The client's answer said port 0: the section is out of the BUNDLE group for good.
+    rejected: bool = False
+    # Offer versions in which the section first carried this track, and first showed it retired;
+    # an answer only concerns what the offer it answers contained.
+    offered_in: int | None = None
+    retired_in: int | None = None
+    # The client answered the retirement: the section may carry a new track.
+    free: bool = False
 
 
 @dataclass(eq=False)
@@ -61,9 +73,16 @@ class SubscriberOffers:
     offered: int = 0
 
     def add(self, producer: Producer, stream: str, downtrack: DownTrack) -> OfferedTrack:
-        track = OfferedTrack(str(len(self.sections)), producer.kind, producer, stream, downtrack)
         downtrack.paused = True
-        self.sections.append(track)
+        for index, old in enumerate(self.sections):
+            if old.free and old.kind == producer.kind:
+                track = OfferedTrack(old.mid, producer.kind, producer, stream, downtrack)
+                self.sections[index] = track
+                break
+        else:
+            mid = str(len(self.sections))
+            track = OfferedTrack(mid, producer.kind, producer, stream, downtrack)
+            self.sections.append(track)
         self.dirty = True
         return track
 
@@ -71,10 +90,17 @@ class SubscriberOffers:
         for track in self.sections:
             if track.producer is producer and not track.ended:
                 track.ended = True
-                track.downtrack.close()
+                track.downtrack.stop()
                 self.dirty = True
                 return track
         return None
+
+    def close(self) -> None:
+        """The transport is gone: stop every down-track (no BYE can reach the client)."""
+        for track in self.sections:
+            if not track.ended:
+                track.ended = True
+                track.downtrack.close()
 
     def live(self) -> list[OfferedTrack]:
         return [t for t in self.sections if not t.ended]
@@ -87,10 +113,15 @@ class SubscriberOffers:
         self.awaiting_answer = True
         self.version += 1
         self.offered = len(self.sections)
+        for track in self.sections:
+            if track.offered_in is None:
+                track.offered_in = self.version
+            if track.ended and track.retired_in is None:
+                track.retired_in = self.version
         return self._render()
 
     def _render(self) -> str:
-        live = [t.mid for t in self.sections if not t.ended]
+        bundled = [t.mid for t in self.sections if not t.rejected]
         lines = [
             "v=0",
             f"o=- {self.session_id} {self.version} IN IP4 0.0.0.0",
@@ -99,8 +130,8 @@ class SubscriberOffers:
             "a=ice-lite",
             "a=msid-semantic: WMS *",
         ]
-        if live:
-            lines.append("a=group:BUNDLE " + " ".join(live))
+        if bundled:
+            lines.append("a=group:BUNDLE " + " ".join(bundled))
         for track in self.sections:
             lines += self._section(track)
         return render(lines)
@@ -122,11 +153,12 @@ class SubscriberOffers:
         formats = " ".join(str(c.payload_type) for c in codecs)
         local = self.local
         if track.ended:
+            # Retired (inactive, port 9, still bundled) or rejected by the client (port 0).
             return [
-                f"m={track.kind} 0 UDP/TLS/RTP/SAVPF {formats}",
+                f"m={track.kind} {0 if track.rejected else 9} UDP/TLS/RTP/SAVPF {formats}",
                 "c=IN IP4 0.0.0.0",
                 f"a=mid:{track.mid}",
-                # Not needed for a rejected section, but aiortc refuses one without them.
+                # Only the BUNDLE tag needs them, but aiortc refuses a section without them.
                 f"a=ice-ufrag:{local.ice_ufrag}",
                 f"a=ice-pwd:{local.ice_pwd}",
                 f"a=fingerprint:{local.fingerprint}",
@@ -181,13 +213,20 @@ class SubscriberOffers:
         started: list[OfferedTrack] = []
         rejected: list[OfferedTrack] = []
         for track, section in zip(self.sections[: self.offered], answer.media, strict=True):
-            if track.ended:
-                continue
             if section.mid is not None and section.mid != track.mid:
                 raise SdpError(f"answer section {section.mid!r} does not match offer {track.mid!r}")
+            if track.offered_in is None or track.offered_in > self.version:
+                continue  # recycled after this offer went out: the next offer carries it
+            if track.ended:
+                if section.rejected:
+                    track.rejected = True
+                elif track.retired_in is not None and track.retired_in <= self.version:
+                    track.free = not track.rejected
+                continue
             payload_types = {c.payload_type for c in section.codecs()}
             if section.rejected or track.producer.codec.payload_type not in payload_types:
                 track.ended = True
+                track.rejected = section.rejected
                 track.downtrack.close()
                 rejected.append(track)
                 self.dirty = True

@@ -66,6 +66,8 @@ class PacketSink(Protocol):
 
     def send_rtcp(self, packet: bytes) -> None: ...
 
+    def forget_downtrack(self, downtrack: DownTrack) -> None: ...
+
 
 def ntp_now(wallclock: float) -> int:
     seconds = wallclock + NTP_EPOCH_OFFSET
@@ -325,12 +327,23 @@ class DownTrack:
         """The publisher left: tell the subscriber this stream has ended (RTCP BYE)."""
         if self.closed:
             return
+        self.bye()
         self.closed = True
+
+    def bye(self) -> None:
+        """RTCP BYE for this copy's SSRCs, so the subscriber's stack ends the stream now."""
         if self.sink.ready:
             ssrcs = [self.ssrc] + ([self.rtx_ssrc] if self.rtx_ssrc is not None else [])
             self.sink.send_rtcp(build_bye(ssrcs))
+
+    def stop(self) -> None:
+        """Signaling ended this subscription: BYE (once), then close."""
+        if not self.closed:
+            self.bye()
+        self.close()
 
     def close(self) -> None:
         self.closed = True
         if self in self.producer.downtracks:
             self.producer.downtracks.remove(self)
+        self.sink.forget_downtrack(self)

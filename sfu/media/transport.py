@@ -24,6 +24,7 @@ from sfu.media.rtcp import (
     Pli,
     ReceiverReport,
     SenderReport,
+    build_bye,
     build_nack,
     build_pli,
     parse_rtcp,
@@ -330,14 +331,28 @@ class Transport:
             if report is not None:
                 self.send_rtcp(report)
 
+    def forget_downtrack(self, downtrack: DownTrack) -> None:
+        for ssrc in [s for s, d in self.downtracks_by_ssrc.items() if d is downtrack]:
+            del self.downtracks_by_ssrc[ssrc]
+
     def close(self, reason: str) -> None:
+        """End the session and tell the client at once: RTCP BYE for every stream the SFU
+        sends, then DTLS close_notify. Without them a standard WebRTC stack stays
+        "connected" until its own timeouts and keeps sending into the void."""
         if self.state is TransportState.CLOSED:
             return
+        downtracks = set(self.downtracks_by_ssrc.values())
+        if self.ready:
+            for downtrack in downtracks:
+                if not downtrack.closed:
+                    downtrack.bye()
+            if self.producers:
+                self.send_rtcp(build_bye([self.rtcp_ssrc]))
         self.state = TransportState.CLOSED
         self.close_reason = reason
         for producer in self.producers:
             producer.close()
-        for downtrack in set(self.downtracks_by_ssrc.values()):
+        for downtrack in downtracks:
             downtrack.close()
         if self.addr is not None:
             for out in self.dtls.close():

@@ -16,12 +16,16 @@ class Sink:
     def __init__(self) -> None:
         self.rtp: list[bytes] = []
         self.rtcp: list[bytes] = []
+        self.forgotten: list[DownTrack] = []
 
     def send_rtp(self, packet: bytes | bytearray) -> None:
         self.rtp.append(bytes(packet))
 
     def send_rtcp(self, packet: bytes) -> None:
         self.rtcp.append(packet)
+
+    def forget_downtrack(self, downtrack: DownTrack) -> None:
+        self.forgotten.append(downtrack)
 
 
 class Upstream:

@@ -1,0 +1,195 @@
+"""The SFU-offered subscriber connection: retiring and recycling m-sections, answered by a
+real aiortc peer (its SDP engine is the one under test on the other side)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from aiortc import RTCPeerConnection, RTCSessionDescription
+
+import tests.media.harness  # noqa: F401  (aiortc peers gather 127.0.0.1 only)
+from sfu.control.sdp import LocalTransport, parse_sdp
+from sfu.control.subscriber import SubscriberOffers
+from sfu.media.downtrack import DownTrack
+from sfu.media.producer import Producer, TrackCodec
+from sfu.media.rtcp import Bye, parse_rtcp
+from tests.media.test_downtrack import Sink, Upstream
+
+VP8 = TrackCodec("VP8", 90000, payload_type=96, rtx_payload_type=97)
+OPUS = TrackCodec("opus", 48000, payload_type=111, channels=2, fmtp="minptime=10;useinbandfec=1")
+LOCAL = LocalTransport(
+    "ufrag1234", "p" * 24, "sha-256 " + ":".join(["AB"] * 32), [("127.0.0.1", 9)]
+)
+
+
+class Offers:
+    """A SubscriberOffers with producers and down-tracks of its own."""
+
+    def __init__(self) -> None:
+        self.offers = SubscriberOffers(LOCAL)
+        self.sink = Sink()
+        self.next_ssrc = 1000
+
+    def publish(self, name: str, kind: str) -> Producer:
+        codec = VP8 if kind == "video" else OPUS
+        return Producer(f"{name}:{kind}", kind, "0", codec, {}, Upstream())
+
+    def subscribe(self, producer: Producer) -> DownTrack:
+        self.next_ssrc += 2
+        rtx = producer.codec.rtx_payload_type
+        downtrack = DownTrack(
+            producer,
+            self.sink,
+            ssrc=self.next_ssrc,
+            payload_type=producer.codec.payload_type,
+            ext_map=[],
+            rtx_ssrc=self.next_ssrc + 1 if rtx is not None else None,
+            rtx_payload_type=rtx,
+        )
+        producer.downtracks.append(downtrack)
+        self.offers.add(producer, producer.id.split(":")[0], downtrack)
+        return downtrack
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[RTCPeerConnection]:
+    pc = RTCPeerConnection()
+    try:
+        yield pc
+    finally:
+        await pc.close()
+
+
+async def exchange(offers: SubscriberOffers, pc: RTCPeerConnection) -> str:
+    """One offer/answer round with the real peer; returns the offer the SFU sent."""
+    offer = offers.next_offer()
+    assert offer is not None
+    await pc.setRemoteDescription(RTCSessionDescription(offer, "offer"))
+    answer = await pc.createAnswer()
+    await pc.setLocalDescription(answer)
+    sdp = pc.localDescription.sdp.replace("a=setup:passive", "a=setup:active")
+    offers.apply_answer(sdp)
+    return offer
+
+
+def sections(offer: str) -> list[tuple[str | None, int, str]]:
+    return [(m.mid, m.port, m.direction) for m in parse_sdp(offer).media]
+
+
+def bundle(offer: str) -> list[str]:
+    for name, value in parse_sdp(offer).attributes:
+        if name == "group" and value.startswith("BUNDLE"):
+            return value.split()[1:]
+    return []
+
+
+async def test_a_retired_section_stays_in_the_bundle_and_is_never_port_zero(
+    client: RTCPeerConnection,
+) -> None:
+    s = Offers()
+    bob_video, bob_audio = s.publish("bob", "video"), s.publish("bob", "audio")
+    carol_video = s.publish("carol", "video")
+    for producer in (bob_video, bob_audio, carol_video):
+        s.subscribe(producer)
+    first = await exchange(s.offers, client)
+    assert sections(first) == [("0", 9, "sendonly"), ("1", 9, "sendonly"), ("2", 9, "sendonly")]
+
+    # Bob (the first track this subscriber received: the BUNDLE tag) leaves.
+    s.offers.end(bob_video)
+    s.offers.end(bob_audio)
+    second = await exchange(s.offers, client)
+    assert sections(second) == [("0", 9, "inactive"), ("1", 9, "inactive"), ("2", 9, "sendonly")]
+    assert bundle(second) == ["0", "1", "2"]
+    assert [m.direction for m in parse_sdp(client.localDescription.sdp).media] == [
+        "inactive",
+        "inactive",
+        "recvonly",
+    ]
+    # Each ended copy said BYE for its SSRC(s) before it went quiet.
+    byes = [p for raw in s.sink.rtcp for p in parse_rtcp(raw)[0] if isinstance(p, Bye)]
+    assert len(byes) == 2
+
+
+async def test_answered_retired_sections_are_recycled_by_kind(client: RTCPeerConnection) -> None:
+    s = Offers()
+    bob_video, bob_audio = s.publish("bob", "video"), s.publish("bob", "audio")
+    s.subscribe(bob_video)
+    s.subscribe(bob_audio)
+    await exchange(s.offers, client)
+    s.offers.end(bob_video)
+    s.offers.end(bob_audio)
+    await exchange(s.offers, client)
+
+    # Bob rejoins with new tracks (new producers): the two retired sections carry them.
+    again_video, again_audio = s.publish("bob2", "video"), s.publish("bob2", "audio")
+    s.subscribe(again_audio)
+    new_video = s.subscribe(again_video)
+    third = await exchange(s.offers, client)
+    assert sections(third) == [("0", 9, "sendonly"), ("1", 9, "sendonly")]
+    media = parse_sdp(third).media
+    assert media[0].kind == "video"
+    assert f"a=ssrc:{new_video.ssrc} " in third
+    assert "bob2:video" in third
+    assert "bob:video" not in third
+    assert not new_video.paused  # the answer arrived: the recycled copy may send
+
+    # Many leave/rejoin rounds: the section count never grows.
+    for round_ in range(5):
+        s.offers.end(again_video)
+        s.offers.end(again_audio)
+        await exchange(s.offers, client)
+        again_video = s.publish(f"r{round_}", "video")
+        again_audio = s.publish(f"r{round_}", "audio")
+        s.subscribe(again_video)
+        s.subscribe(again_audio)
+        offer = await exchange(s.offers, client)
+        assert len(parse_sdp(offer).media) == 2
+
+
+async def test_a_section_retired_but_not_yet_answered_is_not_reused(
+    client: RTCPeerConnection,
+) -> None:
+    s = Offers()
+    bob = s.publish("bob", "video")
+    s.subscribe(bob)
+    await exchange(s.offers, client)
+    s.offers.end(bob)
+    retire = s.offers.next_offer()  # outstanding: the client has not seen the retirement
+    assert retire is not None
+    carol = s.publish("carol", "video")
+    carol_copy = s.subscribe(carol)
+    assert [t.mid for t in s.offers.sections] == ["0", "1"]
+    await client.setRemoteDescription(RTCSessionDescription(retire, "offer"))
+    answer = await client.createAnswer()
+    await client.setLocalDescription(answer)
+    s.offers.apply_answer(client.localDescription.sdp.replace("passive", "active"))
+    assert carol_copy.paused  # not in the answered offer: waits for the next one
+    offer = await exchange(s.offers, client)
+    assert sections(offer) == [("0", 9, "inactive"), ("1", 9, "sendonly")]
+    assert not carol_copy.paused
+
+
+async def test_a_track_added_while_an_offer_is_outstanding_waits_for_the_next_answer(
+    client: RTCPeerConnection,
+) -> None:
+    s = Offers()
+    bob = s.publish("bob", "video")
+    s.subscribe(bob)
+    await exchange(s.offers, client)
+    s.offers.end(bob)
+    await exchange(s.offers, client)  # section 0 is free now
+    carol = s.publish("carol", "video")
+    s.subscribe(carol)
+    pending = s.offers.next_offer()
+    assert pending is not None
+    dave = s.publish("dave", "video")
+    dave_copy = s.subscribe(dave)  # no free section: appended, not part of `pending`
+    await client.setRemoteDescription(RTCSessionDescription(pending, "offer"))
+    answer = await client.createAnswer()
+    await client.setLocalDescription(answer)
+    s.offers.apply_answer(client.localDescription.sdp.replace("passive", "active"))
+    assert dave_copy.paused
+    offer = await exchange(s.offers, client)
+    assert sections(offer) == [("0", 9, "sendonly"), ("1", 9, "sendonly")]
+    assert not dave_copy.paused
