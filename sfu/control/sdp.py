@@ -128,7 +128,9 @@ class MediaSection:
 
     @property
     def rejected(self) -> bool:
-        return self.port == 0
+        # RFC 8843 §7.3.3: port 0 with a=bundle-only is an offer to share the BUNDLE
+        # transport (webrtcbin's and whipsink's max-bundle offers), not a rejection.
+        return self.port == 0 and not self.has("bundle-only")
 
     def codecs(self) -> list[Codec]:
         """Payload formats with their rtpmap, fmtp and rtcp-fb, in the m-line's order."""
