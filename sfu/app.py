@@ -46,6 +46,7 @@ class Server:
                 video_buffer=rtc.video_buffer_packets,
                 audio_buffer=rtc.audio_buffer_packets,
                 keyframe_interval=rtc.keyframe_request_interval,
+                subscriber_keyframe_interval=rtc.subscriber_keyframe_interval,
                 e2ee_grace_period=config.e2ee.grace_period,
                 integrity_sample_every=config.metrics.integrity_sample_every,
             ),

@@ -222,6 +222,11 @@ class RtcConfig(_Section):
     keyframe_request_interval: Duration = Field(
         0.5, description="At most one keyframe request (PLI) per track toward a publisher per this."
     )
+    subscriber_keyframe_interval: Duration = Field(
+        2.0,
+        description="Per subscriber and track: after its first keyframe request, at most one "
+        "per this (doubling, up to 4x, while it keeps asking right after keyframes reached it).",
+    )
 
 
 class AuthConfig(_Section):

@@ -197,14 +197,22 @@ class MediaCollector(Collector):
                 "received": stats.nacks_received,
                 "served": stats.nacks_served,
                 "missed": stats.nacks_missed,
+                "duplicate": stats.nacks_suppressed[0],
+                "too_old": stats.nacks_suppressed[1],
+                "over_budget": stats.nacks_suppressed[2],
             },
         )
         yield _counter(
             "sfu_keyframe_requests",
-            "Keyframe requests (PLI) toward publishers: forwarded, or throttled because one "
-            "went out for that track within rtc.keyframe_request_interval.",
+            "Keyframe requests (PLI) toward publishers: forwarded; throttled because one "
+            "went out for that track within rtc.keyframe_request_interval; or suppressed by "
+            "the asking subscriber's own budget (rtc.subscriber_keyframe_interval).",
             "result",
-            {"forwarded": stats.keyframe_requests[0], "throttled": stats.keyframe_requests[1]},
+            {
+                "forwarded": stats.keyframe_requests[0],
+                "throttled": stats.keyframe_requests[1],
+                "suppressed": stats.keyframe_requests[2],
+            },
         )
         yield _counter(
             "sfu_rtx_packets_sent",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from array import array
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
@@ -30,6 +31,27 @@ if TYPE_CHECKING:
 from sfu.media.stats import MediaStats
 
 NTP_EPOCH_OFFSET = 2208988800  # seconds from 1900-01-01 (NTP) to 1970-01-01 (Unix)
+
+# Keyframe requests (PLI/FIR) are budgeted per subscriber, on top of the per-track throttle
+# in the producer: a receiver that cannot decrypt asks about 3 times a second forever, and
+# every keyframe it gets costs everyone's bitrate. A subscriber that keeps asking right after
+# keyframes reached it has its interval doubled, up to this many times the base interval.
+DEFAULT_SUBSCRIBER_KEYFRAME_INTERVAL = 2.0
+KEYFRAME_BACKOFF_MAX = 4
+# Retransmissions (NACK service) are budgeted too, or a subscriber on a slow link NACKs what
+# congestion dropped, the resends congest it more, and it ends up sent many times its media:
+# - a packet is resent at most once per round trip (RTT from its receiver reports, at least
+#   MIN_RTT when none is known yet);
+# - resends may add at most RTX_SHARE of the media bytes it was sent, with at most
+#   RTX_BURST bytes of credit saved up;
+# - a packet older than NACK_MAX_AGE is past any jitter buffer's use and is not resent.
+MIN_RTT = 0.05
+DEFAULT_RTT = 0.1
+RTX_SHARE = 0.5
+RTX_BURST = 256 * 1024
+RTX_INITIAL_CREDIT = 32 * 1024  # so the first packets of a new copy can be repaired too
+NACK_MAX_AGE = 1.0
+RESENT_SLOTS = 1024
 
 
 class JoinTimer:
@@ -82,7 +104,15 @@ class DownTrack:
         "_integrity",
         "_integrity_countdown",
         "_integrity_every",
+        "_keyframe_asked_at",
+        "_keyframe_base",
+        "_keyframe_interval",
+        "_keyframe_pending",
         "_last_out_at",
+        "_resent_at",
+        "_resent_seq",
+        "_rtx_credit",
+        "_rtx_mark",
         "_rtx_seq",
         "_seq_offset",
         "_ts_offset",
@@ -90,6 +120,7 @@ class DownTrack:
         "closed",
         "ext_remap_failures",
         "join",
+        "keyframe_requests_suppressed",
         "keyframe_waits",
         "kind",
         "last_out_seq",
@@ -102,6 +133,7 @@ class DownTrack:
         "paused",
         "payload_type",
         "producer",
+        "rtt",
         "rtx_payload_type",
         "rtx_sent",
         "rtx_ssrc",
@@ -128,6 +160,7 @@ class DownTrack:
         integrity_sample_every: int = 0,
         stats: MediaStats | None = None,
         join: JoinTimer | None = None,
+        keyframe_interval: float = DEFAULT_SUBSCRIBER_KEYFRAME_INTERVAL,
     ) -> None:
         self.producer = producer
         self.sink = sink
@@ -158,6 +191,17 @@ class DownTrack:
         self.nack_misses = 0
         self.rtx_sent = 0
         self.keyframe_waits = 0
+        self.keyframe_requests_suppressed = 0
+        self._keyframe_base = keyframe_interval
+        self._keyframe_interval = keyframe_interval
+        self._keyframe_asked_at: float | None = None
+        self._keyframe_pending = False
+        self.rtt = DEFAULT_RTT
+        self._rtx_credit = float(RTX_INITIAL_CREDIT)
+        self._rtx_mark = 0
+        # Allocated at the first NACK: most copies never see one.
+        self._resent_seq: array[int] | None = None
+        self._resent_at: array[float] = array("d")
         self.ext_remap_failures = 0
         # Shared [match, mismatch] counters; 0 disables sampling.
         self._integrity = integrity if integrity is not None else [0, 0]
@@ -181,6 +225,8 @@ class DownTrack:
                 self.producer.request_keyframe()
                 return
             self._start(hdr)
+        if keyframe and self._keyframe_pending:
+            self._keyframe_pending = False
         seq = (hdr.seq + self._seq_offset) & 0xFFFF
         ts = (hdr.timestamp + self._ts_offset) & 0xFFFFFFFF
         packet: bytes | bytearray | None
@@ -266,18 +312,40 @@ class DownTrack:
     # -- feedback from the subscriber --------------------------------------------------------
 
     def on_nack(self, seqs: tuple[int, ...]) -> list[int]:
-        """Resend what the ring still has; return the producer seqs it no longer has."""
+        """Resend what the ring still has, within this subscriber's retransmission budget;
+        return the producer seqs the ring no longer has (worth asking the publisher for)."""
         self.nacks_received += len(seqs)
         missing: list[int] = []
         if not self.started or self.closed or not self.sink.ready:
             return missing
         producer = self.producer
+        now = self.clock()
+        sent = self.octets_sent
+        credit = min(self._rtx_credit + (sent - self._rtx_mark) * RTX_SHARE, RTX_BURST)
+        self._rtx_mark = sent
+        resent_seq = self._resent_seq
+        if resent_seq is None:
+            resent_seq = self._resent_seq = array("l", [-1]) * RESENT_SLOTS
+            self._resent_at = array("d", [0.0]) * RESENT_SLOTS
+        resent_at = self._resent_at
+        guard = max(self.rtt, MIN_RTT)
+        suppressed = self.stats.nacks_suppressed
         for out_seq in seqs:
+            slot = out_seq % RESENT_SLOTS
+            if resent_seq[slot] == out_seq and now - resent_at[slot] < guard:
+                suppressed[0] += 1  # the first resend may still be on its way
+                continue
             in_seq = (out_seq - self._seq_offset) & 0xFFFF
             data = producer.get(in_seq)
             if data is None:
                 self.nack_misses += 1
                 missing.append(in_seq)
+                continue
+            if now - producer.arrived_at(in_seq) > NACK_MAX_AGE:
+                suppressed[1] += 1
+                continue
+            if len(data) > credit:
+                suppressed[2] += 1
                 continue
             hdr = parse_header(data)
             if hdr is None:
@@ -286,6 +354,9 @@ class DownTrack:
             packet = self._rewrite(data, hdr, out_seq, ts)
             if packet is None:
                 continue
+            credit -= len(data)
+            resent_seq[slot] = out_seq
+            resent_at[slot] = now
             if self.rtx_payload_type is not None and self.rtx_ssrc is not None:
                 rewritten = parse_header(packet)
                 if rewritten is None:
@@ -297,6 +368,7 @@ class DownTrack:
                     )
                 )
                 self.rtx_sent += 1
+                self.stats.rtx_sent[0] += 1
             else:
                 # Byte-identical to the first send, so re-protecting it under the same index
                 # reuses no keystream with different plaintext.
@@ -304,10 +376,43 @@ class DownTrack:
                 self._counts[2] += 1
                 self._counts[3] += len(packet)
             self.nacks_served += 1
+        self._rtx_credit = credit
         return missing
 
     def on_keyframe_request(self) -> None:
+        """A PLI or FIR from the subscriber. Its first goes through; later ones at most one
+        per interval, none while a keyframe it asked for has not reached it yet, and the
+        interval doubles (up to KEYFRAME_BACKOFF_MAX times) while it keeps asking right
+        after keyframes arrived: it cannot use them (a missing E2EE key, or heavy loss)."""
+        if self.kind != "video" or self.closed:
+            return
+        now = self.clock()
+        asked = self._keyframe_asked_at
+        if asked is not None:
+            since = now - asked
+            interval = self._keyframe_interval
+            if since < interval or (self._keyframe_pending and since < 2 * interval):
+                self.keyframe_requests_suppressed += 1
+                self.stats.keyframe_requests[2] += 1
+                return
+            if since >= 4 * interval:
+                self._keyframe_interval = self._keyframe_base  # quiet for long: forgiven
+            elif not self._keyframe_pending:
+                self._keyframe_interval = min(
+                    interval * 2, self._keyframe_base * KEYFRAME_BACKOFF_MAX
+                )
+        self._keyframe_asked_at = now
+        self._keyframe_pending = True
         self.producer.request_keyframe()
+
+    def on_report(self, lsr: int, dlsr: int) -> None:
+        """A reception report block about this copy: its round-trip time (RFC 3550 §6.4.1)."""
+        if lsr == 0:
+            return  # no SR of ours reached the subscriber yet
+        compact = (ntp_now(self.wallclock()) >> 16) & 0xFFFFFFFF
+        rtt = ((compact - lsr - dlsr) & 0xFFFFFFFF) / 65536
+        if rtt < 10.0:
+            self.rtt = rtt
 
     # -- periodic ----------------------------------------------------------------------------
 

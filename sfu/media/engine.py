@@ -49,6 +49,7 @@ class MediaSettings:
     video_buffer: int = 500
     audio_buffer: int = 200
     keyframe_interval: float = 0.5
+    subscriber_keyframe_interval: float = 2.0
     e2ee_grace_period: float = 5.0
     integrity_sample_every: int = 100
 
@@ -214,6 +215,7 @@ class MediaEngine(asyncio.DatagramProtocol):
             integrity_sample_every=self.settings.integrity_sample_every,
             stats=self.stats,
             join=join,
+            keyframe_interval=self.settings.subscriber_keyframe_interval,
         )
         producer.downtracks.append(downtrack)
         transport.downtracks_by_ssrc[ssrc] = downtrack

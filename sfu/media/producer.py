@@ -107,6 +107,7 @@ class Producer:
         "_level_id",
         "_level_sum",
         "_ring",
+        "_ring_at",
         "_ring_size",
         "bytes_received",
         "clock",
@@ -164,6 +165,8 @@ class Producer:
         size = buffer_size or (DEFAULT_VIDEO_BUFFER if kind == "video" else DEFAULT_AUDIO_BUFFER)
         self._ring_size = size
         self._ring: list[bytes | None] = [None] * size
+        # When each stored packet arrived: a NACK for a packet past any use is not served.
+        self._ring_at = [0.0] * size
         self._detect_keyframe = _keyframe_detector(codec.key) if kind == "video" else None
         self._last_keyframe_request = -1e9
         self.downtracks: list[DownTrack] = []
@@ -199,8 +202,10 @@ class Producer:
             self.ssrc = hdr.ssrc
         self.packets_received += 1
         self.bytes_received += len(data)
-        self.last_packet_at = self.clock()
-        self._ring[hdr.seq % self._ring_size] = data
+        now = self.last_packet_at = self.clock()
+        slot = hdr.seq % self._ring_size
+        self._ring[slot] = data
+        self._ring_at[slot] = now
         self.envelope.on_packet(data, hdr)
         if self._level_id:
             level = read_audio_level(data, hdr, self._level_id)
@@ -237,6 +242,10 @@ class Producer:
         if data is None or (data[2] << 8 | data[3]) != seq:
             return None
         return data
+
+    def arrived_at(self, seq: int) -> float:
+        """When the stored packet `seq` arrived (only meaningful if `get(seq)` has it)."""
+        return self._ring_at[seq % self._ring_size]
 
     def request_keyframe(self) -> bool:
         """Ask the publisher for a keyframe, at most once per `keyframe_interval`."""

@@ -57,6 +57,7 @@ class MediaStats:
         "nacks_missed",
         "nacks_received",
         "nacks_served",
+        "nacks_suppressed",
         "pli_received",
         "rtcp_in",
         "rtcp_malformed",
@@ -73,8 +74,9 @@ class MediaStats:
     def __init__(self) -> None:
         # [packets in, bytes in, packets out, bytes out] of RTP (before SRTP) per media kind.
         self.by_kind: dict[str, list[int]] = {"audio": [0, 0, 0, 0], "video": [0, 0, 0, 0]}
-        # [sent to publishers, throttled] keyframe requests (PLI), summed over all tracks.
-        self.keyframe_requests = [0, 0]
+        # Keyframe requests (PLI), summed over all tracks: [sent to publishers, throttled by
+        # the per-track interval, suppressed by a subscriber's own budget].
+        self.keyframe_requests = [0, 0, 0]
         self.rtx_sent = [0]
         # Sampled: receive to last send of one packet, in seconds.
         self.forward_latency = LatencyHistogram(FORWARD_BUCKETS)
@@ -94,6 +96,8 @@ class MediaStats:
         self.nacks_missed = 0
         self.nacks_received = 0
         self.nacks_served = 0
+        # NACKed packets not resent: [already resent within an RTT, too old, over budget].
+        self.nacks_suppressed = [0, 0, 0]
         self.pli_received = 0
         self.rtcp_in = 0
         self.rtcp_malformed = 0

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 from sfu.media.dtls import DtlsServer, DtlsState, Fingerprint
 from sfu.media.ice import Address, IceLiteSession
 from sfu.media.rtcp import (
-    Bye,
     Fir,
     Nack,
     Pli,
@@ -304,10 +303,14 @@ class Transport:
                     downtrack = self.downtracks_by_ssrc.get(entry.ssrc)
                     if downtrack is not None:
                         downtrack.on_keyframe_request()
-            elif isinstance(packet, SenderReport | ReceiverReport | Bye):
+            elif isinstance(packet, SenderReport | ReceiverReport):
                 # Consumed, never relayed raw: the SFU sends its own SRs per down-track, and
-                # a publisher's SR describes a timeline the subscribers never see.
-                continue
+                # a publisher's SR describes a timeline the subscribers never see. Report
+                # blocks about our copies give their round-trip time.
+                for block in packet.reports:
+                    downtrack = self.downtracks_by_ssrc.get(block.ssrc)
+                    if downtrack is not None:
+                        downtrack.on_report(block.lsr, block.dlsr)
 
     def _on_nack(self, nack: Nack) -> None:
         downtrack = self.downtracks_by_ssrc.get(nack.media_ssrc)

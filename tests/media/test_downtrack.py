@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 
-from sfu.media.downtrack import DownTrack
+from sfu.media.downtrack import DownTrack, ntp_now
 from sfu.media.producer import Producer, TrackCodec
 from sfu.media.rtcp import Bye, SenderReport, parse_rtcp
 from sfu.media.rtp import find_extension, parse_header, unwrap_rtx
@@ -219,3 +219,89 @@ def test_keyframe_requests_are_throttled_per_track() -> None:
     clock.now += 0.02
     assert producer.request_keyframe()
     assert (upstream.keyframe_requests, producer.keyframe_requests_throttled) == (2, 2)
+
+
+def test_a_subscriber_that_keeps_asking_for_keyframes_is_budgeted() -> None:
+    producer, downtrack, _, upstream, clock = setup()
+    feed(producer, vp8_packet(1, 0, key=True))
+    upstream.keyframe_requests = 0
+    downtrack.on_keyframe_request()  # its first request goes through
+    assert upstream.keyframe_requests == 1
+    for _ in range(5):  # a receiver without the E2EE key asks ~3 times a second
+        clock.now += 0.3
+        downtrack.on_keyframe_request()
+    assert upstream.keyframe_requests == 1
+    assert downtrack.keyframe_requests_suppressed == 5
+    assert downtrack.stats.keyframe_requests[2] == 5
+
+    # Past the interval, but the keyframe it asked for has not reached it yet: still none.
+    clock.now = 102.5
+    downtrack.on_keyframe_request()
+    assert upstream.keyframe_requests == 1
+    # The keyframe arrives; the next request after the interval goes through...
+    feed(producer, vp8_packet(2, 3000, key=True))
+    clock.now = 103.0
+    downtrack.on_keyframe_request()
+    assert upstream.keyframe_requests == 2
+    # ...and since it asked again right after a keyframe reached it, the interval doubled.
+    feed(producer, vp8_packet(3, 6000, key=True))
+    clock.now = 105.5
+    downtrack.on_keyframe_request()
+    assert upstream.keyframe_requests == 2
+    clock.now = 107.1
+    downtrack.on_keyframe_request()
+    assert upstream.keyframe_requests == 3
+    # The doubling stops at 4x the base interval, and a long quiet spell forgives it.
+    feed(producer, vp8_packet(4, 9000, key=True))
+    clock.now = 107.1 + 8.1
+    downtrack.on_keyframe_request()
+    assert upstream.keyframe_requests == 4
+    assert downtrack._keyframe_interval == 8.0
+    clock.now += 40.0
+    downtrack.on_keyframe_request()
+    assert upstream.keyframe_requests == 5
+    assert downtrack._keyframe_interval == 2.0
+
+
+def test_nacks_are_served_once_per_rtt_within_a_budget_and_not_when_stale() -> None:
+    producer, downtrack, sink, _, clock = setup()
+    for seq in range(300, 340):
+        feed(producer, vp8_packet(seq, 9000, key=seq == 300))
+    out = [parse_header(p).seq for p in sink.rtp]  # type: ignore[union-attr]
+    sink.rtp.clear()
+    duplicate, too_old, over_budget = 0, 1, 2
+
+    downtrack.on_nack((out[5],))
+    downtrack.on_nack((out[5],))  # the receiver asks again before the resend could arrive
+    assert len(sink.rtp) == 1
+    assert downtrack.stats.nacks_suppressed[duplicate] == 1
+    clock.now += 0.15  # a round trip later it may really be lost again
+    downtrack.on_nack((out[5],))
+    assert len(sink.rtp) == 2
+
+    # Resends may add at most half the bytes the subscriber was sent: 40 packets earn 20
+    # (once the credit every new copy starts with is spent).
+    sink.rtp.clear()
+    downtrack._rtx_credit = 0.0
+    downtrack._rtx_mark = 0
+    downtrack.on_nack(tuple(out[6:40]))
+    assert 15 <= len(sink.rtp) <= 20
+    assert downtrack.stats.nacks_suppressed[over_budget] == 34 - len(sink.rtp)
+
+    # A packet that arrived more than a second ago is past any jitter buffer's use.
+    clock.now += 1.1
+    feed(producer, vp8_packet(340, 12000))
+    feed(producer, vp8_packet(341, 12000))
+    sink.rtp.clear()
+    downtrack.on_nack((out[39],))
+    assert sink.rtp == []
+    assert downtrack.stats.nacks_suppressed[too_old] == 1
+
+
+def test_receiver_reports_give_the_round_trip_time() -> None:
+    producer, downtrack, _, _, _ = setup()
+    feed(producer, vp8_packet(1, 0, key=True))
+    compact = (ntp_now(1_700_000_000.0) >> 16) & 0xFFFFFFFF
+    # Our SR left 0.25 s ago (in 1/65536 s) and the receiver held it 0.05 s.
+    downtrack.on_report((compact - int(0.25 * 65536)) & 0xFFFFFFFF, int(0.05 * 65536))
+    assert abs(downtrack.rtt - 0.2) < 0.001

@@ -8,6 +8,7 @@ import random
 import socket
 import time
 
+import aiohttp
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.rtp import RtcpPsfbPacket
 
@@ -136,9 +137,12 @@ async def test_twenty_subscribers_on_one_publisher(sfu: Server) -> None:
         await asyncio.gather(*(pc.close() for pc, _ in subs))
 
 
-async def test_subscriber_pli_reaches_publisher_throttled(sfu: Server) -> None:
+async def test_keyframe_requests_are_budgeted_per_subscriber_and_throttled_per_track(
+    sfu: Server,
+) -> None:
     pub, _ = await publish(sfu, "cam", tracks=[ColourTrack()])
     sub, counter = await subscribe(sfu, "cam", kinds=("video",))
+    other, other_counter = await subscribe(sfu, "cam", kinds=("video",))
     plis: list[float] = []
     try:
         sender = pub.getSenders()[0]
@@ -150,24 +154,46 @@ async def test_subscriber_pli_reaches_publisher_throttled(sfu: Server) -> None:
             await original(packet)
 
         sender._handle_rtcp_packet = spy
-        await wait_for(lambda: counter.frames["video"] >= 10, what="video decoding")
-        await asyncio.sleep(0.8)  # past the throttle window of the start-up request
+        await wait_for(
+            lambda: counter.frames["video"] >= 10 and other_counter.frames["video"] >= 10,
+            what="video decoding",
+        )
+        await asyncio.sleep(2.2)  # past both subscribers' budgets for start-up requests
         before = len(plis)
         producer = next(s for s in sfu.rooms.sessions.values() if s.kind == "whip").producers[0]
-        throttled_before = producer.keyframe_requests_throttled
-        downtrack_ssrc = producer.downtracks[0].ssrc
+        first, second = producer.downtracks
         receiver = sub.getReceivers()[0]
+        # One subscriber asks five times in a row: the first reaches the publisher, the
+        # other four are its own budget's to drop, counted as suppressed.
         for _ in range(5):
-            await receiver._send_rtcp_pli(downtrack_ssrc)
+            await receiver._send_rtcp_pli(first.ssrc)
         await asyncio.sleep(0.3)
-        assert len(plis) - before == 1, "five PLIs within 500 ms reach the publisher once"
-        assert producer.keyframe_requests_throttled - throttled_before == 4
-        await asyncio.sleep(0.5)
-        await receiver._send_rtcp_pli(downtrack_ssrc)
-        await wait_for(lambda: len(plis) - before == 2, timeout=2, what="next PLI after window")
+        assert len(plis) - before == 1, "five PLIs from one subscriber reach the publisher once"
+        assert first.keyframe_requests_suppressed == 4
+        # Another subscriber asking within 500 ms is throttled per track (a keyframe is
+        # already on its way to both).
+        throttled = producer.keyframe_requests_throttled
+        await other.getReceivers()[0]._send_rtcp_pli(second.ssrc)
+        await asyncio.sleep(0.3)
+        assert len(plis) - before == 1
+        assert producer.keyframe_requests_throttled == throttled + 1
+        # Half a second later the first subscriber is still within its own budget...
+        await receiver._send_rtcp_pli(first.ssrc)
+        await asyncio.sleep(0.3)
+        assert len(plis) - before == 1
+        # ...and the operator sees what was dropped and why.
+        async with aiohttp.ClientSession() as http, http.get(f"{sfu.url}/metrics") as r:
+            text = await r.text()
+        line = next(x for x in text.splitlines() if 'requests_total{result="suppressed"}' in x)
+        assert float(line.split()[-1]) >= 5
+        # Once its interval has passed, its next request goes through.
+        await asyncio.sleep(1.5)
+        await receiver._send_rtcp_pli(first.ssrc)
+        await wait_for(lambda: len(plis) - before == 2, timeout=2, what="PLI after the budget")
     finally:
         await pub.close()
         await sub.close()
+        await other.close()
 
 
 async def test_publisher_leaving_ends_subscriber_tracks(sfu: Server) -> None:
