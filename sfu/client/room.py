@@ -110,9 +110,16 @@ class RoomClient:
         return message
 
     async def drop(self) -> None:
-        """Close the socket without leaving (as a network failure would): media continues."""
+        """Lose the socket without leaving, as a network failure would: no close frame
+        (a normal close means "I left" to the server), and media continues."""
         if self._ws is not None:
-            await self._ws.close()
+            # aiohttp has no public way to drop a connection without the closing handshake.
+            conn = getattr(self._ws, "_conn", None)
+            transport = getattr(conn, "transport", None)
+            if transport is not None:
+                transport.abort()
+            with contextlib.suppress(Exception):
+                await self._ws.close()
         if self._reader is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader

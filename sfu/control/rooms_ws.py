@@ -53,6 +53,10 @@ log = logging.getLogger(__name__)
 PROTOCOL_VERSION = 1
 OUTBOX_LIMIT = 256
 SPEAKER_INTERVAL = 0.3
+# WebSocket close codes (RFC 6455 §7.4.1) by which a client ends the call on purpose: normal
+# closure and "going away" (a closed or reloaded tab). Anything else (1006 on a lost network,
+# a missed heartbeat) keeps the participant for the reconnect window.
+CLIENT_LEFT_CODES = frozenset({1000, 1001})
 
 
 class ProtocolError(Exception):
@@ -318,7 +322,11 @@ class RoomHub:
     # -- participants ------------------------------------------------------------------------
 
     def _new_participant(
-        self, grants: Grants, name: str | None, lifecycle_hold: Callable[[], None]
+        self,
+        grants: Grants,
+        name: str | None,
+        lifecycle_hold: Callable[[], None],
+        reuse_sections: bool = False,
     ) -> Participant:
         room = self.rooms.get_or_create(grants.room)
         members = self._members(room)
@@ -336,6 +344,8 @@ class RoomHub:
                     }
                 )
                 self._remove(existing, "replaced by a new connection")
+        # Removing the last member dropped the room: join the live one, not the dropped one.
+        room = self.rooms.get_or_create(grants.room)
         if len(self._members(room)) >= limit:
             self.rooms.drop_if_empty(room)
             raise ProtocolError(
@@ -364,7 +374,7 @@ class RoomHub:
             transport = self.engine.create_transport("rtc-sub", None, None, [])
             transport.on_closed = lambda t: self._transport_closed(participant, t)
             participant.subscriber = transport
-            participant.offers = SubscriberOffers(self._local(transport))
+            participant.offers = SubscriberOffers(self._local(transport), recycle=reuse_sections)
             transport.on_connected = lambda _t: self._subscriber_connected(participant)
         self._broadcast(
             room, {"type": "participant_joined", "participant": participant.public()}, exclude=pid
@@ -420,6 +430,11 @@ class RoomHub:
 
     def _transport_closed(self, participant: Participant, transport: Transport) -> None:
         if participant.left:
+            return
+        if transport.closed_by_client:
+            # A client closes its peer connection (DTLS close_notify) when it leaves: the
+            # others should see it go now, not after the reconnect window.
+            self._remove(participant, "closed its media connection")
             return
         reason = transport.close_reason or "closed"
         if transport is participant.subscriber:
@@ -522,7 +537,9 @@ class RoomHub:
         if participant.publication is session:
             participant.publication = None
         self.rooms.remove(session)
-        if not participant.left:
+        if not participant.left and session.transport.closed_by_client:
+            self._remove(participant, "closed its media connection")
+        elif not participant.left:
             participant.send(
                 {
                     "type": "error",
@@ -543,6 +560,11 @@ class RoomHub:
     def subscribe_answer(self, participant: Participant, sdp: str) -> None:
         offers, transport = participant.offers, participant.subscriber
         if offers is None or transport is None:
+            if participant.grants.can_subscribe:
+                raise ProtocolError(
+                    "transport_closed",
+                    "the receiving connection is closed; join again to receive media",
+                )
             raise ProtocolError(
                 "no_subscribe_grant", "this participant has no subscriber transport"
             )
@@ -672,6 +694,7 @@ async def rtc_socket(request: web.Request) -> web.StreamResponse:
     participant: Participant | None = None
     writer: asyncio.Task[None] | None = None
     queue: object = None
+    ws_failed = False
     try:
         participant = await _join(request, ws, hub)
         if participant is None:
@@ -688,6 +711,7 @@ async def rtc_socket(request: web.Request) -> web.StreamResponse:
         async for msg in ws:
             if msg.type is not WSMsgType.TEXT:
                 if msg.type is WSMsgType.ERROR:
+                    ws_failed = True
                     break
                 participant.send(_error("invalid_message", "messages are JSON text"))
                 continue
@@ -706,7 +730,15 @@ async def rtc_socket(request: web.Request) -> web.StreamResponse:
     finally:
         if participant is not None and writer is not None:
             # A resumed participant has a new socket and queue: this one's end changes nothing.
-            if not participant.left and participant.outbox is queue:
+            if (
+                not participant.left
+                and participant.outbox is queue
+                and ws.close_code in CLIENT_LEFT_CODES
+                and not ws_failed
+            ):
+                # The client closed its socket on purpose (a closed tab says 1001): it left.
+                hub._remove(participant, f"closed its socket ({ws.close_code})")
+            elif not participant.left and participant.outbox is queue:
                 # Dropped, not left: the others see nothing until the reconnect window ends.
                 participant.connected = False
                 participant.disconnected_at = time.monotonic()
@@ -811,7 +843,10 @@ async def _join(
     name = data.get("name")
     try:
         participant = hub._new_participant(
-            grants, name if isinstance(name, str) else None, lifecycle.hold("room_participant")
+            grants,
+            name if isinstance(name, str) else None,
+            lifecycle.hold("room_participant"),
+            reuse_sections=data.get("reuse_sections") is True,
         )
     except ProtocolError as exc:
         await refuse(exc.code, exc.message)

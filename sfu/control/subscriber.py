@@ -4,8 +4,9 @@ One transport per participant carries every track it subscribes to, one m-sectio
 Tracks come and go, so the SFU renegotiates. A section whose track ended is *retired*: offered
 `a=inactive`, still inside the BUNDLE group, never rejected with port 0 — rejecting the section
 that tags the BUNDLE group makes the client tear down the one transport every stream shares.
-Once the client has answered a retirement, the section is free and the next track of the same
-kind reuses it (same mid, new SSRC and msid), so sections do not pile up over a long call.
+Once the client has answered a retirement, the section is free and, for a client that said it
+can take one (`reuse_sections` in its join), the next track of the same kind reuses it (same
+mid, new SSRC and msid), so sections do not pile up over a long call.
 Sections are never reordered or removed, as offer/answer requires (RFC 8829 §5.2.2). The SFU
 offers each track with the publisher's own payload type and extension ids, so forwarding needs
 no payload-type rewrite; a client that cannot decode the codec rejects the section (port 0 in
@@ -71,10 +72,13 @@ class SubscriberOffers:
     # How many sections the outstanding offer had: tracks added while it is outstanding
     # belong to the next offer, not to the answer being waited for.
     offered: int = 0
+    # Whether the client can take a new track on a retired section (browsers can; aiortc's
+    # receivers are one-shot and cannot). Without it, sections are appended as before.
+    recycle: bool = False
 
     def add(self, producer: Producer, stream: str, downtrack: DownTrack) -> OfferedTrack:
         downtrack.paused = True
-        for index, old in enumerate(self.sections):
+        for index, old in enumerate(self.sections if self.recycle else ()):
             if old.free and old.kind == producer.kind:
                 track = OfferedTrack(old.mid, producer.kind, producer, stream, downtrack)
                 self.sections[index] = track

@@ -54,6 +54,7 @@ class Transport:
         "_sendto",
         "addr",
         "close_reason",
+        "closed_by_client",
         "downtracks_by_ssrc",
         "dtls",
         "ice",
@@ -90,6 +91,8 @@ class Transport:
         self.stats = stats
         self.state = TransportState.NEW
         self.close_reason: str | None = None
+        # The client ended the association itself (DTLS close_notify): it is leaving.
+        self.closed_by_client = False
         self.addr: Address | None = None
         self.srtp: SrtpSession | None = None
         self.rtcp_ssrc = secrets.randbits(32) or 1
@@ -197,6 +200,7 @@ class Transport:
             self.stats.dtls_failed += 1
             self.close(f"DTLS failed: {self.dtls.failure_reason}")
         elif state is DtlsState.CLOSED:
+            self.closed_by_client = True
             self.close("client closed DTLS")
 
     # -- SRTP / SRTCP ------------------------------------------------------------------------

@@ -27,7 +27,7 @@ class Offers:
     """A SubscriberOffers with producers and down-tracks of its own."""
 
     def __init__(self) -> None:
-        self.offers = SubscriberOffers(LOCAL)
+        self.offers = SubscriberOffers(LOCAL, recycle=True)
         self.sink = Sink()
         self.next_ssrc = 1000
 

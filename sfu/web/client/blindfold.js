@@ -437,7 +437,9 @@ export class BlindfoldRoom {
       );
       ws.onopen = () => {
         /** @type {Record<string, any>} */
-        const join = { type: 'join', version: PROTOCOL_VERSION, token: this.options.token };
+        // reuse_sections: browsers fire a new track event when a retired (inactive) m-section
+        // carries a new track, so the SFU may recycle sections instead of appending them.
+        const join = { type: 'join', version: PROTOCOL_VERSION, token: this.options.token, reuse_sections: true };
         if (this.options.name) join.name = this.options.name;
         if (resume) join.resume = this.resumeToken;
         ws.send(JSON.stringify(join));
