@@ -215,6 +215,13 @@ class MediaCollector(Collector):
             },
         )
         yield _counter(
+            "sfu_transport_feedback_sent",
+            "Transport-wide congestion control feedback packets (RTCP RTPFB FMT 15) sent to "
+            "publishers, whose own estimators set their send rate from them.",
+            None,
+            {"": stats.twcc_feedback_sent},
+        )
+        yield _counter(
             "sfu_rtx_packets_sent",
             "Retransmissions sent to subscribers on their RTX streams (RFC 4588).",
             None,

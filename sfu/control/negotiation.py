@@ -36,8 +36,11 @@ from sfu.control.sdp import (
 )
 from sfu.media.producer import TrackCodec
 
-# Describe the publisher's own hop; the SFU does not generate the feedback they need.
+# Describe the publisher's own hop, never forwarded. transport-cc is negotiated with
+# publishers (the SFU sends them transport-wide feedback, sfu/media/twcc.py); abs-send-time
+# is not (it only serves REMB, which the SFU does not send).
 HOP_BY_HOP_EXTENSIONS = frozenset({EXT_TRANSPORT_CC, EXT_ABS_SEND_TIME})
+NOT_NEGOTIATED_WITH_PUBLISHERS = frozenset({EXT_ABS_SEND_TIME})
 # Identify a stream on the publisher's transport; subscribers are told SSRCs instead.
 NOT_FORWARDED_EXTENSIONS = HOP_BY_HOP_EXTENSIONS | {EXT_MID, EXT_RID, EXT_REPAIRED_RID}
 SUPPORTED_NAMES = "Opus, VP8, VP9, H.264, AV1"
@@ -111,7 +114,9 @@ def plan_publisher(offer: SessionDescription) -> PublisherPlan:
             (c for c in codecs if c.key == RTX_CODEC and c.apt == primary.payload_type), None
         )
         ext_ids = {
-            uri: ext_id for uri, ext_id in m.extmaps().items() if uri not in HOP_BY_HOP_EXTENSIONS
+            uri: ext_id
+            for uri, ext_id in m.extmaps().items()
+            if uri not in NOT_NEGOTIATED_WITH_PUBLISHERS
         }
         ssrc, rtx_ssrc = _declared_ssrcs(m)
         mid = m.mid or ""

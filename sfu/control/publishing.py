@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from sfu.control.negotiation import PublishedTrack
-from sfu.control.sdp import EXT_MID
+from sfu.control.sdp import EXT_MID, EXT_TRANSPORT_CC
 from sfu.media.engine import MediaEngine
 from sfu.media.producer import Producer
 from sfu.media.transport import Transport
@@ -20,7 +20,8 @@ def open_producers(
     on_violation: Callable[[Producer, str], None],
 ) -> list[Producer]:
     """One producer per negotiated track, with the room's E2EE policy attached; the
-    transport learns the MID extension id so undeclared SSRCs can be bound (RFC 8843)."""
+    transport learns the MID extension id so undeclared SSRCs can be bound (RFC 8843), and the
+    transport-wide sequence number's id so it can send congestion feedback."""
     producers = []
     for track in tracks:
         producer = engine.add_producer(
@@ -39,4 +40,7 @@ def open_producers(
     mid_ids = [t.ext_ids[EXT_MID] for t in tracks if EXT_MID in t.ext_ids]
     if mid_ids:
         transport.mid_ext_id = mid_ids[0]
+    twcc_ids = [t.ext_ids[EXT_TRANSPORT_CC] for t in tracks if EXT_TRANSPORT_CC in t.ext_ids]
+    if twcc_ids:
+        transport.enable_twcc(twcc_ids[0])
     return producers

@@ -351,6 +351,7 @@ def usable_codecs(m: MediaSection) -> list[Codec]:
 
 
 def media_fb(codec: Codec) -> list[str]:
-    """rtcp-fb the SFU honours itself: NACK (served from cache), PLI/FIR, not REMB/TWCC."""
-    keep = {"nack", "nack pli", "ccm fir"}
+    """rtcp-fb the SFU honours itself: NACK (served from cache), PLI/FIR, and transport-cc
+    (it sends publishers transport-wide feedback); not REMB."""
+    keep = {"nack", "nack pli", "ccm fir", "transport-cc"}
     return [fb for fb in codec.rtcp_fb if fb.lower() in keep]

@@ -347,7 +347,11 @@ class MediaEngine(asyncio.DatagramProtocol):
                 self._forget(transport)
             elif transport.state is TransportState.CONNECTING:
                 transport.on_timer(now)
-            elif send_reports and transport.state is TransportState.CONNECTED:
+                continue
+            if transport.state is TransportState.CONNECTED and transport.twcc is not None:
+                # Every TIMER_INTERVAL (50 ms): the publisher's estimator needs fresh arrivals.
+                transport.send_transport_feedback()
+            if send_reports and transport.state is TransportState.CONNECTED:
                 transport.send_sender_reports()
                 for producer in transport.producers:
                     producer.check_policy(now, self.settings.e2ee_grace_period)

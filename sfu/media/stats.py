@@ -69,6 +69,7 @@ class MediaStats:
         "rtp_unroutable",
         "rtx_sent",
         "srtp_failures",
+        "twcc_feedback_sent",
     )
 
     def __init__(self) -> None:
@@ -98,6 +99,7 @@ class MediaStats:
         self.nacks_served = 0
         # NACKed packets not resent: [already resent within an RTT, too old, over budget].
         self.nacks_suppressed = [0, 0, 0]
+        self.twcc_feedback_sent = 0
         self.pli_received = 0
         self.rtcp_in = 0
         self.rtcp_malformed = 0

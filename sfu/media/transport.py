@@ -28,9 +28,10 @@ from sfu.media.rtcp import (
     build_pli,
     parse_rtcp,
 )
-from sfu.media.rtp import RtpHeader, parse_header, read_sdes_extension
+from sfu.media.rtp import RtpHeader, find_extension, parse_header, read_sdes_extension
 from sfu.media.srtp import SrtpSession
 from sfu.media.stats import FORWARD_SAMPLE_EVERY, MediaStats
+from sfu.media.twcc import TwccRecorder
 
 if TYPE_CHECKING:
     from sfu.media.downtrack import DownTrack
@@ -72,6 +73,8 @@ class Transport:
         "srtp",
         "state",
         "stats",
+        "twcc",
+        "twcc_ext_id",
     )
 
     def __init__(
@@ -102,6 +105,9 @@ class Transport:
         self.rtx_by_ssrc: dict[int, Producer] = {}
         self.producers_by_mid: dict[str, Producer] = {}
         self.mid_ext_id: int | None = None
+        # Transport-wide congestion control (publishers): 0 until negotiated.
+        self.twcc_ext_id = 0
+        self.twcc: TwccRecorder | None = None
         self.downtracks_by_ssrc: dict[int, DownTrack] = {}
         self.on_connected: Callable[[Transport], None] | None = None
         self.on_closed: Callable[[Transport], None] | None = None
@@ -145,6 +151,22 @@ class Transport:
     def send_nack(self, producer: Producer, seqs: list[int]) -> None:
         if producer.ssrc is not None:
             self.send_rtcp(build_nack(self.rtcp_ssrc, producer.ssrc, seqs))
+
+    def enable_twcc(self, ext_id: int) -> None:
+        """The publisher stamps transport-wide sequence numbers with `ext_id`: record their
+        arrivals and send feedback (`send_transport_feedback`)."""
+        self.twcc_ext_id = ext_id
+        if self.twcc is None:
+            self.twcc = TwccRecorder()
+
+    def send_transport_feedback(self) -> None:
+        twcc = self.twcc
+        if twcc is None or not twcc.pending:
+            return
+        media_ssrc = next((p.ssrc for p in self.producers if p.ssrc is not None), 0)
+        for packet in twcc.build_feedback(self.rtcp_ssrc, media_ssrc):
+            self.send_rtcp(packet)
+            self.stats.twcc_feedback_sent += 1
 
     def set_remote_fingerprints(self, fingerprints: list[Fingerprint]) -> None:
         """The client's DTLS fingerprint, when it arrives after the transport was made (the
@@ -235,6 +257,11 @@ class Transport:
             return
         self.stats.rtp_in += 1
         self.stats.rtp_bytes_in += len(data)
+        if self.twcc_ext_id and hdr.has_extension:
+            found = find_extension(plain, hdr, self.twcc_ext_id)
+            if found is not None and found[1] >= 2 and self.twcc is not None:
+                at = found[0]
+                self.twcc.record(plain[at] << 8 | plain[at + 1], time.monotonic_ns() // 1000)
         if self.packet_tap is not None:
             self.packet_tap(plain)
         producer = self.producers_by_ssrc.get(hdr.ssrc)

@@ -114,7 +114,10 @@ def test_publisher_gets_exactly_one_codec_with_its_rtx(
     assert f"a=rtcp-fb:{pt} nack pli" in body
     assert f"a=rtcp-fb:{pt} ccm fir" in body
     assert "goog-remb" not in body
-    assert "transport-cc" not in body
+    # The SFU sends publishers transport-wide feedback, so it keeps transport-cc (extension
+    # and rtcp-fb); abs-send-time serves only REMB, which it does not send.
+    assert f"a=rtcp-fb:{pt} transport-cc" in body
+    assert "transport-wide-cc-extensions-01" in body
     assert "abs-send-time" not in body
     # Extensions the SFU forwards or reads stay, with the publisher's ids.
     assert f"a=extmap:12 {EXT_DEPENDENCY_DESCRIPTOR}" in body
