@@ -393,3 +393,25 @@ async def test_garbage_datagrams_do_not_disturb_a_live_session(sfu: Server) -> N
         sock.close()
         await pub.close()
         await sub.close()
+
+
+async def test_a_session_the_sfu_ends_is_closed_on_the_client_at_once(sfu: Server) -> None:
+    """The SFU ends the subscriber's session (as for DELETE, an e2ee policy stop, the drain
+    deadline): RTCP BYE then DTLS close_notify, and a standard stack leaves `connected`
+    immediately instead of waiting for its own timeouts."""
+    pub, _ = await publish(sfu, "cam")
+    sub, counter = await subscribe(sfu, "cam")
+    try:
+        await wait_for(lambda: counter.frames["video"] >= 5, what="video decoding")
+        session = next(s for s in sfu.rooms.sessions.values() if s.kind == "whep")
+        session.transport.close("ended by the operator")
+        await wait_for(
+            lambda: sub.connectionState in ("closed", "failed"),
+            timeout=2,
+            what="the subscriber's stack to see the end",
+        )
+        # BYE for every stream ended its tracks as well.
+        await wait_for(lambda: all(t.done() for t in counter.tasks), timeout=2, what="tracks")
+    finally:
+        await pub.close()
+        await sub.close()
