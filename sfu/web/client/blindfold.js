@@ -246,7 +246,8 @@ export class BlindfoldRoom {
     /** @private @type {RTCIceServer[]} */ this.iceServers = [];
     /** @private @type {Promise<void>} */ this.subscriberQueue = Promise.resolve();
     /** @private @type {Map<string, string>} mid -> SFU track id */ this.midTracks = new Map();
-    /** @private @type {WeakSet<RTCRtpReceiver>} */ this.transformed = new WeakSet();
+    /** @private @type {WeakMap<RTCRtpReceiver, {label: number, trackId: string|null}>} */ this.transformed = new WeakMap();
+    /** @private */ this.nextLabel = 1;
     /** @private @type {{resolve: (m: any) => void, reject: (e: Error) => void}|null} */
     this.pendingPublish = null;
     /** @private @type {Record<string, string>} kind -> our SFU track id */ this.ownTracks = {};
@@ -333,7 +334,8 @@ export class BlindfoldRoom {
    * diagnostics). Media keeps flowing while the client resumes within the reconnect window.
    */
   dropConnection() {
-    this.ws?.close();
+    // 4000 (an application code): not 1000/1001, which tell the server the client left.
+    this.ws?.close(4000, 'simulated connection loss');
   }
 
   /**
@@ -940,15 +942,27 @@ export class BlindfoldRoom {
    */
   ensureDecrypt(transceiver) {
     const receiver = transceiver.receiver;
-    if (this.transformed.has(receiver)) return;
     const trackId = transceiver.mid !== null ? this.midTracks.get(transceiver.mid) : undefined;
     const info = trackId !== undefined ? this.tracks.get(trackId) : undefined;
-    this.transformed.add(receiver);
+    const peerId = info?.participant ?? null;
+    const known = this.transformed.get(receiver);
+    if (known !== undefined) {
+      // The SFU recycles retired sections: the same receiver now carries another sender's
+      // track, so its decrypt stats must be labelled (and judged) as that sender's.
+      if (trackId !== undefined && known.trackId !== trackId) {
+        known.trackId = trackId;
+        this.worker?.postMessage({ type: 'relabel', label: known.label, peerId, trackId });
+      }
+      return;
+    }
+    const label = this.nextLabel++;
+    this.transformed.set(receiver, { label, trackId: trackId ?? null });
     this.attachTransform(receiver, {
       operation: 'decrypt',
       kind: receiver.track.kind,
-      peerId: info?.participant ?? null,
+      peerId,
       trackId: trackId ?? null,
+      label,
     });
   }
 

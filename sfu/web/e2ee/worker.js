@@ -21,6 +21,10 @@
 //   { type: 'addReceiveKey', kid, key }  from KeyExchange's onKey
 //   { type: 'removeReceiveKey', kid }    from KeyExchange's onKeyRemoved
 //   { type: 'statsInterval', ms }        how often stats are posted (default 1000; 0 = never)
+//   { type: 'relabel', label, peerId, trackId }
+//                                        a receiver whose options carried `label` now carries
+//                                        another sender's track (the SFU recycled its section):
+//                                        new labels, counters from zero
 // Messages the worker posts:
 //   { type: 'stats', streams: [{ id, operation, kind, peerId, trackId, ended, ok, empty, noKey,
 //       unknownKid, authFailed, malformed, unsupported, dropped, lastKid }],
@@ -39,6 +43,7 @@ const cryptor = new FrameCryptor();
  * @property {'audio'|'video'} [kind]  when absent, taken from the frame (video frames have `type`)
  * @property {string} [peerId]   for receive streams: whose media this is (for the page's labels)
  * @property {string} [trackId]
+ * @property {number} [label]    the page's id for the receiver, for `relabel`
  */
 
 /**
@@ -158,6 +163,20 @@ function postStats() {
   self.postMessage({ type: 'stats', streams: list, totals: { encrypt: sum(totals.encrypt), decrypt: sum(totals.decrypt) } });
 }
 
+/**
+ * @param {number} label
+ * @param {string|null} peerId
+ * @param {string|null} trackId
+ */
+function relabel(label, peerId, trackId) {
+  for (const entry of streams.values()) {
+    if (entry.options.label !== label) continue;
+    // A different sender: its frames must not be judged by the previous sender's counts.
+    entry.options = { ...entry.options, peerId: peerId ?? undefined, trackId: trackId ?? undefined };
+    entry.stats = new FrameStats();
+  }
+}
+
 /** @param {number} ms */
 function setStatsInterval(ms) {
   if (statsTimer !== null) clearInterval(statsTimer);
@@ -191,6 +210,9 @@ self.onmessage = (event) => {
         break;
       case 'statsInterval':
         setStatsInterval(Number(msg.ms));
+        break;
+      case 'relabel':
+        relabel(msg.label, msg.peerId ?? null, msg.trackId ?? null);
         break;
       default:
         reportError(new Error(`unknown message type ${JSON.stringify(msg?.type)}`));
