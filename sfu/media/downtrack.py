@@ -38,6 +38,9 @@ NTP_EPOCH_OFFSET = 2208988800  # seconds from 1900-01-01 (NTP) to 1970-01-01 (Un
 # keyframes reached it has its interval doubled, up to this many times the base interval.
 DEFAULT_SUBSCRIBER_KEYFRAME_INTERVAL = 2.0
 KEYFRAME_BACKOFF_MAX = 4
+# Only a subscriber that receives well (reported loss under this) and still asks is backed
+# off; one losing packets may really have lost the keyframe and stays at the base interval.
+KEYFRAME_BACKOFF_LOSS = 0.1
 # Retransmissions (NACK service) are budgeted too, or a subscriber on a slow link NACKs what
 # congestion dropped, the resends congest it more, and it ends up sent many times its media:
 # - a packet is resent at most once per round trip (RTT from its receiver reports, at least
@@ -48,6 +51,7 @@ KEYFRAME_BACKOFF_MAX = 4
 MIN_RTT = 0.05
 DEFAULT_RTT = 0.1
 RTX_SHARE = 0.5
+RTX_LOSS_CUTOFF = 0.5
 RTX_BURST = 256 * 1024
 RTX_INITIAL_CREDIT = 32 * 1024  # so the first packets of a new copy can be repaired too
 NACK_MAX_AGE = 1.0
@@ -111,6 +115,7 @@ class DownTrack:
         "_last_out_at",
         "_resent_at",
         "_resent_seq",
+        "_rtt_measured",
         "_rtx_credit",
         "_rtx_mark",
         "_rtx_seq",
@@ -125,6 +130,7 @@ class DownTrack:
         "kind",
         "last_out_seq",
         "last_out_ts",
+        "loss",
         "nack_misses",
         "nacks_received",
         "nacks_served",
@@ -197,6 +203,8 @@ class DownTrack:
         self._keyframe_asked_at: float | None = None
         self._keyframe_pending = False
         self.rtt = DEFAULT_RTT
+        self._rtt_measured = False
+        self.loss = 0.0  # fraction lost in the subscriber's last receiver report
         self._rtx_credit = float(RTX_INITIAL_CREDIT)
         self._rtx_mark = 0
         # Allocated at the first NACK: most copies never see one.
@@ -321,7 +329,11 @@ class DownTrack:
         producer = self.producer
         now = self.clock()
         sent = self.octets_sent
-        credit = min(self._rtx_credit + (sent - self._rtx_mark) * RTX_SHARE, RTX_BURST)
+        # Resends help a subscriber that loses a little; one that loses much is congested,
+        # and more resends only deepen it: the share shrinks with its reported loss, to
+        # nothing at RTX_LOSS_CUTOFF.
+        share = RTX_SHARE * max(0.0, 1.0 - self.loss / RTX_LOSS_CUTOFF)
+        credit = min(self._rtx_credit + (sent - self._rtx_mark) * share, RTX_BURST)
         self._rtx_mark = sent
         resent_seq = self._resent_seq
         if resent_seq is None:
@@ -397,7 +409,7 @@ class DownTrack:
                 return
             if since >= 4 * interval:
                 self._keyframe_interval = self._keyframe_base  # quiet for long: forgiven
-            elif not self._keyframe_pending:
+            elif not self._keyframe_pending and self.loss < KEYFRAME_BACKOFF_LOSS:
                 self._keyframe_interval = min(
                     interval * 2, self._keyframe_base * KEYFRAME_BACKOFF_MAX
                 )
@@ -405,14 +417,18 @@ class DownTrack:
         self._keyframe_pending = True
         self.producer.request_keyframe()
 
-    def on_report(self, lsr: int, dlsr: int) -> None:
-        """A reception report block about this copy: its round-trip time (RFC 3550 §6.4.1)."""
+    def on_report(self, fraction_lost: int, lsr: int, dlsr: int) -> None:
+        """A reception report block about this copy (RFC 3550 §6.4.1): the share of packets
+        it lost, and the round-trip time, smoothed as TCP does (RFC 6298) so one short sample
+        cannot shrink the resend guard below the real round trip."""
+        self.loss = fraction_lost / 256
         if lsr == 0:
             return  # no SR of ours reached the subscriber yet
         compact = (ntp_now(self.wallclock()) >> 16) & 0xFFFFFFFF
-        rtt = ((compact - lsr - dlsr) & 0xFFFFFFFF) / 65536
-        if rtt < 10.0:
-            self.rtt = rtt
+        sample = ((compact - lsr - dlsr) & 0xFFFFFFFF) / 65536
+        if sample < 10.0:
+            self.rtt = sample if not self._rtt_measured else 0.875 * self.rtt + 0.125 * sample
+            self._rtt_measured = True
 
     # -- periodic ----------------------------------------------------------------------------
 

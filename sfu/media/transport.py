@@ -341,7 +341,7 @@ class Transport:
                 for block in packet.reports:
                     downtrack = self.downtracks_by_ssrc.get(block.ssrc)
                     if downtrack is not None:
-                        downtrack.on_report(block.lsr, block.dlsr)
+                        downtrack.on_report(block.fraction_lost, block.lsr, block.dlsr)
 
     def _on_nack(self, nack: Nack) -> None:
         downtrack = self.downtracks_by_ssrc.get(nack.media_ssrc)

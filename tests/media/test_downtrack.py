@@ -303,5 +303,30 @@ def test_receiver_reports_give_the_round_trip_time() -> None:
     feed(producer, vp8_packet(1, 0, key=True))
     compact = (ntp_now(1_700_000_000.0) >> 16) & 0xFFFFFFFF
     # Our SR left 0.25 s ago (in 1/65536 s) and the receiver held it 0.05 s.
-    downtrack.on_report((compact - int(0.25 * 65536)) & 0xFFFFFFFF, int(0.05 * 65536))
+    downtrack.on_report(0, (compact - int(0.25 * 65536)) & 0xFFFFFFFF, int(0.05 * 65536))
     assert abs(downtrack.rtt - 0.2) < 0.001
+    # Later samples are smoothed: one short round trip cannot collapse the estimate.
+    downtrack.on_report(0, (compact - int(0.01 * 65536)) & 0xFFFFFFFF, 0)
+    assert 0.17 < downtrack.rtt < 0.19
+
+
+def test_a_subscriber_losing_much_gets_no_resends_and_keeps_its_keyframe_interval() -> None:
+    producer, downtrack, sink, upstream, clock = setup()
+    for seq in range(400, 420):
+        feed(producer, vp8_packet(seq, 9000, key=seq == 400))
+    out = [parse_header(p).seq for p in sink.rtp]  # type: ignore[union-attr]
+    downtrack.on_report(128, 0, 0)  # half its packets lost: congested, not unlucky
+    downtrack._rtx_credit = 0.0
+    downtrack._rtx_mark = 0
+    sink.rtp.clear()
+    downtrack.on_nack(tuple(out[1:10]))
+    assert sink.rtp == []
+    assert downtrack.stats.nacks_suppressed[2] == 9
+    # It asks for keyframes after they were sent: it may have lost them, so no back-off.
+    upstream.keyframe_requests = 0
+    for step in range(4):
+        clock.now += 2.1
+        feed(producer, vp8_packet(420 + step, 12000 + step, key=True))
+        downtrack.on_keyframe_request()
+    assert upstream.keyframe_requests == 4
+    assert downtrack._keyframe_interval == 2.0
