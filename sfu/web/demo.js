@@ -14,6 +14,7 @@ import { BlindfoldError, joinRoom } from './client/blindfold.js';
 
 const ROOM_RE = /^[A-Za-z0-9_.-]{1,64}$/;
 const PASSPHRASE_BYTES = 16; // 128 bits; docs/e2ee.md asks for at least 96
+const IN_CALL_KEY = 'blindfold.in-call'; // sessionStorage: this tab was in a call (room name)
 
 /** @param {string} id @returns {any} */
 const $ = (id) => {
@@ -59,6 +60,29 @@ function inviteLink() {
   if (roomName) params.set('room', roomName);
   params.set('passphrase', current.get('passphrase') ?? '');
   return `${location.origin}/#${params}`;
+}
+
+const ROOM_WORDS = [
+  ['amber', 'brisk', 'calm', 'dusty', 'eager', 'fuzzy', 'gentle', 'hazel', 'ivory', 'jolly',
+    'keen', 'lucky', 'mellow', 'nimble', 'olive', 'proud', 'quiet', 'rapid', 'sunny', 'tidy'],
+  ['otter', 'heron', 'badger', 'falcon', 'lynx', 'marten', 'newt', 'orca', 'panda', 'quail',
+    'raven', 'seal', 'tapir', 'urchin', 'viper', 'walrus', 'yak', 'zebra', 'ibis', 'koala'],
+];
+
+/** @returns {string} a readable random room name, e.g. "amber-otter-42" */
+function randomRoomName() {
+  const [a, b, n] = crypto.getRandomValues(new Uint32Array(3));
+  return `${ROOM_WORDS[0][a % ROOM_WORDS[0].length]}-${ROOM_WORDS[1][b % ROOM_WORDS[1].length]}-${10 + (n % 90)}`;
+}
+
+/** The room in the link, or a new random one put into the link, so every invite has one. */
+function ensureRoom() {
+  let roomName = fragment().get('room');
+  if (!roomName || !ROOM_RE.test(roomName)) {
+    roomName = randomRoomName();
+    setFragment({ room: roomName });
+  }
+  return roomName;
 }
 
 function ensurePassphrase() {
@@ -184,6 +208,8 @@ async function onJoin(event) {
       transformApi: params.get('e2ee_api') === 'streams' ? 'streams' : 'auto',
     });
     showCall(roomName, name);
+    // A reload of this tab rejoins by itself (room and passphrase are in the link).
+    try { sessionStorage.setItem(IN_CALL_KEY, roomName); } catch { /* private mode */ }
   } catch (err) {
     localStream?.getTracks().forEach((t) => t.stop());
     localStream = null;
@@ -199,8 +225,20 @@ async function onJoin(event) {
 async function onLeave() {
   const current = room;
   room = null;
+  try { sessionStorage.removeItem(IN_CALL_KEY); } catch { /* private mode */ }
   await current?.leave();
   showJoin();
+}
+
+/**
+ * The tab is closing or reloading: tell the server now, so the others see us leave at once
+ * (the `leave` message goes out synchronously; the rest of leave() may never run). The
+ * in-call mark stays, so a reload rejoins by itself.
+ */
+function onPageHide() {
+  const current = room;
+  room = null;
+  current?.leave().catch(() => {});
 }
 
 /** @param {string} roomName @param {string} name */
@@ -219,6 +257,7 @@ function showCall(roomName, name) {
 }
 
 function showJoin() {
+  $('alone').hidden = true;
   localStream?.getTracks().forEach((t) => t.stop());
   localStream = null;
   for (const tile of document.querySelectorAll('.tile:not(.local)')) tile.remove();
@@ -410,11 +449,14 @@ function renderPeers() {
     li.dataset.participant = id;
     list.append(li);
   }
-  if (room.participants.size === 0) {
+  const alone = room.participants.size === 0;
+  if (alone) {
     const li = document.createElement('li');
     li.textContent = 'Nobody else yet: share the invite link.';
     list.append(li);
   }
+  $('alone').hidden = !alone;
+  if (alone) $('alone-link').textContent = inviteLink();
 }
 
 // --- controls --------------------------------------------------------------------------------
@@ -535,14 +577,21 @@ window.blindfoldTest = {
 // --- start -----------------------------------------------------------------------------------
 
 function init() {
-  const params = fragment();
   ensurePassphrase();
-  const roomName = params.get('room');
-  if (roomName) $('room-input').value = roomName;
+  const roomName = ensureRoom();
+  $('room-input').value = roomName;
+  let savedName = '';
   try {
-    const saved = localStorage.getItem('blindfold.name');
-    if (saved) $('name-input').value = saved;
+    savedName = localStorage.getItem('blindfold.name') ?? '';
+    if (savedName) $('name-input').value = savedName;
   } catch { /* private mode */ }
+  // Typing another room name keeps the link (and so the invite) in step with it.
+  $('room-input').addEventListener('input', () => {
+    const typed = $('room-input').value.trim();
+    if (ROOM_RE.test(typed)) setFragment({ room: typed });
+  });
+  window.addEventListener('pagehide', onPageHide);
+  $('copy-link-alone').addEventListener('click', () => copyInvite('alone-status'));
   $('join-form').addEventListener('submit', onJoin);
   $('leave-button').addEventListener('click', onLeave);
   $('mute-audio').addEventListener('click', () => toggleMute('audio'));
@@ -559,8 +608,7 @@ function init() {
   // Someone pasted a different link into this tab: follow it.
   window.addEventListener('hashchange', () => {
     if (room !== null) return;
-    const room2 = fragment().get('room');
-    if (room2) $('room-input').value = room2;
+    $('room-input').value = ensureRoom();
     ensurePassphrase();
   });
   document.addEventListener('click', () => {
@@ -573,6 +621,13 @@ function init() {
     showError('join-error', 'This browser cannot encrypt media frames (no WebRTC encoded transforms). '
       + 'Blindfold calls are always end-to-end encrypted: please use a recent Chrome, Edge, Firefox or Safari.');
     $('join-button').disabled = true;
+    return;
+  }
+  let wasInCall = null;
+  try { wasInCall = sessionStorage.getItem(IN_CALL_KEY); } catch { /* private mode */ }
+  if (wasInCall === roomName && savedName) {
+    // A reload mid-call: room, passphrase and name are known, so join again at once.
+    $('join-form').requestSubmit();
   }
 }
 
