@@ -14,7 +14,7 @@ from aiohttp import web
 from sfu import __version__
 from sfu.config import DEV_API_KEY, DEV_API_SECRET, Config
 from sfu.control.http import create_app
-from sfu.control.rooms_ws import HUB_KEY, RoomHub
+from sfu.control.rooms import HUB_KEY, RoomHub
 from sfu.lifecycle import Lifecycle
 from sfu.media.dtls import DtlsCertificate
 from sfu.media.engine import MediaEngine, MediaSettings

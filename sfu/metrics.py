@@ -12,8 +12,8 @@ import asyncio
 import contextlib
 import logging
 import platform
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -40,7 +40,6 @@ from sfu.media.envelope import STATES
 from sfu.media.stats import FORWARD_SAMPLE_EVERY, LatencyHistogram
 
 if TYPE_CHECKING:
-    from sfu.control.rooms_ws import RoomHub
     from sfu.media.engine import MediaEngine
     from sfu.rooms import Rooms
 
@@ -104,11 +103,30 @@ async def stop_task(task: asyncio.Task[None] | None) -> None:
         await task
 
 
+class RoomsView(Protocol):
+    """What the metrics read of the room protocol (`sfu.control.rooms.RoomHub` is one):
+    read-only, so the metrics need not import the signaling code."""
+
+    @property
+    def relay_messages(self) -> int:
+        """Messages forwarded by the blind relay, one per recipient."""
+        ...
+
+    @property
+    def relay_bytes(self) -> int:
+        """Bytes of opaque payload forwarded by the blind relay."""
+        ...
+
+    def participant_identities(self) -> Iterable[tuple[str, str]]:
+        """(room, identity) of every room-protocol participant."""
+        ...
+
+
 class MediaCollector(Collector):
     """Exports the media plane's plain-int counters at scrape time (none are touched per
     packet by prometheus_client, which would cost microseconds each)."""
 
-    def __init__(self, engine: MediaEngine, rooms: Rooms, hub: RoomHub) -> None:
+    def __init__(self, engine: MediaEngine, rooms: Rooms, hub: RoomsView) -> None:
         self.engine = engine
         self.rooms = rooms
         self.hub = hub
@@ -282,9 +300,7 @@ class MediaCollector(Collector):
         verdicts = {(state, policy): 0 for state in STATES for policy in ("required", "optional")}
         published = {"audio": 0, "video": 0}
         subscriptions = 0
-        participants: set[tuple[str, str]] = {
-            (p.room, p.identity) for p in self.hub.participants.values()
-        }
+        participants: set[tuple[str, str]] = set(self.hub.participant_identities())
         for session in self.rooms.all_sessions():
             participants.add((session.room, session.identity))
             subscriptions += len(session.downtracks)

@@ -1,21 +1,31 @@
 """Domain state: rooms, the streams published in them, and the sessions that carry media.
 
 A WHIP session publishes one named stream (its audio and video tracks); a WHEP session
-subscribes to one. Rooms isolate everything: a stream name is only looked up inside the
-room the token grants.
+subscribes to one. A participant of the room protocol (one WebSocket, sfu/control/rooms/)
+publishes and receives over its own transports. Rooms isolate everything: a stream name is
+only looked up inside the room the token grants.
 """
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from sfu.media.downtrack import DownTrack
+from sfu.media.downtrack import DownTrack, JoinTimer
 from sfu.media.producer import Producer
 from sfu.media.transport import Transport
+
+if TYPE_CHECKING:
+    # Types only: the domain state imports nothing of the control plane at run time.
+    from sfu.control.auth import Grants
+    from sfu.control.subscriber import SubscriberOffers
+
+# Messages queued for one participant's socket before it counts as not reading.
+OUTBOX_LIMIT = 256
 
 
 class LimitExceeded(Exception):
@@ -49,12 +59,59 @@ class MediaSession:
 
 
 @dataclass(eq=False)
+class Participant:
+    """A participant of the room protocol: its socket's outbox and its media transports."""
+
+    id: str
+    room: str
+    identity: str
+    name: str | None
+    grants: Grants
+    resume_token: str
+    stream: str
+    slot: int
+    outbox: asyncio.Queue[dict[str, Any] | None] = field(default_factory=asyncio.Queue)
+    connected: bool = True
+    left: bool = False
+    overflowed: bool = False
+    disconnected_at: float | None = None
+    publication: MediaSession | None = None
+    subscriber: Transport | None = None
+    offers: SubscriberOffers | None = None
+    subscribe_all: bool = True
+    wanted: set[str] = field(default_factory=set)
+    muted: dict[str, bool] = field(default_factory=dict)
+    release_drain: Callable[[], None] = lambda: None
+    join: JoinTimer = field(default_factory=JoinTimer)
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "identity": self.identity,
+            "name": self.name,
+            "kind": "rtc",
+            "slot": self.slot,
+        }
+
+    def send(self, message: dict[str, Any]) -> None:
+        if self.left or not self.connected:
+            return  # a resuming client gets a fresh snapshot instead of a backlog
+        if self.outbox.qsize() >= OUTBOX_LIMIT:
+            # A client that stops reading must not make the server buffer without bound:
+            # its socket is closed (1008) and it may resume with a fresh snapshot.
+            self.overflowed = True
+            self.outbox.put_nowait(None)
+            return
+        self.outbox.put_nowait(message)
+
+
+@dataclass(eq=False)
 class Room:
     name: str
     publications: dict[str, MediaSession] = field(default_factory=dict)
     subscriptions: dict[str, MediaSession] = field(default_factory=dict)
     # Participants of the room protocol (WebSocket), by participant id; kept by the hub.
-    members: dict[str, object] = field(default_factory=dict)
+    members: dict[str, Participant] = field(default_factory=dict)
     # E2EE sender slots (KID = slot << 4 | generation, docs/e2ee.md §4): never reused within
     # a room's life, so a late frame of someone who left can never pass for a newcomer's.
     next_slot: int = 1

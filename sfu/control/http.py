@@ -9,9 +9,10 @@ from pathlib import Path
 from aiohttp import web
 
 from sfu.config import Config
-from sfu.control import rooms_ws, whip
+from sfu.control import whip
 from sfu.control.keys import CONFIG_KEY, ENGINE_KEY, LIFECYCLE_KEY, METRICS_KEY, ROOMS_KEY
 from sfu.control.problems import code_for_status, problem_response
+from sfu.control.rooms.socket import add_routes as add_room_routes
 from sfu.lifecycle import Lifecycle
 from sfu.media.engine import MediaEngine
 from sfu.metrics import Metrics
@@ -45,7 +46,7 @@ def create_app(
     if config.metrics.enabled:
         app.router.add_get("/metrics", metrics_endpoint)
     whip.add_routes(app)
-    rooms_ws.add_routes(app)
+    add_room_routes(app)
     add_web_routes(app)
     if config.dev_mode:
         app.router.add_post("/dev/token", dev_token)

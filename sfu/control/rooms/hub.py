@@ -1,11 +1,9 @@
-"""The room protocol: one WebSocket per participant at /rtc, JSON messages, version 1.
+"""`RoomHub`: the participants of every room, and what the room protocol does with them.
 
-A participant joins with a token, publishes over a peer connection it offers
-(`publish_offer` → `publish_answer`), and receives everything else over a second peer
-connection the SFU offers and renegotiates as tracks come and go (`subscribe_offer` →
-`subscribe_answer`). The SFU relays E2EE key-exchange messages blind: it forwards an opaque
-payload with the sender's participant id and never parses, stores or logs it.
-docs/protocol.md lists every message and error code.
+Join, resume and leave; publishing over the participant's own peer connection; the
+subscriber connection the SFU offers and renegotiates as tracks come and go; mute; the blind
+relay of E2EE key-exchange payloads; active-speaker events. The socket (`socket.py`) and the
+message handlers (`messages.py`) call in; WHIP/WHEP sessions reach it as a `RoomListener`.
 """
 
 from __future__ import annotations
@@ -14,104 +12,37 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import json
 import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import WSMsgType, web
-
-from sfu.config import Config
-from sfu.control.auth import AuthError, Grants, verify_token
-from sfu.control.keys import CONFIG_KEY, LIFECYCLE_KEY
+from sfu.config import Config, IceServer
+from sfu.control.auth import Grants
 from sfu.control.negotiation import (
     NOT_FORWARDED_EXTENSIONS,
     NegotiationError,
     plan_publisher,
     render_answer,
-    require_dtls_offer,
 )
 from sfu.control.publishing import open_producers
+from sfu.control.rooms.errors import ProtocolError
+from sfu.control.rooms.messages import MUTE_USAGE, PROTOCOL_VERSION, Tracks
 from sfu.control.sdp import LocalTransport, SdpError, SessionDescription, parse_sdp
 from sfu.control.subscriber import SubscriberOffers
-from sfu.control.whip import ice_server_links
 from sfu.logs import log_context
-from sfu.media.downtrack import JoinTimer
 from sfu.media.dtls import Fingerprint
 from sfu.media.engine import MediaEngine
 from sfu.media.producer import Producer
 from sfu.media.speaker import SpeakerDetector
 from sfu.media.transport import Transport
 from sfu.names import room_name_problem
-from sfu.rooms import LimitExceeded, MediaSession, Room, Rooms
+from sfu.rooms import MediaSession, Participant, Room, Rooms
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
-OUTBOX_LIMIT = 256
 SPEAKER_INTERVAL = 0.3
-# WebSocket close codes (RFC 6455 §7.4.1) by which a client ends the call on purpose: normal
-# closure and "going away" (a closed or reloaded tab). Anything else (1006 on a lost network,
-# a missed heartbeat) keeps the participant for the reconnect window.
-CLIENT_LEFT_CODES = frozenset({1000, 1001})
-
-
-class ProtocolError(Exception):
-    """A client mistake answered with an `error` message; fatal ones close the socket."""
-
-    def __init__(self, code: str, message: str, *, fatal: bool = False) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.fatal = fatal
-
-
-@dataclass(eq=False)
-class Participant:
-    id: str
-    room: str
-    identity: str
-    name: str | None
-    grants: Grants
-    resume_token: str
-    stream: str
-    slot: int
-    outbox: asyncio.Queue[dict[str, Any] | None] = field(default_factory=asyncio.Queue)
-    connected: bool = True
-    left: bool = False
-    overflowed: bool = False
-    disconnected_at: float | None = None
-    publication: MediaSession | None = None
-    subscriber: Transport | None = None
-    offers: SubscriberOffers | None = None
-    subscribe_all: bool = True
-    wanted: set[str] = field(default_factory=set)
-    muted: dict[str, bool] = field(default_factory=dict)
-    release_drain: Callable[[], None] = lambda: None
-    join: JoinTimer = field(default_factory=JoinTimer)
-
-    def public(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "identity": self.identity,
-            "name": self.name,
-            "kind": "rtc",
-            "slot": self.slot,
-        }
-
-    def send(self, message: dict[str, Any]) -> None:
-        if self.left or not self.connected:
-            return  # a resuming client gets a fresh snapshot instead of a backlog
-        if self.outbox.qsize() >= OUTBOX_LIMIT:
-            # A client that stops reading must not make the server buffer without bound:
-            # its socket is closed (1008) and it may resume with a fresh snapshot.
-            self.overflowed = True
-            self.outbox.put_nowait(None)
-            return
-        self.outbox.put_nowait(message)
 
 
 class RoomHub:
@@ -137,7 +68,7 @@ class RoomHub:
 
     async def close(self) -> None:
         for participant in list(self.participants.values()):
-            self._remove(participant, "server shutting down")
+            self.remove(participant, "server shutting down")
         if self._timer is not None:
             self._timer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -156,7 +87,7 @@ class RoomHub:
         for participant in list(self.participants.values()):
             gone = participant.disconnected_at
             if gone is not None and now - gone > window:
-                self._remove(participant, "did not reconnect in time")
+                self.remove(participant, "did not reconnect in time")
         for room_name, detector in list(self.speakers.items()):
             room = self.rooms.get(room_name)
             if room is None:
@@ -169,7 +100,11 @@ class RoomHub:
     # -- room state --------------------------------------------------------------------------
 
     def _members(self, room: Room) -> list[Participant]:
-        return [m for m in room.members.values() if isinstance(m, Participant)]
+        return list(room.members.values())  # a copy: removing a member may change the room
+
+    def participant_identities(self) -> list[tuple[str, str]]:
+        """(room, identity) of every participant, for the metrics (`RoomsView`)."""
+        return [(p.room, p.identity) for p in self.participants.values()]
 
     def _audio_producers(self, room: Room) -> dict[str, list[Producer]]:
         out: dict[str, list[Producer]] = {}
@@ -268,7 +203,7 @@ class RoomHub:
             self._broadcast(room, {"type": "track_unpublished", "track": producer.id})
             for member in self._members(room):
                 if member.offers is not None and member.offers.end(producer) is not None:
-                    self._send_offer(member)
+                    self.send_offer(member)
 
     # -- subscriptions -----------------------------------------------------------------------
 
@@ -310,9 +245,9 @@ class RoomHub:
             for track in member.offers.live():
                 if track.producer.id not in member.wanted:
                     member.offers.end(track.producer)
-        self._send_offer(member)
+        self.send_offer(member)
 
-    def _send_offer(self, member: Participant) -> None:
+    def send_offer(self, member: Participant) -> None:
         if member.offers is None:
             return
         sdp = member.offers.next_offer()
@@ -321,7 +256,7 @@ class RoomHub:
 
     # -- participants ------------------------------------------------------------------------
 
-    def _new_participant(
+    def new_participant(
         self,
         grants: Grants,
         name: str | None,
@@ -343,7 +278,7 @@ class RoomHub:
                         "fatal": True,
                     }
                 )
-                self._remove(existing, "replaced by a new connection")
+                self.remove(existing, "replaced by a new connection")
         # Removing the last member dropped the room: join the live one, not the dropped one.
         room = self.rooms.get_or_create(grants.room)
         if len(self._members(room)) >= limit:
@@ -389,7 +324,7 @@ class RoomHub:
             self.engine.candidates,
         )
 
-    def _joined_message(self, participant: Participant, resumed: bool) -> dict[str, Any]:
+    def joined_message(self, participant: Participant, resumed: bool) -> dict[str, Any]:
         room = self.rooms.get(participant.room)
         assert room is not None
         return {
@@ -415,7 +350,7 @@ class RoomHub:
         return [detector.dominant] if detector is not None and detector.dominant else []
 
     @staticmethod
-    def _ice_server(server: Any) -> dict[str, Any]:
+    def _ice_server(server: IceServer) -> dict[str, Any]:
         entry: dict[str, Any] = {"urls": list(server.urls)}
         if server.username is not None and server.credential is not None:
             entry["username"] = server.username
@@ -434,7 +369,7 @@ class RoomHub:
         if transport.closed_by_client:
             # A client closes its peer connection (DTLS close_notify) when it leaves: the
             # others should see it go now, not after the reconnect window.
-            self._remove(participant, "closed its media connection")
+            self.remove(participant, "closed its media connection")
             return
         reason = transport.close_reason or "closed"
         if transport is participant.subscriber:
@@ -448,7 +383,7 @@ class RoomHub:
             }
         )
 
-    def _remove(self, participant: Participant, reason: str) -> None:
+    def remove(self, participant: Participant, reason: str) -> None:
         if participant.left:
             return
         participant.left = True
@@ -538,7 +473,7 @@ class RoomHub:
             participant.publication = None
         self.rooms.remove(session)
         if not participant.left and session.transport.closed_by_client:
-            self._remove(participant, "closed its media connection")
+            self.remove(participant, "closed its media connection")
         elif not participant.left:
             participant.send(
                 {
@@ -591,25 +526,21 @@ class RoomHub:
                     "forwards the publisher's codec and cannot transcode",
                 }
             )
-        self._send_offer(participant)
+        self.send_offer(participant)
 
-    def set_subscriptions(self, participant: Participant, tracks: Any) -> None:
-        if tracks == "all":
-            participant.subscribe_all = True
-            participant.wanted = set()
-        elif isinstance(tracks, list) and all(isinstance(t, str) for t in tracks):
+    def set_subscriptions(self, participant: Participant, tracks: Tracks) -> None:
+        if isinstance(tracks, tuple):
             participant.subscribe_all = False
             participant.wanted = set(tracks)
         else:
-            raise ProtocolError("invalid_message", 'tracks must be "all" or a list of track ids')
+            participant.subscribe_all = True
+            participant.wanted = set()
         self._sync_subscriptions(participant)
 
-    def mute(self, participant: Participant, track_id: Any, muted: Any) -> None:
+    def mute(self, participant: Participant, track_id: object, muted: bool) -> None:
         session = participant.publication
-        if not isinstance(muted, bool) or session is None:
-            raise ProtocolError(
-                "invalid_message", "mute needs a published track and muted: true/false"
-            )
+        if session is None:
+            raise ProtocolError("invalid_message", MUTE_USAGE)
         if not any(p.id == track_id for p in session.producers):
             raise ProtocolError("unknown_track", f"{track_id!r} is not one of your tracks")
         participant.muted[str(track_id)] = muted
@@ -628,10 +559,8 @@ class RoomHub:
 
     # -- blind relay -------------------------------------------------------------------------
 
-    def relay(self, participant: Participant, to: Any, payload: Any) -> None:
+    def relay(self, participant: Participant, to: str | None, payload: str) -> None:
         limit = self.config.limits.max_relay_payload_bytes
-        if not isinstance(payload, str) or not payload:
-            raise ProtocolError("invalid_message", "relay payload must be a base64 string")
         if len(payload) > limit:
             raise ProtocolError("relay_too_large", f"relay payload exceeds {limit} bytes")
         try:
@@ -645,8 +574,8 @@ class RoomHub:
         if to is None:
             targets = [m for m in self._members(room) if m.id != participant.id]
         else:
-            target = room.members.get(str(to))
-            if not isinstance(target, Participant) or target.id == participant.id:
+            target = room.members.get(to)
+            if target is None or target.id == participant.id:
                 raise ProtocolError("unknown_participant", "no such participant in this room")
             targets = [target]
         for target in targets:
@@ -654,262 +583,3 @@ class RoomHub:
         # Only how much, never what: the payload is neither logged nor kept.
         self.relay_messages += len(targets)
         self.relay_bytes += len(payload) * len(targets)
-
-
-# ---------------------------------------------------------------------------------------------
-# The WebSocket endpoint
-
-
-class RateLimiter:
-    __slots__ = ("burst", "rate", "stamp", "tokens")
-
-    def __init__(self, rate: float) -> None:
-        self.rate = rate
-        self.burst = 2 * rate
-        self.tokens = self.burst
-        self.stamp = time.monotonic()
-
-    def allow(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True
-
-
-HUB_KEY = web.AppKey("room_hub", RoomHub)
-
-
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/rtc", rtc_socket)
-
-
-async def rtc_socket(request: web.Request) -> web.StreamResponse:
-    config = request.app[CONFIG_KEY]
-    hub: RoomHub = request.app[HUB_KEY]
-    ws = web.WebSocketResponse(max_msg_size=config.limits.max_message_bytes, heartbeat=15.0)
-    await ws.prepare(request)
-    participant: Participant | None = None
-    writer: asyncio.Task[None] | None = None
-    queue: object = None
-    ws_failed = False
-    try:
-        participant = await _join(request, ws, hub)
-        if participant is None:
-            return ws
-        queue = participant.outbox
-        writer = asyncio.create_task(_write(ws, participant, queue))
-        limiter = RateLimiter(config.limits.max_messages_per_second)
-        # Key exchange is bursty by design (a joiner answers every member at once) and a
-        # dropped key message leaves someone unable to decrypt: relay gets its own budget,
-        # sized to the room.
-        relay_limiter = RateLimiter(
-            max(config.limits.max_messages_per_second, 2 * config.limits.max_participants_per_room)
-        )
-        async for msg in ws:
-            if msg.type is not WSMsgType.TEXT:
-                if msg.type is WSMsgType.ERROR:
-                    ws_failed = True
-                    break
-                participant.send(_error("invalid_message", "messages are JSON text"))
-                continue
-            try:
-                data = _parse(msg.data)
-                if not (relay_limiter if data["type"] == "relay" else limiter).allow():
-                    raise ProtocolError("rate_limited", "too many messages; slow down")
-                if _dispatch(hub, participant, data):
-                    break  # the client left
-            except ProtocolError as exc:
-                participant.send(_error(exc.code, exc.message, exc.fatal))
-                if exc.fatal:
-                    break
-        if ws.close_code == 1009:  # aiohttp closed it: message over max_msg_size
-            log.info("closing socket: message larger than limits.max_message_bytes")
-    finally:
-        if participant is not None and writer is not None:
-            # A resumed participant has a new socket and queue: this one's end changes nothing.
-            if (
-                not participant.left
-                and participant.outbox is queue
-                and ws.close_code in CLIENT_LEFT_CODES
-                and not ws_failed
-            ):
-                # The client closed its socket on purpose (a closed tab says 1001): it left.
-                hub._remove(participant, f"closed its socket ({ws.close_code})")
-            elif not participant.left and participant.outbox is queue:
-                # Dropped, not left: the others see nothing until the reconnect window ends.
-                participant.connected = False
-                participant.disconnected_at = time.monotonic()
-            writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await writer
-        await ws.close()
-    return ws
-
-
-def _error(code: str, message: str, fatal: bool = False) -> dict[str, Any]:
-    return {"type": "error", "code": code, "message": message, "fatal": fatal}
-
-
-async def _write(
-    ws: web.WebSocketResponse,
-    participant: Participant,
-    outbox: asyncio.Queue[dict[str, Any] | None],
-) -> None:
-    """Send queued messages in order; a None ends the socket (left, or not reading)."""
-    while True:
-        message = await outbox.get()
-        if message is None:
-            if participant.overflowed:
-                participant.overflowed = False
-                await ws.close(code=1008, message=b"slow consumer")
-            else:
-                await ws.close()
-            return
-        if ws.closed:
-            return
-        await ws.send_str(json.dumps(message))
-
-
-async def _join(
-    request: web.Request, ws: web.WebSocketResponse, hub: RoomHub
-) -> Participant | None:
-    config = request.app[CONFIG_KEY]
-    lifecycle = request.app[LIFECYCLE_KEY]
-
-    async def refuse(code: str, message: str) -> None:
-        await ws.send_str(json.dumps(_error(code, message, True)))
-
-    try:
-        msg = await ws.receive(timeout=config.rooms.join_timeout)
-    except TimeoutError:
-        await refuse("join_timeout", "send a join message first")
-        return None
-    if msg.type is not WSMsgType.TEXT:
-        if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
-            await refuse("invalid_message", "messages are JSON text")
-        return None
-    try:
-        data = json.loads(msg.data)
-    except ValueError:
-        await refuse("invalid_message", "not JSON")
-        return None
-    if not isinstance(data, dict) or data.get("type") != "join":
-        await refuse("join_required", 'the first message must be {"type": "join", ...}')
-        return None
-    version = data.get("version", PROTOCOL_VERSION)
-    if version != PROTOCOL_VERSION:
-        await refuse(
-            "unsupported_version", f"this server speaks protocol version {PROTOCOL_VERSION}"
-        )
-        return None
-    if not lifecycle.accepting:
-        await refuse("draining", "the server is shutting down; try another instance")
-        return None
-    token = data.get("token")
-    try:
-        if not isinstance(token, str):
-            raise AuthError(401, "missing_token", "join needs a token (sfu token)")
-        grants = verify_token(config, token)
-    except AuthError as exc:
-        await refuse(exc.code, exc.detail)
-        return None
-    resume = data.get("resume")
-    if isinstance(resume, str):
-        participant = hub.by_resume.get(resume)
-        if (
-            participant is not None
-            and participant.identity == grants.identity
-            and participant.room == grants.room
-        ):
-            participant.connected = True
-            participant.disconnected_at = None
-            participant.outbox = asyncio.Queue()
-            participant.send(hub._joined_message(participant, resumed=True))
-            if participant.offers is not None and participant.offers.awaiting_answer:
-                # The outstanding offer may have been lost with the old socket.
-                participant.offers.awaiting_answer = False
-                participant.offers.dirty = True
-                hub._send_offer(participant)
-            with log_context(room=participant.room, participant=participant.id):
-                log.info("participant %s resumed", participant.id)
-            return participant
-        await refuse(
-            "resume_failed", "nothing to resume (expired, or another identity); join afresh"
-        )
-        return None
-    name = data.get("name")
-    try:
-        participant = hub._new_participant(
-            grants,
-            name if isinstance(name, str) else None,
-            lifecycle.hold("room_participant"),
-            reuse_sections=data.get("reuse_sections") is True,
-        )
-    except ProtocolError as exc:
-        await refuse(exc.code, exc.message)
-        return None
-    except LimitExceeded as exc:
-        await refuse("limit_reached", str(exc))
-        return None
-    with log_context(room=participant.room, participant=participant.id):
-        log.info("participant %s (%s) joined", participant.id, participant.identity)
-    participant.send(hub._joined_message(participant, resumed=False))
-    subscribe = data.get("subscribe", "all")
-    hub.set_subscriptions(participant, subscribe)
-    return participant
-
-
-def _parse(text: str) -> dict[str, Any]:
-    try:
-        data = json.loads(text)
-    except ValueError:
-        raise ProtocolError("invalid_message", "not JSON") from None
-    if not isinstance(data, dict) or not isinstance(data.get("type"), str):
-        raise ProtocolError("invalid_message", "a message is a JSON object with a type")
-    return data
-
-
-def _dispatch(hub: RoomHub, participant: Participant, data: dict[str, Any]) -> bool:
-    """Handle one message; True when the participant left."""
-    kind = data["type"]
-    with log_context(room=participant.room, participant=participant.id):
-        if kind == "publish_offer":
-            sdp = _sdp_field(data)
-            try:
-                offer = parse_sdp(sdp)
-                require_dtls_offer(offer)
-            except SdpError as exc:
-                raise ProtocolError("invalid_sdp", str(exc)) from None
-            participant.send({"type": "publish_answer", "sdp": hub.publish(participant, offer)})
-        elif kind == "subscribe_answer":
-            hub.subscribe_answer(participant, _sdp_field(data))
-        elif kind == "subscribe":
-            hub.set_subscriptions(participant, data.get("tracks"))
-        elif kind == "mute":
-            hub.mute(participant, data.get("track"), data.get("muted"))
-        elif kind == "relay":
-            hub.relay(participant, data.get("to"), data.get("payload"))
-        elif kind == "ping":
-            participant.send({"type": "pong", "ts": data.get("ts")})
-        elif kind == "ice_candidate":
-            pass  # ICE-lite: client addresses are learnt from its connectivity checks
-        elif kind == "leave":
-            hub._remove(participant, "left")
-            return True
-        else:
-            raise ProtocolError("unknown_type", f"unknown message type {kind!r}")
-    return False
-
-
-def _sdp_field(data: dict[str, Any]) -> str:
-    sdp = data.get("sdp")
-    if not isinstance(sdp, str):
-        raise ProtocolError("invalid_message", "sdp must be a string")
-    return sdp
-
-
-def ice_links(config: Config) -> list[str]:
-    return ice_server_links(config.rtc.ice_servers)

@@ -1,0 +1,228 @@
+"""The room protocol's WebSocket endpoint at /rtc: join or resume, then one message at a
+time through the handler table (`messages.HANDLERS`), rate-limited; a writer task drains the
+participant's outbox to the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from sfu.control.auth import AuthError, verify_token
+from sfu.control.keys import CONFIG_KEY, LIFECYCLE_KEY
+from sfu.control.rooms.errors import ProtocolError
+from sfu.control.rooms.hub import RoomHub
+from sfu.control.rooms.messages import PROTOCOL_VERSION, Join, decode, dispatch, parse_tracks
+from sfu.logs import log_context
+from sfu.rooms import LimitExceeded, Participant
+
+log = logging.getLogger(__name__)
+
+# WebSocket close codes (RFC 6455 §7.4.1) by which a client ends the call on purpose: normal
+# closure and "going away" (a closed or reloaded tab). Anything else (1006 on a lost network,
+# a missed heartbeat) keeps the participant for the reconnect window.
+CLIENT_LEFT_CODES = frozenset({1000, 1001})
+
+
+class RateLimiter:
+    __slots__ = ("burst", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.burst = 2 * rate
+        self.tokens = self.burst
+        self.stamp = time.monotonic()
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+HUB_KEY = web.AppKey("room_hub", RoomHub)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/rtc", rtc_socket)
+
+
+async def rtc_socket(request: web.Request) -> web.StreamResponse:
+    config = request.app[CONFIG_KEY]
+    hub: RoomHub = request.app[HUB_KEY]
+    ws = web.WebSocketResponse(max_msg_size=config.limits.max_message_bytes, heartbeat=15.0)
+    await ws.prepare(request)
+    participant: Participant | None = None
+    writer: asyncio.Task[None] | None = None
+    queue: object = None
+    ws_failed = False
+    try:
+        participant = await _join(request, ws, hub)
+        if participant is None:
+            return ws
+        queue = participant.outbox
+        writer = asyncio.create_task(_write(ws, participant, queue))
+        limiter = RateLimiter(config.limits.max_messages_per_second)
+        # Key exchange is bursty by design (a joiner answers every member at once) and a
+        # dropped key message leaves someone unable to decrypt: relay gets its own budget,
+        # sized to the room.
+        relay_limiter = RateLimiter(
+            max(config.limits.max_messages_per_second, 2 * config.limits.max_participants_per_room)
+        )
+        async for msg in ws:
+            if msg.type is not WSMsgType.TEXT:
+                if msg.type is WSMsgType.ERROR:
+                    ws_failed = True
+                    break
+                participant.send(_error("invalid_message", "messages are JSON text"))
+                continue
+            try:
+                kind, data = decode(msg.data)
+                if not (relay_limiter if kind == "relay" else limiter).allow():
+                    raise ProtocolError("rate_limited", "too many messages; slow down")
+                if dispatch(hub, participant, kind, data):
+                    break  # the client left
+            except ProtocolError as exc:
+                participant.send(_error(exc.code, exc.message, exc.fatal))
+                if exc.fatal:
+                    break
+        if ws.close_code == 1009:  # aiohttp closed it: message over max_msg_size
+            log.info("closing socket: message larger than limits.max_message_bytes")
+    finally:
+        if participant is not None and writer is not None:
+            # A resumed participant has a new socket and queue: this one's end changes nothing.
+            if (
+                not participant.left
+                and participant.outbox is queue
+                and ws.close_code in CLIENT_LEFT_CODES
+                and not ws_failed
+            ):
+                # The client closed its socket on purpose (a closed tab says 1001): it left.
+                hub.remove(participant, f"closed its socket ({ws.close_code})")
+            elif not participant.left and participant.outbox is queue:
+                # Dropped, not left: the others see nothing until the reconnect window ends.
+                participant.connected = False
+                participant.disconnected_at = time.monotonic()
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await writer
+        await ws.close()
+    return ws
+
+
+def _error(code: str, message: str, fatal: bool = False) -> dict[str, Any]:
+    return {"type": "error", "code": code, "message": message, "fatal": fatal}
+
+
+async def _write(
+    ws: web.WebSocketResponse,
+    participant: Participant,
+    outbox: asyncio.Queue[dict[str, Any] | None],
+) -> None:
+    """Send queued messages in order; a None ends the socket (left, or not reading)."""
+    while True:
+        message = await outbox.get()
+        if message is None:
+            if participant.overflowed:
+                participant.overflowed = False
+                await ws.close(code=1008, message=b"slow consumer")
+            else:
+                await ws.close()
+            return
+        if ws.closed:
+            return
+        await ws.send_str(json.dumps(message))
+
+
+async def _join(
+    request: web.Request, ws: web.WebSocketResponse, hub: RoomHub
+) -> Participant | None:
+    config = request.app[CONFIG_KEY]
+    lifecycle = request.app[LIFECYCLE_KEY]
+
+    async def refuse(code: str, message: str) -> None:
+        await ws.send_str(json.dumps(_error(code, message, True)))
+
+    try:
+        msg = await ws.receive(timeout=config.rooms.join_timeout)
+    except TimeoutError:
+        await refuse("join_timeout", "send a join message first")
+        return None
+    if msg.type is not WSMsgType.TEXT:
+        if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+            await refuse("invalid_message", "messages are JSON text")
+        return None
+    try:
+        data = json.loads(msg.data)
+    except ValueError:
+        await refuse("invalid_message", "not JSON")
+        return None
+    if not isinstance(data, dict) or data.get("type") != "join":
+        await refuse("join_required", 'the first message must be {"type": "join", ...}')
+        return None
+    join = Join.parse(data)
+    if join.version != PROTOCOL_VERSION:
+        await refuse(
+            "unsupported_version", f"this server speaks protocol version {PROTOCOL_VERSION}"
+        )
+        return None
+    if not lifecycle.accepting:
+        await refuse("draining", "the server is shutting down; try another instance")
+        return None
+    try:
+        if join.token is None:
+            raise AuthError(401, "missing_token", "join needs a token (sfu token)")
+        grants = verify_token(config, join.token)
+    except AuthError as exc:
+        await refuse(exc.code, exc.detail)
+        return None
+    if join.resume is not None:
+        participant = hub.by_resume.get(join.resume)
+        if (
+            participant is not None
+            and participant.identity == grants.identity
+            and participant.room == grants.room
+        ):
+            participant.connected = True
+            participant.disconnected_at = None
+            participant.outbox = asyncio.Queue()
+            participant.send(hub.joined_message(participant, resumed=True))
+            if participant.offers is not None and participant.offers.awaiting_answer:
+                # The outstanding offer may have been lost with the old socket.
+                participant.offers.awaiting_answer = False
+                participant.offers.dirty = True
+                hub.send_offer(participant)
+            with log_context(room=participant.room, participant=participant.id):
+                log.info("participant %s resumed", participant.id)
+            return participant
+        await refuse(
+            "resume_failed", "nothing to resume (expired, or another identity); join afresh"
+        )
+        return None
+    try:
+        participant = hub.new_participant(
+            grants,
+            join.name,
+            lifecycle.hold("room_participant"),
+            reuse_sections=join.reuse_sections,
+        )
+    except ProtocolError as exc:
+        await refuse(exc.code, exc.message)
+        return None
+    except LimitExceeded as exc:
+        await refuse("limit_reached", str(exc))
+        return None
+    with log_context(room=participant.room, participant=participant.id):
+        log.info("participant %s (%s) joined", participant.id, participant.identity)
+    participant.send(hub.joined_message(participant, resumed=False))
+    hub.set_subscriptions(participant, parse_tracks(join.subscribe))
+    return participant
