@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 
+import aiohttp
+
 from sfu.app import Server
-from tests.media.harness import ColourTrack, wait_for
+from tests.media.harness import ColourTrack, token, wait_for
 from tests.rooms.test_room_protocol import Decoded, _drain, client
 
 
@@ -105,3 +107,38 @@ async def test_rejoining_with_the_same_identity_alone_in_a_room(sfu: Server) -> 
     finally:
         await second.leave()
         await first.leave()
+
+
+async def test_a_bad_subscribe_field_in_join_is_refused_and_leaves_nothing(sfu: Server) -> None:
+    async with aiohttp.ClientSession() as http, http.ws_connect(f"{sfu.url}/rtc") as ws:
+        await ws.send_json(
+            {"type": "join", "token": token(sfu, "room1", "eve", subscribe=True), "subscribe": 123}
+        )
+        reply = await ws.receive_json(timeout=5)
+        assert reply["type"] == "error"
+        assert reply["code"] == "invalid_message"
+        assert reply["fatal"] is True
+        assert "join.subscribe" in reply["message"]
+    assert sfu.hub.participants == {}
+    assert sfu.rooms.get("room1") is None
+
+
+async def test_resuming_closes_the_old_socket(sfu: Server) -> None:
+    alice = client(sfu, "alice")
+    try:
+        joined = await alice.connect()
+        old = alice._ws
+        assert old is not None
+        async with aiohttp.ClientSession() as http, http.ws_connect(f"{sfu.url}/rtc") as ws:
+            await ws.send_json(
+                {
+                    "type": "join",
+                    "token": token(sfu, "room1", "alice", publish=True, subscribe=True),
+                    "resume": joined["resume_token"],
+                }
+            )
+            assert (await ws.receive_json(timeout=5))["resumed"] is True
+            await wait_for(lambda: old.closed, timeout=3, what="the old socket closed")
+            assert alice.participant_id in sfu.hub.participants
+    finally:
+        await alice.leave()

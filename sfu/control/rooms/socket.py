@@ -185,6 +185,12 @@ async def _join(
     except AuthError as exc:
         await refuse(exc.code, exc.detail)
         return None
+    try:
+        # Checked before anything is created: a bad field must not leave a participant behind.
+        subscribe = parse_tracks(join.subscribe)
+    except ProtocolError as exc:
+        await refuse(exc.code, f"join.subscribe: {exc.message}")
+        return None
     if join.resume is not None:
         participant = hub.by_resume.get(join.resume)
         if (
@@ -194,7 +200,9 @@ async def _join(
         ):
             participant.connected = True
             participant.disconnected_at = None
-            participant.outbox = asyncio.Queue()
+            # An old socket that is still open must not go on speaking for the participant.
+            old_outbox, participant.outbox = participant.outbox, asyncio.Queue()
+            old_outbox.put_nowait(None)
             participant.send(hub.joined_message(participant, resumed=True))
             if participant.offers is not None and participant.offers.awaiting_answer:
                 # The outstanding offer may have been lost with the old socket.
@@ -224,5 +232,5 @@ async def _join(
     with log_context(room=participant.room, participant=participant.id):
         log.info("participant %s (%s) joined", participant.id, participant.identity)
     participant.send(hub.joined_message(participant, resumed=False))
-    hub.set_subscriptions(participant, parse_tracks(join.subscribe))
+    hub.set_subscriptions(participant, subscribe)
     return participant
