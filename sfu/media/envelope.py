@@ -1,11 +1,13 @@
 """Judging, without any key, whether a published track carries SFrame-encrypted frames.
 
 docs/e2ee.md §8 explains the limits: a single well-formed SFrame header proves almost
-nothing (most random byte strings parse as one), so a frame only counts as enveloped when it
-is consistent with the frames before it: same KID and a counter that moved forward by a small
-step. Plaintext VP8 or Opus produces "headers" whose counters jump at random, and is caught
-within a few frames. Ciphertext wrapped in a lying header cannot be caught without the key;
-this catches clients that forgot E2EE, not clients that fake it.
+nothing (most random byte strings parse as one), and neither do a few frames whose
+"headers" happen to agree: plaintext often has bytes that stay put or drift slowly (a
+constant Opus TOC byte read as the KID, a gain or quantiser field read as the counter). So a
+track first has to establish a chain, a long run of frames with one KID and a counter moving
+forward by small steps, and only frames that continue that chain count as enveloped.
+Ciphertext wrapped in a lying header cannot be caught without the key; this catches clients
+that forgot E2EE, not clients that fake it.
 
 Runs once per frame (not per packet), on bytes outside the encrypted part: the VP8 payload
 descriptor, the documented clear prefix and the SFrame header.
@@ -23,6 +25,15 @@ from sfu.media.rtp import RtpHeader, parse_vp8
 # plaintext read as a header jumps at random: with a 1-byte "counter" (plaintext Opus, whose
 # constant TOC byte parses as a fixed KID) a step this small happens 1 time in 8.
 MAX_CTR_STEP = 32
+# Consecutive consistent frames that establish a chain (KID and counter). Real plaintext makes
+# runs too: low-rate Opus (SILK), whose constant TOC byte reads as a fixed KID and whose next
+# byte drifts with the signal's gain, gives runs of up to 8 frames on synthetic speech; plaintext
+# VP8, whose first partition starts with near-literal header fields, up to 3. Twice the worst
+# seen; the cost is that many frames going uncounted when a track starts or its KID changes.
+ESTABLISH_RUN = 16
+# Frames in a row that may fail to continue an established chain (one reordered or damaged
+# frame) before the chain is forgotten.
+MAX_MISSES = 1
 AEAD_TAG = 16
 WINDOW = 50
 MIN_FRAMES = 20
@@ -69,13 +80,26 @@ def parse_sframe_header(data: bytes, pos: int, end: int) -> tuple[int, int, int]
 
 
 class EnvelopeJudge:
-    """Per-track verdicts, fed the first packet of every frame."""
+    """Per-track verdicts, fed the first packet of every frame.
+
+    A frame counts as enveloped only when it continues the track's established chain: same
+    KID as the chain and a counter 1 to MAX_CTR_STEP ahead of the chain's last counter. A chain
+    is established by a run of ESTABLISH_RUN consecutive frames that each continue the one
+    before; the frames of that run are not counted either way (they are evidence for the chain,
+    not yet continuations of it), and the frames of a run that breaks before then count as
+    without envelope. Plaintext whose header-shaped bytes drift upwards for a few frames (the
+    gain byte of low-rate Opus, VP8 header fields) makes short runs, none this long in our
+    measurements (docs/e2ee.md §8).
+    """
 
     __slots__ = (
-        "_last_ctr",
-        "_last_kid",
+        "_cand_ctr",
+        "_cand_kid",
+        "_cand_len",
+        "_est_ctr",
+        "_est_kid",
+        "_est_misses",
         "_last_ts",
-        "_pending",
         "_recent",
         "_totals",
         "codec",
@@ -91,11 +115,16 @@ class EnvelopeJudge:
         self.frames_sframe = 0
         self.frames_none = 0
         self._recent: deque[bool] = deque(maxlen=WINDOW)
-        self._last_kid = -1
-        self._last_ctr = -1
         self._last_ts = -1
-        # A frame that parsed but starts a new KID: judged by whether the next one follows it.
-        self._pending = False
+        # The established chain (KID -1: none yet) and how many frames in a row missed it.
+        self._est_kid = -1
+        self._est_ctr = -1
+        self._est_misses = 0
+        # The run of consecutive consistent frames that may establish a chain; its frames are
+        # not counted until it either establishes one (then never) or breaks (then as none).
+        self._cand_kid = -1
+        self._cand_ctr = -1
+        self._cand_len = 0
 
     def on_packet(self, data: bytes, hdr: RtpHeader) -> None:
         """Look at a packet; only the first one of each frame (new timestamp) is judged."""
@@ -117,20 +146,44 @@ class EnvelopeJudge:
             return  # zero-length frames are passed through unencrypted by design
         parsed = parse_sframe_header(data, start + prefix, end)
         if parsed is None or start + prefix + parsed[2] + AEAD_TAG > end:
+            if self._est_kid >= 0:
+                self._miss()
+            if self._cand_len:
+                self._drop_run()
             self._verdict(False)
             return
         kid, ctr, _ = parsed
-        follows = kid == self._last_kid and 0 < ctr - self._last_ctr <= MAX_CTR_STEP
-        self._last_kid, self._last_ctr = kid, ctr
-        if follows:
-            if self._pending:
-                self._pending = False
-                self._verdict(True)
+        if kid == self._est_kid and 0 < ctr - self._est_ctr <= MAX_CTR_STEP:
+            self._est_ctr = ctr
+            self._est_misses = 0
+            if self._cand_len:
+                self._drop_run()  # a reordered or damaged frame in between
             self._verdict(True)
-        else:
-            if self._pending:
-                self._verdict(False)
-            self._pending = True
+            return
+        if self._est_kid >= 0:
+            self._miss()
+        if self._cand_len and kid == self._cand_kid and 0 < ctr - self._cand_ctr <= MAX_CTR_STEP:
+            self._cand_ctr = ctr
+            self._cand_len += 1
+            if self._cand_len >= ESTABLISH_RUN:
+                self._est_kid, self._est_ctr, self._est_misses = kid, ctr, 0
+                self._cand_len = 0
+            return
+        self._drop_run()
+        self._cand_kid, self._cand_ctr, self._cand_len = kid, ctr, 1
+
+    def _miss(self) -> None:
+        """A frame that does not continue the established chain; a second in a row ends it
+        (one is allowed for a reordered or damaged frame)."""
+        self._est_misses += 1
+        if self._est_misses > MAX_MISSES:
+            self._est_kid = -1
+
+    def _drop_run(self) -> None:
+        """The run under way broke before establishing a chain: its frames had no envelope."""
+        for _ in range(self._cand_len):
+            self._verdict(False)
+        self._cand_len = 0
 
     def _verdict(self, enveloped: bool) -> None:
         if enveloped:

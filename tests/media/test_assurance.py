@@ -90,11 +90,9 @@ async def test_plaintext_publisher_is_suspected() -> None:
         await server.close()
     assert values['sfu_e2ee_tracks{policy="optional",state="plaintext_suspected"}'] == 2
     assert values['sfu_e2ee_frames_total{envelope="none",kind="video"}'] >= 30
-    # Some plaintext frames look consistent by chance; far fewer than those that don't.
-    assert (
-        values['sfu_e2ee_frames_total{envelope="sframe",kind="video"}']
-        < values['sfu_e2ee_frames_total{envelope="none",kind="video"}'] / 2
-    )
+    # No plaintext frame is counted as SFrame: none continues an established KID and counter.
+    assert values['sfu_e2ee_frames_total{envelope="sframe",kind="video"}'] == 0
+    assert values['sfu_e2ee_frames_total{envelope="sframe",kind="audio"}'] == 0
 
 
 async def test_required_room_stops_a_plaintext_publisher_and_says_why() -> None:
