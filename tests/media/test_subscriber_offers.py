@@ -61,15 +61,18 @@ async def client() -> AsyncIterator[RTCPeerConnection]:
         await pc.close()
 
 
+async def answer(offers: SubscriberOffers, pc: RTCPeerConnection, offer: str) -> None:
+    """The real peer answers `offer` (already taken from `offers`), as the client would."""
+    await pc.setRemoteDescription(RTCSessionDescription(offer, "offer"))
+    await pc.setLocalDescription(await pc.createAnswer())
+    offers.apply_answer(pc.localDescription.sdp.replace("a=setup:passive", "a=setup:active"))
+
+
 async def exchange(offers: SubscriberOffers, pc: RTCPeerConnection) -> str:
     """One offer/answer round with the real peer; returns the offer the SFU sent."""
     offer = offers.next_offer()
     assert offer is not None
-    await pc.setRemoteDescription(RTCSessionDescription(offer, "offer"))
-    answer = await pc.createAnswer()
-    await pc.setLocalDescription(answer)
-    sdp = pc.localDescription.sdp.replace("a=setup:passive", "a=setup:active")
-    offers.apply_answer(sdp)
+    await answer(offers, pc, offer)
     return offer
 
 
@@ -160,10 +163,7 @@ async def test_a_section_retired_but_not_yet_answered_is_not_reused(
     carol = s.publish("carol", "video")
     carol_copy = s.subscribe(carol)
     assert [t.mid for t in s.offers.sections] == ["0", "1"]
-    await client.setRemoteDescription(RTCSessionDescription(retire, "offer"))
-    answer = await client.createAnswer()
-    await client.setLocalDescription(answer)
-    s.offers.apply_answer(client.localDescription.sdp.replace("passive", "active"))
+    await answer(s.offers, client, retire)
     assert carol_copy.paused  # not in the answered offer: waits for the next one
     offer = await exchange(s.offers, client)
     assert sections(offer) == [("0", 9, "inactive"), ("1", 9, "sendonly")]
@@ -185,10 +185,7 @@ async def test_a_track_added_while_an_offer_is_outstanding_waits_for_the_next_an
     assert pending is not None
     dave = s.publish("dave", "video")
     dave_copy = s.subscribe(dave)  # no free section: appended, not part of `pending`
-    await client.setRemoteDescription(RTCSessionDescription(pending, "offer"))
-    answer = await client.createAnswer()
-    await client.setLocalDescription(answer)
-    s.offers.apply_answer(client.localDescription.sdp.replace("passive", "active"))
+    await answer(s.offers, client, pending)
     assert dave_copy.paused
     offer = await exchange(s.offers, client)
     assert sections(offer) == [("0", 9, "sendonly"), ("1", 9, "sendonly")]
