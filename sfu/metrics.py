@@ -209,7 +209,8 @@ class MediaCollector(Collector):
         )
         yield _counter(
             "sfu_nacks",
-            "Sequence numbers NACKed by subscribers, and whether the cache had them.",
+            "Sequence numbers NACKed by subscribers, and what became of them (resent, not "
+            "cached, or not resent by the subscriber's retransmission budget).",
             "result",
             {
                 "received": stats.nacks_received,
