@@ -14,7 +14,10 @@ import { BlindfoldError, joinRoom } from './client/blindfold.js';
 
 const ROOM_RE = /^[A-Za-z0-9_.-]{1,64}$/;
 const PASSPHRASE_BYTES = 16; // 128 bits; docs/e2ee.md asks for at least 96
-const IN_CALL_KEY = 'blindfold.in-call'; // sessionStorage: this tab was in a call (room name)
+// sessionStorage: this tab left a call by being hidden (reload, navigation), with the room's
+// name; the next load of the page consumes it and rejoins. Set only on pagehide, so a tab
+// duplicated mid-call (which copies sessionStorage) does not join as us and replace us.
+const REJOIN_KEY = 'blindfold.rejoin';
 
 /** @param {string} id @returns {any} */
 const $ = (id) => {
@@ -25,6 +28,16 @@ const $ = (id) => {
 
 /** @type {import('./client/blindfold.js').BlindfoldRoom|null} */
 let room = null;
+/** The room being joined (between the Join click and the call), or null. @type {string|null} */
+let joining = null;
+/**
+ * Which join the page is on; events of an earlier room object (one being left, or left on
+ * pagehide and still finishing after a return from the back/forward cache) are ignored.
+ */
+let session = 0;
+/** The browser can encrypt media frames (no call can be joined without). */
+const e2eeSupported = typeof RTCRtpScriptTransform === 'function'
+  || typeof RTCRtpSender?.prototype?.createEncodedStreams === 'function';
 /** @type {MediaStream|null} */
 let localStream = null;
 /** The message of the last fatal error, shown when the call ends. @type {string|null} */
@@ -192,53 +205,100 @@ async function onJoin(event) {
   const button = $('join-button');
   button.disabled = true;
   button.textContent = 'Joining…';
+  const mine = ++session;
+  joining = roomName;
+  /** @type {MediaStream|null} */
+  let media = null;
+  /** @type {import('./client/blindfold.js').BlindfoldRoom|null} */
+  let joined = null;
   try {
     const token = await getToken(roomName, identityFor(roomName), name);
-    localStream = await getLocalMedia();
+    media = await getLocalMedia();
     const params = fragment();
-    room = await joinRoom({
+    joined = await joinRoom({
       url: location.origin,
       token,
       passphrase,
       room: roomName,
       name,
-      media: localStream ?? undefined,
-      onEvent,
+      media: media ?? undefined,
+      onEvent: (/** @type {any} */ e) => { if (session === mine) onEvent(e); },
       recordKeys: params.get('test') === '1',
       transformApi: params.get('e2ee_api') === 'streams' ? 'streams' : 'auto',
     });
-    showCall(roomName, name);
-    // A reload of this tab rejoins by itself (room and passphrase are in the link).
-    try { sessionStorage.setItem(IN_CALL_KEY, roomName); } catch { /* private mode */ }
   } catch (err) {
-    localStream?.getTracks().forEach((t) => t.stop());
-    localStream = null;
-    room = null;
+    media?.getTracks().forEach((t) => t.stop());
+    if (session !== mine) return;
     const message = err instanceof UserError || err instanceof BlindfoldError ? err.message : `Could not join: ${err}`;
     showError('join-error', message);
+    return;
   } finally {
-    button.disabled = false;
-    button.textContent = 'Join with camera and microphone';
+    if (session === mine) {
+      joining = null;
+      resetJoinButton();
+    }
   }
+  if (session !== mine) {
+    // The page was hidden (pagehide) while we were joining: leave straight away.
+    joined.leave().catch(() => {});
+    media?.getTracks().forEach((t) => t.stop());
+    return;
+  }
+  room = joined;
+  localStream = media;
+  showCall(roomName, name);
 }
 
+function resetJoinButton() {
+  const button = $('join-button');
+  button.disabled = !e2eeSupported;
+  button.textContent = 'Join with camera and microphone';
+}
+
+/** The Leave button: the client sends `leave` (the others see us go at once), then closes. */
 async function onLeave() {
   const current = room;
   room = null;
-  try { sessionStorage.removeItem(IN_CALL_KEY); } catch { /* private mode */ }
+  session++;
+  try { sessionStorage.removeItem(REJOIN_KEY); } catch { /* private mode */ }
   await current?.leave();
   showJoin();
 }
 
 /**
- * The tab is closing or reloading: tell the server now, so the others see us leave at once
- * (the `leave` message goes out synchronously; the rest of leave() may never run). The
- * in-call mark stays, so a reload rejoins by itself.
+ * The tab is closing, reloading or navigating away: tell the server now, so the others see us
+ * leave at once. room.leave() sends `leave` synchronously, before its first await (the rest
+ * of it may never run in a page being torn down). A tab that was in a call (or joining one)
+ * is marked so that, reloaded, it rejoins by itself.
  */
 function onPageHide() {
   const current = room;
+  const inCall = current?.roomName ?? joining;
+  if (inCall) {
+    try { sessionStorage.setItem(REJOIN_KEY, inCall); } catch { /* private mode */ }
+  }
   room = null;
+  joining = null;
+  session++;
   current?.leave().catch(() => {});
+}
+
+/**
+ * Join again by ourselves after a reload (or a return to this page) when the tab left a call
+ * in this room and the link carries room and passphrase: the name is remembered in
+ * localStorage. The mark is consumed, so a failed join is not retried in a loop.
+ * @param {boolean} linkComplete  the link had both room and passphrase when the page loaded
+ */
+function rejoinIfReloaded(linkComplete) {
+  let mark = null;
+  try {
+    mark = sessionStorage.getItem(REJOIN_KEY);
+    sessionStorage.removeItem(REJOIN_KEY);
+  } catch { /* private mode */ }
+  const roomName = $('room-input').value.trim();
+  if (!linkComplete || mark === null || mark !== roomName || !$('name-input').value.trim()) return;
+  if (!e2eeSupported || joining !== null) return;
+  $('join-form').requestSubmit();
 }
 
 /** @param {string} roomName @param {string} name */
@@ -254,6 +314,7 @@ function showCall(roomName, name) {
   $('mute-audio').disabled = !localStream?.getAudioTracks().length;
   $('mute-video').disabled = !localStream?.getVideoTracks().length;
   renderPeers();
+  showSpeaker(room?.speakers ?? []);
 }
 
 function showJoin() {
@@ -287,7 +348,7 @@ function onEvent(event) {
       renderPeers();
       break;
     case 'participant_left':
-      document.querySelector(`.tile[data-participant="${CSS.escape(event.participant)}"]`)?.remove();
+      removeTile(event.participant);
       renderPeers();
       break;
     case 'track': {
@@ -299,7 +360,11 @@ function onEvent(event) {
       break;
     }
     case 'track_removed':
-      if (event.kind === 'video') {
+      if (room !== null && !room.participants.has(event.participant)) {
+        // Their tracks end because they left (participant_left may come just after): the
+        // tile goes now, not after a "Camera off" moment.
+        removeTile(event.participant);
+      } else if (event.kind === 'video') {
         const tile = document.querySelector(`.tile[data-participant="${CSS.escape(event.participant)}"]`);
         const placeholder = tile?.querySelector('.placeholder');
         if (placeholder) {
@@ -319,10 +384,7 @@ function onEvent(event) {
       break;
     }
     case 'active_speaker':
-      for (const tile of document.querySelectorAll('.tile')) {
-        tile.classList.toggle('speaking', event.speakers[0] !== undefined
-          && tile.getAttribute('data-participant') === event.speakers[0]);
-      }
+      showSpeaker(event.speakers);
       break;
     case 'peer_verified':
     case 'peer_rejected':
@@ -354,6 +416,14 @@ function onEvent(event) {
   }
 }
 
+/** @param {string[]} speakers  participant ids, loudest first: the first one is highlighted */
+function showSpeaker(speakers) {
+  for (const tile of document.querySelectorAll('.tile')) {
+    tile.classList.toggle('speaking', speakers[0] !== undefined
+      && tile.getAttribute('data-participant') === speakers[0]);
+  }
+}
+
 /** @param {string} reason */
 function describeReason(reason) {
   return reason === 'connection lost' ? 'the connection to the server was lost.' : `${reason}.`;
@@ -381,6 +451,15 @@ function tileFor(id) {
   }
   renderPeer(id, /** @type {HTMLElement} */ (tile));
   return /** @type {HTMLElement} */ (tile);
+}
+
+/** @param {string} id  a remote participant whose tile goes (they left) */
+function removeTile(id) {
+  const tile = document.querySelector(`.tile:not(.local)[data-participant="${CSS.escape(id)}"]`);
+  if (tile === null) return;
+  const video = tile.querySelector('video');
+  if (video) video.srcObject = null;
+  tile.remove();
 }
 
 /** @param {string} id */
@@ -456,7 +535,9 @@ function renderPeers() {
     list.append(li);
   }
   $('alone').hidden = !alone;
-  if (alone) $('alone-link').textContent = inviteLink();
+  // The link as it will be pasted, but with the passphrase masked: the screen may be seen
+  // (or shared) by others. The copy button copies the whole link.
+  if (alone) $('alone-link').textContent = inviteLink().replace(/passphrase=[^&]*/, 'passphrase=••••••');
 }
 
 // --- controls --------------------------------------------------------------------------------
@@ -577,12 +658,13 @@ window.blindfoldTest = {
 // --- start -----------------------------------------------------------------------------------
 
 function init() {
+  const link = fragment();
+  const linkComplete = ROOM_RE.test(link.get('room') ?? '') && Boolean(link.get('passphrase'));
   ensurePassphrase();
   const roomName = ensureRoom();
   $('room-input').value = roomName;
-  let savedName = '';
   try {
-    savedName = localStorage.getItem('blindfold.name') ?? '';
+    const savedName = localStorage.getItem('blindfold.name');
     if (savedName) $('name-input').value = savedName;
   } catch { /* private mode */ }
   // Typing another room name keeps the link (and so the invite) in step with it.
@@ -591,6 +673,13 @@ function init() {
     if (ROOM_RE.test(typed)) setFragment({ room: typed });
   });
   window.addEventListener('pagehide', onPageHide);
+  window.addEventListener('pageshow', (event) => {
+    if (!event.persisted) return;
+    // Back from the back/forward cache: the call was left on pagehide; join it again.
+    if (room === null && !$('call-view').hidden) showJoin();
+    resetJoinButton();
+    rejoinIfReloaded(true);
+  });
   $('copy-link-alone').addEventListener('click', () => copyInvite('alone-status'));
   $('join-form').addEventListener('submit', onJoin);
   $('leave-button').addEventListener('click', onLeave);
@@ -616,19 +705,13 @@ function init() {
       if (v.paused && v.srcObject) v.play().catch(() => {});
     }
   });
-  if (typeof RTCRtpScriptTransform !== 'function'
-      && typeof RTCRtpSender?.prototype?.createEncodedStreams !== 'function') {
+  if (!e2eeSupported) {
     showError('join-error', 'This browser cannot encrypt media frames (no WebRTC encoded transforms). '
       + 'Blindfold calls are always end-to-end encrypted: please use a recent Chrome, Edge, Firefox or Safari.');
     $('join-button').disabled = true;
     return;
   }
-  let wasInCall = null;
-  try { wasInCall = sessionStorage.getItem(IN_CALL_KEY); } catch { /* private mode */ }
-  if (wasInCall === roomName && savedName) {
-    // A reload mid-call: room, passphrase and name are known, so join again at once.
-    $('join-form').requestSubmit();
-  }
+  rejoinIfReloaded(linkComplete);
 }
 
 init();

@@ -18,6 +18,9 @@ WEB = ROOT / "sfu" / "web"
 SCRIPTS = [WEB / "demo.js", WEB / "client" / "blindfold.js"]
 
 
+_VOID = {"meta", "link", "input", "br", "img", "hr", "source", "track", "wbr", "area", "col"}
+
+
 class _Page(HTMLParser):
     def __init__(self) -> None:
         super().__init__()
@@ -27,6 +30,9 @@ class _Page(HTMLParser):
         self.inline_styles: list[str] = []
         self.urls: list[str] = []
         self.ids: set[str] = set()
+        # The tags enclosing each element with an id (to tell what a collapsed <details> hides).
+        self.ancestors: dict[str, list[str]] = {}
+        self._open: list[str] = []
         self._in_script = False
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
@@ -34,6 +40,9 @@ class _Page(HTMLParser):
         element_id = named.get("id")
         if element_id:
             self.ids.add(element_id)
+            self.ancestors[element_id] = list(self._open)
+        if tag not in _VOID:
+            self._open.append(f"{tag}#{element_id}" if element_id else tag)
         for name, value in attrs:
             if name.startswith("on"):
                 self.handlers.append(f"<{tag} {name}>")
@@ -48,6 +57,10 @@ class _Page(HTMLParser):
     def handle_endtag(self, tag: str) -> None:
         if tag == "script":
             self._in_script = False
+        for i in range(len(self._open) - 1, -1, -1):
+            if self._open[i].split("#")[0] == tag:
+                del self._open[i:]
+                break
 
     def handle_data(self, data: str) -> None:
         if self._in_script and data.strip():
@@ -86,6 +99,40 @@ def test_demo_page_is_csp_clean_and_its_files_are_served(server_factory: Any) ->
     wanted = set(re.findall(r"\$\('([\w-]+)'\)", demo))
     assert wanted, "demo.js looks nothing up?"
     assert wanted <= page.ids, f"missing in index.html: {sorted(wanted - page.ids)}"
+
+
+def test_call_page_shows_what_matters_without_expanding_anything() -> None:
+    """The "you are alone" state with its copy button is in the call view itself, not in the
+    collapsed "Participants and keys" section; the active speaker's tile gets a thick outline,
+    a glow and a label; the page leaves on pagehide and can rejoin after a reload."""
+    page = _Page()
+    page.feed((WEB / "index.html").read_text())
+    for element in ("alone", "alone-link", "copy-link-alone"):
+        enclosing = page.ancestors[element]
+        assert "section#call-view" in enclosing, (element, enclosing)
+        assert not any(tag.startswith("details") for tag in enclosing), (element, enclosing)
+    assert "div#alone" in page.ancestors["copy-link-alone"]
+
+    css = (WEB / "demo.css").read_text()
+    speaking = re.search(r"\.tile\.speaking\s*\{([^}]*)\}", css)
+    assert speaking, "no .tile.speaking rule"
+    width = re.search(r"outline:\s*(\d+)px", speaking[1])
+    assert width, speaking[1]
+    assert int(width[1]) >= 4, speaking[1]
+    assert "box-shadow" in speaking[1]
+    label = re.search(r"\.tile\.speaking::after\s*\{([^}]*)\}", css)
+    assert label, "no .tile.speaking::after rule"
+    assert re.search(r"content:\s*'[^']+'", label[1]), "the speaker has no label"
+
+    demo = (WEB / "demo.js").read_text()
+    assert "addEventListener('pagehide'" in demo
+    hide = re.search(r"function onPageHide\(\) \{(.*?)\n\}", demo, re.S)
+    assert hide, "no onPageHide"
+    # leave() sends `leave` before its first await; the handler must not await anything.
+    assert ".leave()" in hide[1]
+    assert "await" not in hide[1]
+    assert "randomRoomName()" in demo
+    assert "requestSubmit()" in demo
 
 
 def test_scripts_avoid_what_the_csp_or_xss_hygiene_forbids() -> None:

@@ -557,6 +557,10 @@ export class BlindfoldRoom {
       tracks: [...this.tracks.values()],
       e2eePolicy: joined.e2ee_policy,
     });
+    // Whoever is speaking already: a joiner (or a resumed client) shows it at once, not at
+    // the next change.
+    this.speakers = Array.isArray(joined.speakers) ? joined.speakers.filter((s) => typeof s === 'string') : [];
+    this.emit({ type: 'active_speaker', speakers: this.speakers });
   }
 
   /**
