@@ -137,7 +137,7 @@ def plan_publisher(offer: SessionDescription) -> PublisherPlan:
                 rtx_ssrc=rtx_ssrc if rtx else None,
             )
         )
-        answer_codecs = [_with_fb(primary, media_fb(primary))]
+        answer_codecs = [_with_fb(primary, _publisher_fb(primary, ext_ids))]
         if rtx is not None:
             answer_codecs.append(_with_fb(rtx, []))
         lines = [f"a=extmap:{i} {uri}" for uri, i in ext_ids.items()]
@@ -152,6 +152,16 @@ def plan_publisher(offer: SessionDescription) -> PublisherPlan:
         )
     _check_bundle(offer, [m for m, lines in sections if lines is not None])
     return PublisherPlan(tracks, sections)
+
+
+def _publisher_fb(codec: Codec, ext_ids: dict[str, int]) -> list[str]:
+    """rtcp-fb answered to a publisher: what the SFU honours both ways, plus transport-cc when
+    the publisher offered it with its extension — the SFU then sends it transport-wide
+    feedback (sfu/media/twcc.py). Never goog-remb: the SFU sends no REMB."""
+    fb = media_fb(codec)
+    if EXT_TRANSPORT_CC in ext_ids and any(f.lower() == "transport-cc" for f in codec.rtcp_fb):
+        fb.append("transport-cc")
+    return fb
 
 
 def _with_fb(codec: Codec, rtcp_fb: list[str]) -> Codec:

@@ -351,7 +351,7 @@ def usable_codecs(m: MediaSection) -> list[Codec]:
 
 
 def media_fb(codec: Codec) -> list[str]:
-    """rtcp-fb the SFU honours itself: NACK (served from cache), PLI/FIR, and transport-cc
-    (it sends publishers transport-wide feedback); not REMB."""
-    keep = {"nack", "nack pli", "ccm fir", "transport-cc"}
+    """rtcp-fb the SFU honours itself in both directions: NACK (served from cache), PLI/FIR;
+    not REMB. transport-cc is added for publishers only (negotiation.plan_publisher)."""
+    keep = {"nack", "nack pli", "ccm fir"}
     return [fb for fb in codec.rtcp_fb if fb.lower() in keep]

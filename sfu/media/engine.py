@@ -350,7 +350,7 @@ class MediaEngine(asyncio.DatagramProtocol):
                 continue
             if transport.state is TransportState.CONNECTED and transport.twcc is not None:
                 # Every TIMER_INTERVAL (50 ms): the publisher's estimator needs fresh arrivals.
-                transport.send_transport_feedback()
+                transport.send_transport_feedback(now)
             if send_reports and transport.state is TransportState.CONNECTED:
                 transport.send_sender_reports()
                 for producer in transport.producers:

@@ -189,8 +189,9 @@ class Producer:
         self.keyframe_requests_throttled = 0
         self.ssrc_changes = 0
 
-    def on_rtp(self, data: bytes, hdr: RtpHeader) -> None:
-        """A decrypted media packet from the publisher: store it, fan it out untouched."""
+    def on_rtp(self, data: bytes, hdr: RtpHeader, arrival: float | None = None) -> None:
+        """A decrypted media packet from the publisher: store it, fan it out untouched.
+        `arrival` is the transport's read of the same (monotonic) clock, when it made one."""
         if hdr.ssrc != self.ssrc:
             if self.ssrc is not None:
                 # A new sender (e.g. the publisher's encoder restarted): subscribers must not
@@ -202,7 +203,7 @@ class Producer:
             self.ssrc = hdr.ssrc
         self.packets_received += 1
         self.bytes_received += len(data)
-        now = self.last_packet_at = self.clock()
+        now = self.last_packet_at = self.clock() if arrival is None else arrival
         slot = hdr.seq % self._ring_size
         self._ring[slot] = data
         self._ring_at[slot] = now
@@ -218,7 +219,7 @@ class Producer:
         for downtrack in self.downtracks:
             downtrack.forward(data, hdr, keyframe)
 
-    def on_rtx(self, data: bytes, hdr: RtpHeader) -> None:
+    def on_rtx(self, data: bytes, hdr: RtpHeader, arrival: float | None = None) -> None:
         """An RTX retransmission from the publisher (RFC 4588): repair as the original."""
         if self.ssrc is None:
             return
@@ -228,7 +229,7 @@ class Producer:
             return  # padding-only probe
         original_hdr = parse_header(original)
         if original_hdr is not None:
-            self.on_rtp(original, original_hdr)
+            self.on_rtp(original, original_hdr, arrival)
 
     def take_levels(self) -> tuple[int, int]:
         """(sum of loudness, packets) since the last call, for the active-speaker detector."""

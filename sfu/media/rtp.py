@@ -280,6 +280,46 @@ def find_extension(data: Buffer, hdr: RtpHeader, ext_id: int) -> tuple[int, int]
     return None
 
 
+def read_transport_seq(data: Buffer, hdr: RtpHeader, ext_id: int) -> int:
+    """The transport-wide sequence number (draft-holmer-rmcat-transport-wide-cc-extensions-01
+    section 2: 16 bits, big-endian) under `ext_id`, or -1. Runs for every packet of a
+    publisher that negotiated it, so it returns a plain int rather than `find_extension`'s
+    tuple; the scan follows the same RFC 8285 rules."""
+    pos = hdr.ext_start
+    end = hdr.ext_end
+    profile = hdr.ext_profile
+    if profile == PROFILE_ONE_BYTE:
+        while pos < end:
+            b = data[pos]
+            if b == 0:
+                pos += 1
+                continue
+            found = b >> 4
+            if found == 0 or found == _ONE_BYTE_STOP_ID:
+                return -1
+            start = pos + 1
+            pos = start + (b & 0x0F) + 1
+            if pos > end:
+                return -1
+            if found == ext_id:
+                return data[start] << 8 | data[start + 1] if pos - start >= 2 else -1
+    elif profile & _TWO_BYTE_MASK == PROFILE_TWO_BYTE:
+        while pos < end:
+            found = data[pos]
+            if found == 0:
+                pos += 1
+                continue
+            start = pos + 2
+            if start > end:
+                return -1
+            pos = start + data[pos + 1]
+            if pos > end:
+                return -1
+            if found == ext_id:
+                return data[start] << 8 | data[start + 1] if pos - start >= 2 else -1
+    return -1
+
+
 def id_map_list(mapping: dict[int, int]) -> list[int]:
     """Turn {publisher id: subscriber id} into the 256-entry list `remap_extension_ids`
     prefers; ids absent from the dict map to 0 (drop)."""

@@ -28,7 +28,7 @@ from sfu.media.rtcp import (
     build_pli,
     parse_rtcp,
 )
-from sfu.media.rtp import RtpHeader, find_extension, parse_header, read_sdes_extension
+from sfu.media.rtp import RtpHeader, parse_header, read_sdes_extension, read_transport_seq
 from sfu.media.srtp import SrtpSession
 from sfu.media.stats import FORWARD_SAMPLE_EVERY, MediaStats
 from sfu.media.twcc import TwccRecorder
@@ -159,14 +159,20 @@ class Transport:
         if self.twcc is None:
             self.twcc = TwccRecorder()
 
-    def send_transport_feedback(self) -> None:
+    def send_transport_feedback(self, now: float) -> None:
+        """Report the arrivals recorded since the last call (the media timer, every 50 ms)."""
         twcc = self.twcc
-        if twcc is None or not twcc.pending:
+        if twcc is None:
             return
+        # The media SSRC field is not used by receivers of transport-wide feedback (it covers
+        # the whole transport); libwebrtc fills in one of the streams, so do we.
         media_ssrc = next((p.ssrc for p in self.producers if p.ssrc is not None), 0)
-        for packet in twcc.build_feedback(self.rtcp_ssrc, media_ssrc):
+        packets = twcc.build_feedback(self.rtcp_ssrc, media_ssrc, now)
+        if packets is None:
+            return
+        for packet in packets:
             self.send_rtcp(packet)
-            self.stats.twcc_feedback_sent += 1
+        self.stats.twcc_feedback_sent += len(packets)
 
     def set_remote_fingerprints(self, fingerprints: list[Fingerprint]) -> None:
         """The client's DTLS fingerprint, when it arrives after the transport was made (the
@@ -257,11 +263,15 @@ class Transport:
             return
         self.stats.rtp_in += 1
         self.stats.rtp_bytes_in += len(data)
-        if self.twcc_ext_id and hdr.has_extension:
-            found = find_extension(plain, hdr, self.twcc_ext_id)
-            if found is not None and found[1] >= 2 and self.twcc is not None:
-                at = found[0]
-                self.twcc.record(plain[at] << 8 | plain[at + 1], time.monotonic_ns() // 1000)
+        arrival: float | None = None
+        twcc = self.twcc
+        if twcc is not None:
+            # Every packet counts, RTX and padding-only probes included: the publisher's
+            # estimator probes bandwidth with them. One clock read serves the producer too.
+            seq = read_transport_seq(plain, hdr, self.twcc_ext_id)
+            if seq >= 0:
+                arrival = time.monotonic()
+                twcc.record(seq, arrival)
         if self.packet_tap is not None:
             self.packet_tap(plain)
         producer = self.producers_by_ssrc.get(hdr.ssrc)
@@ -269,11 +279,11 @@ class Transport:
             producer = self.rtx_by_ssrc.get(hdr.ssrc)
             if producer is not None:
                 self._count_in(producer.kind, len(plain))
-                producer.on_rtx(plain, hdr)
+                producer.on_rtx(plain, hdr, arrival)
                 return
         else:
             self._count_in(producer.kind, len(plain))
-            producer.on_rtp(plain, hdr)
+            producer.on_rtp(plain, hdr, arrival)
             return
         producer = self._bind_ssrc(plain, hdr)
         if producer is None:

@@ -2,145 +2,226 @@
 (draft-holmer-rmcat-transport-wide-cc-extensions-01).
 
 A publisher stamps every packet on its transport with a transport-wide sequence number (an
-RTP header extension). The SFU records when each number arrived and, every 50-100 ms, reports
-the arrivals back in RTCP RTPFB FMT 15 packets; the publisher's own estimator (GCC in
-browsers) turns them into a send rate. Without this feedback Chrome never leaves its start
-rate (300 kbit/s). The numbers describe the publisher's hop only and are never forwarded.
+RTP header extension). The SFU records when each number arrived and, every 50 ms, reports the
+arrivals back in RTCP RTPFB FMT 15 packets; the publisher's own estimator (GCC in browsers)
+turns them into a send rate. Without this feedback Chrome never leaves its start rate
+(300 kbit/s). The numbers describe the publisher's hop only and are never forwarded.
 
-`TwccRecorder.record` runs per packet: a preallocated array, no allocation. Building feedback
-runs on the 50 ms media timer.
+`TwccRecorder.record` runs per packet: it writes one float into a preallocated array and
+touches no other object. Encoding runs on the 50 ms media timer, where allocation is fine.
+`parse_transport_feedback` decodes the packets again, for tests and for a per-subscriber
+estimator.
 """
 
 from __future__ import annotations
 
 import struct
 from array import array
+from typing import Final, NamedTuple
 
-# Arrivals kept between two feedback rounds; more (over 40k packets/s at a 100 ms period)
-# and the oldest are reported as lost rather than kept.
-SLOTS = 4096
-MASK = SLOTS - 1
-# Statuses per feedback packet, so that one stays well under a 1200-byte MTU: at most
-# 2 bytes of delta each plus 2 bytes of chunk per 7 statuses, plus 20 bytes of header.
-MAX_STATUSES = 400
-DELTA_UNIT_US = 250
-REFERENCE_UNIT_US = 64_000
+# Arrivals kept: one slot per transport-wide sequence number, the newest SLOTS numbers. At a
+# 50 ms feedback period that is room for 80k packets/s; beyond it the oldest unreported
+# numbers are skipped rather than kept.
+SLOTS: Final = 4096
+MASK: Final = SLOTS - 1
+# Statuses per feedback packet, so that one stays below a 1200-byte MTU whatever the pattern:
+# 20 bytes of header, at most 2 bytes of chunk per 7 statuses and 2 bytes of delta each
+# (20 + 116 + 800 = 936, plus at most 3 bytes of padding).
+MAX_STATUSES: Final = 400
+# A packet arriving after feedback has called it lost is reported again (received) when it is
+# at most this far behind the next unreported number; later than that no estimator cares.
+LATE_LIMIT: Final = MAX_STATUSES
+# Two feedback rounds are at least this far apart, whoever calls (the engine's timer ticks
+# every 50 ms; this keeps a faster caller from flooding the publisher).
+MIN_INTERVAL: Final = 0.025
 
-NOT_RECEIVED = 0
-SMALL_DELTA = 1
-LARGE_DELTA = 2
+DELTA_UNIT_US: Final = 250
+REFERENCE_UNIT_US: Final = 64_000
+_NOT_SEEN: Final = -1.0  # arrival slot of a number not received (or not ours any more)
+
+# Packet status symbols (§3.1.1).
+NOT_RECEIVED: Final = 0
+SMALL_DELTA: Final = 1
+LARGE_DELTA: Final = 2
+RECEIVED_NO_DELTA: Final = 3  # never sent by the SFU; decoded for completeness
+
+PT_RTPFB: Final = 205
+FMT_TWCC: Final = 15
+
+_HEADER = struct.Struct("!BBHIIHHI")  # V|P|FMT, PT, length, sender, media, base, count, ref|fb
+_U16 = struct.Struct("!H")
+_I16 = struct.Struct("!h")
 
 
 class TwccRecorder:
-    """Arrival times by transport-wide sequence number, for one publisher transport."""
+    """Arrival times by transport-wide sequence number, for one publisher transport.
 
-    __slots__ = ("_arrivals", "_base", "_highest", "_packet_count", "packets_recorded")
+    Sequence numbers are unwrapped to ints around the highest one seen, so 65535 -> 0 just
+    counts on. `_base` is the first number the next feedback reports; reported arrivals stay
+    in their slots until the ring comes round, so a late packet can be reported again.
+    """
+
+    __slots__ = (
+        "_arrivals",
+        "_base",
+        "_first",
+        "_highest",
+        "_last_built",
+        "_packet_count",
+        "_reference",
+        "packets_recorded",
+    )
 
     def __init__(self) -> None:
-        self._arrivals = array("q", [-1]) * SLOTS  # microseconds, -1: not received
-        self._base = -1  # first unreported sequence number, unwrapped (-1: none seen yet)
+        # Seconds on the caller's monotonic clock: storing the float it already has is the
+        # cheapest per-packet write (no conversion, no int object).
+        self._arrivals = array("d", [_NOT_SEEN]) * SLOTS
+        self._first = -1  # first number recorded since the last restart (-1: none yet)
+        self._base = 0
         self._highest = -1
         self._packet_count = 0  # the 8-bit "fb pkt. count" of the next feedback
+        self._reference = 0  # last reference time sent, for a packet of losses only
+        self._last_built = -1e9
         self.packets_recorded = 0
-
-    def record(self, seq: int, arrival_us: int) -> None:
-        highest = self._highest
-        if highest < 0:
-            self._base = self._highest = seq
-            self._arrivals[seq & MASK] = arrival_us
-            self.packets_recorded += 1
-            return
-        # Unwrap the 16-bit number around the highest one seen (RFC 3550 A.1 style).
-        diff = (seq - highest) & 0xFFFF
-        unwrapped = highest + diff if diff < 0x8000 else highest - (0x10000 - diff)
-        if unwrapped < self._base:
-            return  # already reported as lost; the sender has moved on
-        if unwrapped - self._base >= SLOTS:
-            # A jump larger than the window: report from here on, the rest counts as lost.
-            self._clear(self._base, min(highest, self._base + SLOTS - 1))
-            self._base = unwrapped - SLOTS // 2
-            self._clear(self._base, unwrapped)
-        if unwrapped > highest:
-            self._highest = unwrapped
-        self._arrivals[unwrapped & MASK] = arrival_us
-        self.packets_recorded += 1
-
-    def _clear(self, first: int, last: int) -> None:
-        arrivals = self._arrivals
-        for seq in range(first, last + 1):
-            arrivals[seq & MASK] = -1
 
     @property
     def pending(self) -> bool:
-        return self._highest >= self._base >= 0
+        """Something was recorded that no feedback has reported yet."""
+        return self._first >= 0 and self._highest >= self._base
 
-    def build_feedback(self, sender_ssrc: int, media_ssrc: int) -> list[bytes]:
-        """Feedback packets covering everything recorded since the last call (may be none)."""
-        out: list[bytes] = []
+    def record(self, seq: int, arrival: float) -> None:
+        """Packet `seq` (16 bits) arrived at `arrival` (seconds, monotonic). Duplicates keep
+        the first arrival."""
+        highest = self._highest
+        if self._first < 0:
+            self._restart(seq, arrival)
+            return
+        diff = (seq - highest) & 0xFFFF
         arrivals = self._arrivals
-        while self._highest >= self._base >= 0:
-            first = self._base
-            last = min(self._highest, first + MAX_STATUSES - 1)
-            times = [arrivals[seq & MASK] for seq in range(first, last + 1)]
-            self._clear(first, last)
-            self._base = last + 1
-            if all(t < 0 for t in times):
-                continue  # nothing arrived in this stretch: nothing to say yet
-            out.append(
-                encode_feedback(sender_ssrc, media_ssrc, first & 0xFFFF, times, self._packet_count)
-            )
-            self._packet_count = (self._packet_count + 1) & 0xFF
-        return out
-
-
-def encode_feedback(
-    sender_ssrc: int, media_ssrc: int, base_seq: int, times: list[int], fb_count: int
-) -> bytes:
-    """One RTPFB FMT 15 packet: statuses of `times` (µs, -1 = lost) from `base_seq` on."""
-    first_time = next(t for t in times if t >= 0)
-    reference = first_time // REFERENCE_UNIT_US
-    previous = reference * REFERENCE_UNIT_US
-    symbols: list[int] = []
-    deltas = bytearray()
-    for arrival in times:
-        if arrival < 0:
-            symbols.append(NOT_RECEIVED)
-            continue
-        ticks = (arrival - previous) // DELTA_UNIT_US
-        if 0 <= ticks <= 0xFF:
-            symbols.append(SMALL_DELTA)
-            deltas.append(ticks)
+        if diff < 0x8000:
+            if diff == 0:
+                return  # a duplicate of the newest
+            if diff >= SLOTS:
+                # Further ahead than the ring reaches: the sender restarted its numbering (or
+                # lost thousands of packets); start over from here.
+                self._restart(seq, arrival)
+                return
+            unwrapped = highest + diff
+            # Slots passed over now belong to numbers not received (yet). Usually none.
+            skipped = highest + 1
+            while skipped < unwrapped:
+                arrivals[skipped & MASK] = _NOT_SEEN
+                skipped += 1
+            arrivals[unwrapped & MASK] = arrival
+            self._highest = unwrapped
+            if unwrapped - self._base >= SLOTS:
+                self._base = unwrapped - SLOTS + 1  # the oldest unreported were overwritten
         else:
-            ticks = max(-0x8000, min(0x7FFF, ticks))
-            symbols.append(LARGE_DELTA)
-            deltas += struct.pack("!h", ticks)
-        # Deltas chain from the previous packet's reported (quantised) time, so rounding
-        # never accumulates into drift.
-        previous += ticks * DELTA_UNIT_US
-    chunks = encode_chunks(symbols)
-    body = (
-        struct.pack(
-            "!IIHHI",
+            back = 0x10000 - diff
+            if back >= SLOTS:
+                self._restart(seq, arrival)
+                return
+            unwrapped = highest - back
+            if unwrapped < self._first:
+                return  # from before recording started: no slot history to report it with
+            slot = unwrapped & MASK
+            if arrivals[slot] >= 0.0:
+                return  # a duplicate
+            base = self._base
+            if unwrapped < base:
+                if base - unwrapped > LATE_LIMIT:
+                    return
+                # Reported lost already: the next feedback starts here and says received
+                # (the numbers after it again, from their kept arrivals), as libwebrtc's own
+                # receiver does; a loss-based estimator must not count it.
+                self._base = unwrapped
+            arrivals[slot] = arrival
+        self.packets_recorded += 1
+
+    def _restart(self, seq: int, arrival: float) -> None:
+        # Cold path: anything not yet reported is dropped with the old numbering.
+        self._arrivals = array("d", [_NOT_SEEN]) * SLOTS
+        self._arrivals[seq & MASK] = arrival
+        self._first = self._base = self._highest = seq
+        self.packets_recorded += 1
+
+    def build_feedback(self, sender_ssrc: int, media_ssrc: int, now: float) -> list[bytes] | None:
+        """RTPFB FMT 15 packets for everything recorded since the last call, or None when
+        there is nothing new (or the last round was under MIN_INTERVAL ago)."""
+        if not self.pending or now - self._last_built < MIN_INTERVAL:
+            return None
+        self._last_built = now
+        packets: list[bytes] = []
+        seq, end = self._base, self._highest
+        while seq <= end:
+            packet, seq = self._encode(sender_ssrc, media_ssrc, seq, end)
+            packets.append(packet)
+        self._base = end + 1
+        return packets
+
+    def _encode(self, sender_ssrc: int, media_ssrc: int, first: int, end: int) -> tuple[bytes, int]:
+        """One feedback packet from `first` on: (packet, first number it did not cover)."""
+        arrivals = self._arrivals
+        symbols: list[int] = []
+        deltas = bytearray()
+        reference = -1
+        previous = 0  # µs: the reported (quantised) time of the last received packet
+        seq = first
+        last = min(end, first + MAX_STATUSES - 1)
+        while seq <= last:
+            arrival = arrivals[seq & MASK]
+            if arrival < 0.0:
+                symbols.append(NOT_RECEIVED)
+                seq += 1
+                continue
+            at = round(arrival * 1_000_000)
+            if reference < 0:
+                # The reference time is the first arrival rounded down to 64 ms; its own
+                # delta (< 64 ms) is then always a small one.
+                reference = at // REFERENCE_UNIT_US
+                previous = reference * REFERENCE_UNIT_US
+            # Rounded down, and chained from the previous *reported* time, so quantisation
+            # never accumulates into drift. Reordering gives negative deltas (large form).
+            ticks = (at - previous) // DELTA_UNIT_US
+            if 0 <= ticks <= 0xFF:
+                symbols.append(SMALL_DELTA)
+                deltas.append(ticks)
+            elif -0x8000 <= ticks <= 0x7FFF:
+                symbols.append(LARGE_DELTA)
+                deltas += _I16.pack(ticks)
+            else:
+                break  # over ±8 s: the next packet starts here with its own reference time
+            previous += ticks * DELTA_UNIT_US
+            seq += 1
+        if reference < 0:
+            # Only losses in this stretch: no arrival to anchor, so repeat the last reference
+            # (a publisher reads reference times as a sequence; it must not jump back).
+            reference = self._reference
+        self._reference = reference
+        body = encode_chunks(symbols) + deltas
+        padding = -len(body) % 4
+        if padding:
+            # RFC 3550 §6.4.1 padding: P bit set, the last byte counts the padding bytes.
+            body += bytes(padding - 1) + bytes((padding,))
+        header = _HEADER.pack(
+            (0xA0 if padding else 0x80) | FMT_TWCC,
+            PT_RTPFB,
+            (20 + len(body)) // 4 - 1,
             sender_ssrc,
             media_ssrc,
-            base_seq,
-            len(times),
-            ((reference & 0xFFFFFF) << 8) | (fb_count & 0xFF),
+            first & 0xFFFF,
+            len(symbols),
+            ((reference & 0xFFFFFF) << 8) | self._packet_count,
         )
-        + chunks
-        + deltas
-    )
-    padding = -len(body) % 4
-    if padding:
-        body += bytes(padding)
-    # The P bit would claim the last byte counts the padding; the draft's zero padding is
-    # inside the length instead, as receivers expect.
-    header = struct.pack("!BBH", 0x80 | 15, 205, (len(body) + 4) // 4 - 1)
-    return header + body
+        self._packet_count = (self._packet_count + 1) & 0xFF
+        return header + body, seq
 
 
 def encode_chunks(symbols: list[int]) -> bytes:
-    """Packet status chunks: run-length where a run is long, status vectors elsewhere."""
+    """Packet status chunks (§3.1.3, §3.1.4): a run-length chunk for a run of 14 or more (or
+    one that ends the list), else a status vector — 14 one-bit symbols when none needs a
+    large delta, 7 two-bit ones otherwise. A vector past the end is filled with "not
+    received"; the receiver stops at the packet status count."""
     out = bytearray()
     i, n = 0, len(symbols)
     while i < n:
@@ -149,7 +230,7 @@ def encode_chunks(symbols: list[int]) -> bytes:
         while i + run < n and symbols[i + run] == symbol and run < 0x1FFF:
             run += 1
         if run >= 14 or i + run == n:
-            out += struct.pack("!H", (symbol << 13) | run)
+            out += _U16.pack((symbol << 13) | run)
             i += run
             continue
         window = symbols[i : i + 14]
@@ -157,57 +238,86 @@ def encode_chunks(symbols: list[int]) -> bytes:
             value = 0x8000
             for k, s in enumerate(window):
                 value |= s << (13 - k)
-            out += struct.pack("!H", value)
             i += 14
         else:
             value = 0xC000
             for k, s in enumerate(symbols[i : i + 7]):
                 value |= s << (12 - 2 * k)
-            out += struct.pack("!H", value)
             i += 7
+        out += _U16.pack(value)
     return bytes(out)
 
 
-def parse_feedback(packet: bytes) -> tuple[int, list[int | None], int, int]:
-    """Decode an RTPFB FMT 15 packet: (base seq, arrival µs or None per status relative to
-    reference time, reference time in 64 ms units, fb pkt count). Raises ValueError."""
-    if len(packet) < 20 or packet[0] & 0x1F != 15 or packet[1] != 205:
-        raise ValueError("not a transport-wide feedback packet")
-    length = (struct.unpack_from("!H", packet, 2)[0] + 1) * 4
-    if length > len(packet):
-        raise ValueError("length field beyond the packet")
-    base, count, word = struct.unpack_from("!HHI", packet, 12)
-    reference, fb_count = word >> 8, word & 0xFF
+class TransportFeedback(NamedTuple):
+    """A decoded RTPFB FMT 15 packet. `symbols` has one status per number from `base_seq`
+    on; `deltas` one receive delta in 250 µs units per symbol 1 or 2, in order."""
+
+    sender_ssrc: int
+    media_ssrc: int
+    base_seq: int
+    reference_time: int  # 64 ms units, 24 bits
+    fb_count: int
+    symbols: list[int]
+    deltas: list[int]
+
+    def arrivals_us(self) -> list[int | None]:
+        """Arrival time per number (µs on the reference clock), None if not received or
+        received without a delta."""
+        out: list[int | None] = []
+        now = self.reference_time * REFERENCE_UNIT_US
+        it = iter(self.deltas)
+        for symbol in self.symbols:
+            if symbol in (SMALL_DELTA, LARGE_DELTA):
+                now += next(it) * DELTA_UNIT_US
+                out.append(now)
+            else:
+                out.append(None)
+        return out
+
+
+def parse_transport_feedback(packet: bytes) -> TransportFeedback | None:
+    """Decode one RTPFB FMT 15 packet (it may be followed by more of a compound); None when
+    it is not one or is malformed. Never raises."""
+    if len(packet) < 20:
+        return None
+    first, pt, words, sender, media, base, count, word = _HEADER.unpack_from(packet)
+    if first >> 6 != 2 or first & 0x1F != FMT_TWCC or pt != PT_RTPFB:
+        return None
+    end = (words + 1) * 4
+    if end > len(packet):
+        return None
+    if first & 0x20:
+        pad = packet[end - 1]
+        if pad == 0 or pad > end - 20:
+            return None
+        end -= pad
     pos = 20
     symbols: list[int] = []
     while len(symbols) < count:
-        if pos + 2 > length:
-            raise ValueError("truncated status chunks")
-        (chunk,) = struct.unpack_from("!H", packet, pos)
+        if pos + 2 > end:
+            return None
+        chunk = packet[pos] << 8 | packet[pos + 1]
         pos += 2
         if not chunk & 0x8000:
-            symbols += [(chunk >> 13) & 0x3] * (chunk & 0x1FFF)
+            run = chunk & 0x1FFF
+            if run == 0:
+                return None
+            symbols += [(chunk >> 13) & 0x3] * run
         elif not chunk & 0x4000:
             symbols += [(chunk >> (13 - k)) & 0x1 for k in range(14)]
         else:
             symbols += [(chunk >> (12 - 2 * k)) & 0x3 for k in range(7)]
-    symbols = symbols[:count]
-    times: list[int | None] = []
-    now = reference * REFERENCE_UNIT_US
+    del symbols[count:]
+    deltas: list[int] = []
     for symbol in symbols:
-        if symbol == NOT_RECEIVED:
-            times.append(None)
-            continue
         if symbol == SMALL_DELTA:
-            if pos + 1 > length:
-                raise ValueError("truncated deltas")
-            ticks = packet[pos]
+            if pos + 1 > end:
+                return None
+            deltas.append(packet[pos])
             pos += 1
-        else:
-            if pos + 2 > length:
-                raise ValueError("truncated deltas")
-            (ticks,) = struct.unpack_from("!h", packet, pos)
+        elif symbol == LARGE_DELTA:
+            if pos + 2 > end:
+                return None
+            deltas.append(_I16.unpack_from(packet, pos)[0])
             pos += 2
-        now += ticks * DELTA_UNIT_US
-        times.append(now)
-    return base, times, reference, fb_count
+    return TransportFeedback(sender, media, base, word >> 8, word & 0xFF, symbols, deltas)
