@@ -65,24 +65,13 @@ import numpy as np
 from aiohttp import web
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script: the repository's tests package is a sibling
+
+from tests.chromium import CHROMIUM_FLAGS as TEST_CHROMIUM_FLAGS  # noqa: E402
 
 CHROMIUM = os.environ.get("BLINDFOLD_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-# As tests/chromium.py (../shared/reference/testing-here.md): loopback candidates need
-# --allow-loopback-in-peer-connection, and mDNS obfuscation would hide them.
-CHROMIUM_FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--use-fake-ui-for-media-stream",
-    "--use-fake-device-for-media-stream",
-    "--allow-loopback-in-peer-connection",
-    "--disable-features=WebRtcHideLocalIpsWithMdns",
-    "--autoplay-policy=no-user-gesture-required",
-]
+# The tests' flags (docs/testing.md): loopback candidates, no mDNS, no background network.
+CHROMIUM_FLAGS = list(TEST_CHROMIUM_FLAGS)
 
 WIDTH, HEIGHT, FPS, CLIP_SECONDS = 640, 480, 30, 3
 BITRATE_GOAL = 0.80

@@ -1,4 +1,4 @@
-"""Debian's Chromium as the tests start it (flags from ../shared/reference/testing-here.md).
+"""Debian's Chromium as the tests start it (docs/testing.md explains the flags).
 
 Loopback ICE candidates need --allow-loopback-in-peer-connection, and mDNS obfuscation would
 hide them; the background-networking flags keep Chromium off a network it cannot reach.

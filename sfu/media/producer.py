@@ -3,7 +3,8 @@
 The producer keeps the last N packets (a ring indexed by sequence number) so subscribers'
 NACKs are served without asking the publisher, knows where keyframes start (from the clear
 payload-format descriptor, never from the encrypted frame), and throttles keyframe requests
-toward the publisher: a PLI storm makes an encoder raise its QP for everyone (design.md §5).
+toward the publisher: a PLI storm makes an encoder raise its QP for everyone
+(docs/architecture.md, "Budgets per subscriber").
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """RTP header helpers for the forwarding hot path.
 
-The SFU forwards payloads untouched (design.md section 2), so it only ever needs to locate
-things: the fixed header (RFC 3550 section 5.1), the header-extension block and its
-elements (RFC 8285), the VP8 payload descriptor that sits in front of the encoded frame
+The SFU forwards payloads untouched (docs/architecture.md, "What the server may read"), so
+it only ever needs to locate things: the fixed header (RFC 3550 section 5.1), the
+header-extension block and its elements (RFC 8285), the VP8 payload descriptor that sits in front of the encoded frame
 (RFC 7741 section 4.2) and the RTX framing (RFC 4588 section 4). Everything here works on
 offsets into the received datagram and writes with precompiled `struct.Struct` objects, so a
 forwarded packet costs one small header object, one bytearray copy and a `pack_into`.
@@ -568,7 +568,7 @@ def parse_vp8(data: Buffer, offset: int, end: int) -> Vp8Descriptor | None:
 
     A packet starts a keyframe when it starts partition 0 (S=1, PID=0) and the inverse
     key-frame bit P of the payload header is 0 (RFC 7741 section 4.3). That is one byte
-    past the descriptor, inside the clear prefix the E2EE format leaves (design.md 4).
+    past the descriptor, inside the clear prefix the E2EE format leaves (docs/e2ee.md).
     """
     if offset >= end or end > len(data):
         return None

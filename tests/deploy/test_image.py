@@ -14,7 +14,7 @@ and exits 0 well inside the stop timeout.
 
 Needs root, podman (with runc), debootstrap and prometheus: skipped without them, failed
 under CI=true. scripts/test.sh installs them; containers.conf follows
-../shared/reference/testing-here.md (runc, because crun fails on this host's hybrid
+docs/testing.md (runc, because crun fails on this host's hybrid
 cgroups; default ulimits root may actually set)."""
 
 from __future__ import annotations

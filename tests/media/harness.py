@@ -24,7 +24,7 @@ from sfu.control.auth import mint_token
 from tests.conftest import free_port
 
 # aioice leaves 127.0.0.1 out of the host candidates it gathers; the tests must use only it
-# (../shared/reference/testing-here.md), so every aiortc peer gathers loopback alone.
+# (docs/testing.md), so every aiortc peer gathers loopback alone.
 aioice.ice.get_host_addresses = lambda use_ipv4=True, use_ipv6=True: ["127.0.0.1"]
 
 SDP = {"Content-Type": "application/sdp"}
