@@ -5,7 +5,8 @@ it only ever needs to locate things: the fixed header (RFC 3550 section 5.1), th
 header-extension block and its elements (RFC 8285), the VP8 payload descriptor that sits in
 front of the encoded frame (RFC 7741 section 4.2) and the RTX framing (RFC 4588 section 4).
 Everything here works on offsets into the received datagram and writes with precompiled
-`struct.Struct` objects, so a forwarded packet costs one small header object, one bytearray copy and a `pack_into`.
+`struct.Struct` objects, so a forwarded packet costs one small header object, one bytearray
+copy and a `pack_into`.
 
 Parsers never raise on hostile input: they return None (or stop iterating), because they run
 inside `datagram_received`, where an exception per bad packet would flood the event loop's
