@@ -243,9 +243,10 @@ def iter_extensions(data: Buffer, hdr: RtpHeader) -> Iterator[tuple[int, int, in
             yield ext_id, start, pos - start
 
 
-def find_extension(data: Buffer, hdr: RtpHeader, ext_id: int) -> tuple[int, int] | None:
-    """(offset, length) of the first element with `ext_id`, or None. Same rules as
-    `iter_extensions`, written out because it runs for several extensions per packet."""
+def _locate_extension(data: Buffer, hdr: RtpHeader, ext_id: int) -> int:
+    """The first element with `ext_id`, packed as `offset << 8 | length`, or -1. Same rules
+    as `iter_extensions`, written out (and packed into one int, so nothing is allocated)
+    because it runs for several extensions per packet."""
     profile = hdr.ext_profile
     pos = hdr.ext_start
     end = hdr.ext_end
@@ -257,13 +258,13 @@ def find_extension(data: Buffer, hdr: RtpHeader, ext_id: int) -> tuple[int, int]
                 continue
             found = b >> 4
             if found == 0 or found == _ONE_BYTE_STOP_ID:
-                return None
+                return -1
             start = pos + 1
             pos = start + (b & 0x0F) + 1
             if pos > end:
-                return None
+                return -1
             if found == ext_id:
-                return start, pos - start
+                return start << 8 | (pos - start)
     elif profile & _TWO_BYTE_MASK == PROFILE_TWO_BYTE:
         while pos < end:
             found = data[pos]
@@ -272,53 +273,30 @@ def find_extension(data: Buffer, hdr: RtpHeader, ext_id: int) -> tuple[int, int]
                 continue
             start = pos + 2
             if start > end:
-                return None
+                return -1
             pos = start + data[pos + 1]
             if pos > end:
-                return None
+                return -1
             if found == ext_id:
-                return start, pos - start
-    return None
+                return start << 8 | (pos - start)
+    return -1
+
+
+def find_extension(data: Buffer, hdr: RtpHeader, ext_id: int) -> tuple[int, int] | None:
+    """(offset, length) of the first element with `ext_id`, or None."""
+    loc = _locate_extension(data, hdr, ext_id)
+    return None if loc < 0 else (loc >> 8, loc & 0xFF)
 
 
 def read_transport_seq(data: Buffer, hdr: RtpHeader, ext_id: int) -> int:
     """The transport-wide sequence number (draft-holmer-rmcat-transport-wide-cc-extensions-01
     section 2: 16 bits, big-endian) under `ext_id`, or -1. Runs for every packet of a
-    publisher that negotiated it, so it returns a plain int rather than `find_extension`'s
-    tuple; the scan follows the same RFC 8285 rules."""
-    pos = hdr.ext_start
-    end = hdr.ext_end
-    profile = hdr.ext_profile
-    if profile == PROFILE_ONE_BYTE:
-        while pos < end:
-            b = data[pos]
-            if b == 0:
-                pos += 1
-                continue
-            found = b >> 4
-            if found == 0 or found == _ONE_BYTE_STOP_ID:
-                return -1
-            start = pos + 1
-            pos = start + (b & 0x0F) + 1
-            if pos > end:
-                return -1
-            if found == ext_id:
-                return data[start] << 8 | data[start + 1] if pos - start >= 2 else -1
-    elif profile & _TWO_BYTE_MASK == PROFILE_TWO_BYTE:
-        while pos < end:
-            found = data[pos]
-            if found == 0:
-                pos += 1
-                continue
-            start = pos + 2
-            if start > end:
-                return -1
-            pos = start + data[pos + 1]
-            if pos > end:
-                return -1
-            if found == ext_id:
-                return data[start] << 8 | data[start + 1] if pos - start >= 2 else -1
-    return -1
+    publisher that negotiated it, so it returns a plain int, no tuple."""
+    loc = _locate_extension(data, hdr, ext_id)
+    if loc < 0 or loc & 0xFF < 2:
+        return -1
+    at = loc >> 8
+    return data[at] << 8 | data[at + 1]
 
 
 def id_map_list(mapping: dict[int, int]) -> list[int]:
