@@ -13,7 +13,7 @@ from aiohttp import web
 
 from sfu import __version__
 from sfu.config import DEV_API_KEY, DEV_API_SECRET, Config
-from sfu.control.http import create_app
+from sfu.control.http import ServerLog, create_app
 from sfu.control.rooms import HUB_KEY, RoomHub
 from sfu.lifecycle import Lifecycle
 from sfu.media.dtls import DtlsCertificate
@@ -83,6 +83,7 @@ class Server:
             self.app,
             handle_signals=False,
             access_log=logging.getLogger("sfu.access"),
+            logger=ServerLog(self.metrics),
             # The drain already waited for requests that matter; don't wait again here.
             shutdown_timeout=1.0,
         )

@@ -82,6 +82,13 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.http_malformed = Counter(
+            "sfu_http_malformed_requests",
+            "HTTP requests refused with 400 before routing because they could not be parsed "
+            "(oversized header lines, bad framing); logged at DEBUG only.",
+            registry=self.registry,
+        )
+
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
@@ -200,6 +207,13 @@ class MediaCollector(Collector):
                 "error": demux.errors,
                 "send_failed": demux.send_errors,
             },
+        )
+        yield _counter(
+            "sfu_forward_errors",
+            "Copies to one subscriber that could not be built or sent and were skipped; the "
+            "other subscribers of the packet still got theirs. Logged once per subscriber track.",
+            None,
+            {"": stats.forward_errors},
         )
         yield _counter(
             "sfu_rtp_unroutable",

@@ -7,6 +7,7 @@ a token claims is the classic JWT forgery.
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import jwt
 
 from sfu.config import Config
 from sfu.control.problems import ApiError
-from sfu.names import identity_problem, room_name_problem
+from sfu.names import display_name_problem, identity_problem, room_name_problem
 
 ALGORITHM = "HS256"
 MAX_TTL_SECONDS = 30 * 86400
@@ -123,11 +124,29 @@ def _decode_at(token: str, secret: str, leeway: float, now: float) -> dict[str, 
             "verify_nbf": False,
         },
     )
-    if float(claims["exp"]) + leeway <= now:
+    expires = _numeric_date(claims, "exp")
+    not_before = _numeric_date(claims, "nbf" if "nbf" in claims else "iat")
+    if expires + leeway <= now:
         raise jwt.ExpiredSignatureError("expired")
-    if float(claims.get("nbf", claims["iat"])) - leeway > now:
+    if not_before - leeway > now:
         raise jwt.ImmatureSignatureError("not yet valid")
+    claims["exp"] = expires
     return claims
+
+
+def _numeric_date(claims: dict[str, Any], name: str) -> float:
+    """RFC 7519 NumericDate: a JSON number. A signed token can still carry a string, list,
+    boolean or NaN there (any key holder can sign anything), which is a 401, not a crash."""
+    value = claims[name]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise jwt.InvalidTokenError(f"claim {name!r} must be a number of seconds since 1970")
+    try:
+        number = float(value)  # an int past 1e308 overflows
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise jwt.InvalidTokenError(f"claim {name!r} must be a finite number")
+    return number
 
 
 def _grants_from_claims(claims: dict[str, Any], key: str) -> Grants:
@@ -139,6 +158,10 @@ def _grants_from_claims(claims: dict[str, Any], key: str) -> Grants:
     if not isinstance(grants, dict):
         raise AuthError(401, "invalid_token", "token's grants claim is not an object")
     name = claims.get("name")
+    if name is not None and (not isinstance(name, str) or display_name_problem(name)):
+        raise AuthError(
+            401, "invalid_token", "token's name claim is not a valid display name (see join.name)"
+        )
     return Grants(
         room=room,
         identity=identity,

@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from sfu.config import Config
 from sfu.control import whip
@@ -150,7 +152,36 @@ async def _count_requests(request: web.Request, handler: Handler) -> web.StreamR
         # The route pattern, never the raw path: paths carry room names, an unbounded set.
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
-        request.app[METRICS_KEY].http_requests.labels(route, request.method, str(status)).inc()
+        method = request.method if request.method in _KNOWN_METHODS else "other"
+        request.app[METRICS_KEY].http_requests.labels(route, method, str(status)).inc()
+
+
+# The parser accepts a few dozen methods (WebDAV's among them); as label values they would
+# only multiply time series, so the ones no route serves share one label.
+_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+class ServerLog(logging.LoggerAdapter[logging.Logger]):
+    """What aiohttp's HTTP server logs protocol errors to (AppRunner's `logger`). aiohttp
+    reports every request it cannot parse (a 20 KB header line, garbage bytes) as an ERROR with
+    a traceback, before any authentication, so anyone could fill the log. The client gets its
+    400 regardless; here such a request becomes one DEBUG line and a count."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__(logging.getLogger("sfu.http.server"), {})
+        self.metrics = metrics
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info")
+        if isinstance(exc, HttpProcessingError):
+            self.metrics.http_malformed.inc()
+            self.logger.debug(
+                "refused a malformed HTTP request from %s: %s",
+                args[0] if args else "?",
+                type(exc).__name__,
+            )
+            return
+        super().log(level, msg, *args, **kwargs)
 
 
 @web.middleware

@@ -323,6 +323,15 @@ def subscriber_section_lines(
 
 
 def require_dtls_offer(offer: SessionDescription) -> None:
+    """What any offer must be for the SFU to answer it, checked before anything is created
+    for it (a refusal later would leave a half-made session holding the stream name)."""
     for m in offer.media:
-        if not m.rejected and m.kind in ("audio", "video") and "SAVPF" not in m.proto:
+        if m.rejected:
+            continue
+        if m.kind in ("audio", "video") and "SAVPF" not in m.proto:
             raise SdpError(f"m={m.kind} uses {m.proto}; WebRTC needs UDP/TLS/RTP/SAVPF")
+        if offer.setup(m) == "passive":
+            raise SdpError(
+                f"m={m.kind} has a=setup:passive; the SFU is always the DTLS server, so an "
+                "offer must say a=setup:actpass or a=setup:active"
+            )

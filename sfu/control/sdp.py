@@ -16,6 +16,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 MAX_MEDIA_SECTIONS = 32
+MAX_PAYLOAD_TYPE = 127  # 7 bits in the RTP header (RFC 3550 §5.1)
+# RTP clocks in use are 8-90 kHz; the bound keeps timestamp arithmetic within 32 bits.
+MAX_CLOCK_RATE = 1_000_000
 
 # Codecs whose payload the SFU forwards untouched (RFC 7587, 7741, 9628, 6184, AV1 RTP spec).
 FORWARDABLE_CODECS = {
@@ -62,7 +65,7 @@ class Codec:
     @property
     def apt(self) -> int | None:
         """For RTX: the payload type it repairs (RFC 4588 §8.6)."""
-        match = re.search(r"(?:^|;)\s*apt=(\d+)", self.fmtp or "")
+        match = re.search(r"(?:^|;)\s*apt=(\d{1,3})(?!\d)", self.fmtp or "")
         return int(match.group(1)) if match else None
 
     def fmtp_params(self) -> dict[str, str]:
@@ -136,26 +139,39 @@ class MediaSection:
         """Payload formats with their rtpmap, fmtp and rtcp-fb, in the m-line's order."""
         by_pt: dict[int, Codec] = {}
         for value in self.values("rtpmap"):
-            match = re.fullmatch(r"(\d+)\s+([^/\s]+)/(\d+)(?:/(\d+))?", value.strip())
+            match = re.fullmatch(r"(\d{1,3})\s+([^/\s]+)/(\d{1,10})(?:/(\d{1,2}))?", value.strip())
             if not match:
-                raise SdpError(f"m={self.kind}: malformed a=rtpmap:{value}")
+                raise SdpError(
+                    f"m={self.kind[:20]}: malformed a=rtpmap:{value[:60]} "
+                    "(expected <payload type> <codec>/<clock rate>[/<channels>])"
+                )
             pt = int(match.group(1))
+            if pt > MAX_PAYLOAD_TYPE:
+                raise SdpError(
+                    f"m={self.kind[:20]}: payload type {pt} is outside 0-{MAX_PAYLOAD_TYPE}"
+                )
+            clock_rate = int(match.group(3))
+            if not 1 <= clock_rate <= MAX_CLOCK_RATE:
+                raise SdpError(
+                    f"m={self.kind[:20]}: clock rate {clock_rate} of payload type {pt} is "
+                    f"outside 1-{MAX_CLOCK_RATE}"
+                )
             channels = int(match.group(4)) if match.group(4) else None
-            by_pt[pt] = Codec(pt, match.group(2), int(match.group(3)), channels)
+            by_pt[pt] = Codec(pt, match.group(2), clock_rate, channels)
         for value in self.values("fmtp"):
             pt_text, _, params = value.partition(" ")
-            if pt_text.isdigit() and int(pt_text) in by_pt:
+            if _is_decimal(pt_text) and int(pt_text) in by_pt:
                 by_pt[int(pt_text)].fmtp = params.strip()
         for value in self.values("rtcp-fb"):
             pt_text, _, fb = value.partition(" ")
             if pt_text == "*":
                 for codec in by_pt.values():
                     codec.rtcp_fb.append(fb.strip())
-            elif pt_text.isdigit() and int(pt_text) in by_pt:
+            elif _is_decimal(pt_text) and int(pt_text) in by_pt:
                 by_pt[int(pt_text)].rtcp_fb.append(fb.strip())
         ordered = []
         for fmt in self.formats:
-            if fmt.isdigit() and int(fmt) in by_pt:
+            if _is_decimal(fmt) and int(fmt) in by_pt:
                 ordered.append(by_pt[int(fmt)])
         return ordered
 
@@ -173,15 +189,18 @@ class MediaSection:
         seen: list[int] = []
         for value in self.values("ssrc"):
             head = value.split(" ", 1)[0]
-            if head.isdigit() and int(head) not in seen:
+            if _is_decimal(head) and int(head) not in seen:
                 seen.append(int(head))
         return seen
 
     def ssrc_groups(self) -> list[tuple[str, list[int]]]:
         groups = []
         for value in self.values("ssrc-group"):
-            semantics, *ids = value.split()
-            groups.append((semantics, [int(i) for i in ids if i.isdigit()]))
+            parts = value.split()
+            if not parts:
+                raise SdpError(f"m={self.kind[:20]}: a=ssrc-group has no semantics")
+            semantics, *ids = parts
+            groups.append((semantics, [_number(i, "a=ssrc-group SSRC", MAX_SSRC) for i in ids]))
         return groups
 
     def rids(self, direction: str = "send") -> list[str]:
@@ -252,14 +271,60 @@ def parse_sdp(text: str) -> SessionDescription:
             before.append(line)
     if not media:
         raise SdpError("offer has no media sections (m= lines)")
+    for m in media:
+        _check_section(m)
     return SessionDescription(before, session_attrs, media)
+
+
+MAX_SSRC = 0xFFFFFFFF
+MAX_EXTENSION_ID = 255  # RFC 8285 two-byte form; 1-14 in the one-byte form
+
+
+def _is_decimal(text: str) -> bool:
+    # str.isdigit() also accepts digits int() refuses, such as "²".
+    return text.isascii() and text.isdigit()
+
+
+def _number(text: str, what: str, high: int, low: int = 0) -> int:
+    """A decimal field within [low, high]: anything else is the client's error, caught here
+    once so that no later int() or struct.pack sees a value it cannot take."""
+    if not _is_decimal(text) or len(text) > 10:
+        raise SdpError(f"{what} {text[:20]!r} is not a number in {low}-{high}")
+    value = int(text)
+    if not low <= value <= high:
+        raise SdpError(f"{what} {value} is outside {low}-{high}")
+    return value
+
+
+def _check_section(m: MediaSection) -> None:
+    """Everything the answer builders and the media plane later read as numbers is checked
+    at parse time, so a bad offer is refused before any session or transport exists."""
+    where = f"m={m.kind[:20]}"
+    if "RTP/" in m.proto.upper():
+        for fmt in m.formats:
+            _number(fmt, f"{where}: payload type", MAX_PAYLOAD_TYPE)
+    m.codecs()  # rtpmap shape and ranges
+    for name in ("fmtp", "rtcp-fb"):
+        for value in m.values(name):
+            pt_text = value.partition(" ")[0]
+            if pt_text != "*":
+                _number(pt_text, f"{where}: a={name} payload type", MAX_PAYLOAD_TYPE)
+    for value in m.values("extmap"):
+        match = re.fullmatch(r"(\d+)(?:/\w+)?\s+\S+.*", value.strip())
+        if not match:
+            raise SdpError(f"{where}: malformed a=extmap:{value[:60]}")
+        _number(match.group(1), f"{where}: a=extmap id", MAX_EXTENSION_ID, low=1)
+    for value in m.values("ssrc"):
+        _number(value.split(" ", 1)[0], f"{where}: a=ssrc", MAX_SSRC)
+    m.ssrc_groups()
 
 
 def _media_line(value: str, number: int) -> MediaSection:
     parts = value.split()
-    if len(parts) < 4 or not parts[1].split("/")[0].isdigit():
+    if len(parts) < 4:
         raise SdpError(f"line {number}: malformed m= line {value[:60]!r}")
-    return MediaSection(parts[0], int(parts[1].split("/")[0]), parts[2], parts[3:])
+    port = _number(parts[1].split("/")[0], f"line {number}: m= port", 65535)
+    return MediaSection(parts[0], port, parts[2], parts[3:])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ subscriber's jitter buffer never sees a jump it would treat as massive loss.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from array import array
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
     from sfu.media.producer import Producer
 
 from sfu.media.stats import MediaStats
+
+log = logging.getLogger(__name__)
 
 NTP_EPOCH_OFFSET = 2208988800  # seconds from 1900-01-01 (NTP) to 1970-01-01 (Unix)
 
@@ -124,6 +127,7 @@ class DownTrack:
         "clock",
         "closed",
         "ext_remap_failures",
+        "forward_errors",
         "join",
         "keyframe_requests_suppressed",
         "keyframe_waits",
@@ -211,6 +215,7 @@ class DownTrack:
         self._resent_seq: array[int] | None = None
         self._resent_at: array[float] = array("d")
         self.ext_remap_failures = 0
+        self.forward_errors = 0
         # Shared [match, mismatch] counters; 0 disables sampling.
         self._integrity = integrity if integrity is not None else [0, 0]
         self._integrity_every = integrity_sample_every
@@ -262,6 +267,20 @@ class DownTrack:
             self._last_out_at = self.producer.last_packet_at
         self.packets_sent += 1
         self.octets_sent += hdr.payload_len
+
+    def copy_failed(self) -> None:
+        """`forward` raised for this copy (called inside the producer's `except`): count it,
+        and log the traceback once per down-track, since the next packet will fail the same
+        way and a log line per packet would drown everything else."""
+        self.forward_errors += 1
+        self.stats.forward_errors += 1
+        if self.forward_errors == 1:
+            log.exception(
+                "media: cannot build the copy for subscriber SSRC %d (PT %d); its packets are "
+                "skipped and counted in sfu_forward_errors_total, other subscribers unaffected",
+                self.ssrc,
+                self.payload_type,
+            )
 
     def _rewrite(self, data: bytes, hdr: RtpHeader, seq: int, ts: int) -> bytearray | None:
         buf = bytearray(data)
@@ -437,7 +456,8 @@ class DownTrack:
         if not self.started or self.packets_sent == 0:
             return None
         elapsed = self.clock() - self._last_out_at
-        rtp_ts = self.last_out_ts + int(elapsed * self.producer.codec.clock_rate)
+        # Wraps like any RTP timestamp: a track silent for long enough would overflow 32 bits.
+        rtp_ts = (self.last_out_ts + int(elapsed * self.producer.codec.clock_rate)) & 0xFFFFFFFF
         return build_sr(
             self.ssrc, ntp_now(self.wallclock()), rtp_ts, self.packets_sent, self.octets_sent
         )

@@ -218,7 +218,13 @@ class Producer:
         if keyframe and self._detect_keyframe is not None:
             self.keyframes_seen += 1
         for downtrack in self.downtracks:
-            downtrack.forward(data, hdr, keyframe)
+            # One copy that cannot be built (a bug, or something a subscriber negotiated
+            # that the forwarder cannot write) must never cost the others theirs; a `try`
+            # that does not raise is free in CPython 3.11+.
+            try:
+                downtrack.forward(data, hdr, keyframe)
+            except Exception:
+                downtrack.copy_failed()
 
     def on_rtx(self, data: bytes, hdr: RtpHeader, arrival: float | None = None) -> None:
         """An RTX retransmission from the publisher (RFC 4588): repair as the original."""

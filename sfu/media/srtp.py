@@ -14,6 +14,7 @@ failures, never raised.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -136,6 +137,7 @@ class SrtpSession:
 
     __slots__ = (
         "_inbound",
+        "_inbound_ssrcs",
         "_outbound",
         "_tx_buffer",
         "_tx_cdata",
@@ -166,6 +168,9 @@ class SrtpSession:
         # policy cannot share a libsrtp session (it holds a single wildcard template).
         self._inbound = pylibsrtp.Session(_policy(profile, *rx, outbound=False))
         self._outbound = pylibsrtp.Session(_policy(profile, *tx, outbound=True))
+        # SSRCs whose inbound context libsrtp has made (it makes one per authenticated SSRC,
+        # from the wildcard template), oldest first; see `note_inbound`.
+        self._inbound_ssrcs: dict[int, None] = {}
         self.rtp_auth_failures = 0
         self.rtp_replay_failures = 0
         self.rtp_malformed = 0
@@ -187,6 +192,30 @@ class SrtpSession:
             self._tx_cdata = self._outbound._cdata
             self._tx_buffer = self._outbound._buffer
             self._tx_len = _ffi.new("int *")
+
+    def note_inbound(self, ssrc: int) -> None:
+        """Record that an authenticated packet made libsrtp keep a context for `ssrc`.
+
+        libsrtp never drops an inbound stream by itself, so a client that switches SSRCs
+        (each one authentic: it holds the keys) would grow the session by a few hundred bytes
+        per SSRC for as long as it lasts. Past MAX_INBOUND_STREAMS the oldest is dropped; if
+        that SSRC sends again, libsrtp makes a new context for it (with a fresh replay window)."""
+        known = self._inbound_ssrcs
+        if ssrc in known:
+            return
+        known[ssrc] = None
+        if len(known) > MAX_INBOUND_STREAMS:
+            self.forget_inbound(next(iter(known)))
+
+    def forget_inbound(self, ssrc: int) -> None:
+        """Drop libsrtp's context for an inbound SSRC the transport no longer routes."""
+        self._inbound_ssrcs.pop(ssrc, None)
+        with contextlib.suppress(pylibsrtp.Error):
+            self._inbound.remove_stream(ssrc)
+
+    @property
+    def inbound_streams(self) -> int:
+        return len(self._inbound_ssrcs)
 
     def unprotect_rtp(self, packet: bytes) -> bytes | None:
         try:
@@ -249,6 +278,10 @@ class SrtpSession:
             self.protect_failures += 1
             return None
 
+
+# Inbound SSRCs kept per transport: a publisher sends at most a few per track (media, RTX,
+# simulcast layers) and MAX tracks per participant is small; 64 leaves room for restarts.
+MAX_INBOUND_STREAMS = 64
 
 # pylibsrtp's buffer is 1500 bytes and protect may add up to SRTP_MAX_TRAILER_LEN (144).
 MAX_PROTECT_SIZE = 1500 - 144

@@ -50,6 +50,7 @@ class MediaStats:
         "e2ee_frames",
         "fir_received",
         "first_frame_latency",
+        "forward_errors",
         "forward_latency",
         "integrity",
         "join_latency",
@@ -99,6 +100,9 @@ class MediaStats:
         self.nacks_served = 0
         # NACKed packets not resent: [already resent within an RTT, too old, over budget].
         self.nacks_suppressed = [0, 0, 0]
+        # Copies to one subscriber that raised while being built or sent, skipped so that the
+        # other subscribers still get theirs (sfu_forward_errors_total).
+        self.forward_errors = 0
         self.twcc_feedback_sent = 0
         self.pli_received = 0
         self.rtcp_in = 0

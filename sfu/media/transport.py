@@ -285,9 +285,11 @@ class Transport:
             self._count_in(producer.kind, len(plain))
             producer.on_rtp(plain, hdr, arrival)
             return
+        srtp.note_inbound(hdr.ssrc)
         producer = self._bind_ssrc(plain, hdr)
         if producer is None:
             self.stats.rtp_unroutable += 1
+            srtp.forget_inbound(hdr.ssrc)
 
     def _count_in(self, kind: str, size: int) -> None:
         counts = self.stats.by_kind[kind]
@@ -307,13 +309,15 @@ class Transport:
         if producer is None:
             return None
         if payload_type == producer.codec.rtx_payload_type:
+            if producer.rtx_ssrc is not None and producer.rtx_ssrc != ssrc:
+                self._retire_ssrc(producer.rtx_ssrc)
             producer.rtx_ssrc = ssrc
             self.rtx_by_ssrc[ssrc] = producer
             self._count_in(producer.kind, len(data))
             producer.on_rtx(data, hdr)
         elif payload_type == producer.codec.payload_type:
-            if producer.ssrc is not None:
-                self.producers_by_ssrc.pop(producer.ssrc, None)
+            if producer.ssrc is not None and producer.ssrc != ssrc:
+                self._retire_ssrc(producer.ssrc)
             self.producers_by_ssrc[ssrc] = producer
             self._count_in(producer.kind, len(data))
             producer.on_rtp(data, hdr)
@@ -321,12 +325,22 @@ class Transport:
             return None
         return producer
 
+    def _retire_ssrc(self, ssrc: int) -> None:
+        """A track moved to a new SSRC: the old one routes nowhere and keeps no SRTP state."""
+        self.producers_by_ssrc.pop(ssrc, None)
+        self.rtx_by_ssrc.pop(ssrc, None)
+        if self.srtp is not None:
+            self.srtp.forget_inbound(ssrc)
+
     def _on_rtcp(self, data: bytes, srtp: SrtpSession) -> None:
         plain = srtp.unprotect_rtcp(data)
         if plain is None:
             self.stats.srtp_failures += 1
             return
         self.stats.rtcp_in += 1
+        if len(plain) >= 8:
+            # Each authentic sender SSRC gets a libsrtp context too; bounded there.
+            srtp.note_inbound(int.from_bytes(plain[4:8]))
         packets, ok = parse_rtcp(plain)
         if not ok:
             self.stats.rtcp_malformed += 1
@@ -378,6 +392,9 @@ class Transport:
     def forget_downtrack(self, downtrack: DownTrack) -> None:
         for ssrc in [s for s, d in self.downtracks_by_ssrc.items() if d is downtrack]:
             del self.downtracks_by_ssrc[ssrc]
+            # libsrtp keeps the copy's outbound context until the transport ends, on purpose:
+            # were it dropped, a new copy drawing the same random SSRC would start a fresh
+            # context and could repeat (SSRC, index), i.e. reuse a GCM nonce.
 
     def close(self, reason: str) -> None:
         """End the session and tell the client at once: RTCP BYE for every stream the SFU

@@ -37,7 +37,7 @@ def decode(text: str) -> tuple[str, dict[str, object]]:
     """A message's `type` and its fields (the `type` included)."""
     try:
         data = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the stack
         raise ProtocolError("invalid_message", "not JSON") from None
     if not isinstance(data, dict) or not isinstance(data.get("type"), str):
         raise ProtocolError("invalid_message", "a message is a JSON object with a type")

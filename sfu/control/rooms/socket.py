@@ -20,6 +20,7 @@ from sfu.control.rooms.errors import ProtocolError
 from sfu.control.rooms.hub import RoomHub
 from sfu.control.rooms.messages import PROTOCOL_VERSION, Join, decode, dispatch, parse_tracks
 from sfu.logs import log_context
+from sfu.names import display_name_problem
 from sfu.rooms import LimitExceeded, Participant
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ async def rtc_socket(request: web.Request) -> web.StreamResponse:
                     break
                 participant.send(_error("invalid_message", "messages are JSON text"))
                 continue
+            kind = "?"
             try:
                 kind, data = decode(msg.data)
                 if not (relay_limiter if kind == "relay" else limiter).allow():
@@ -95,6 +97,14 @@ async def rtc_socket(request: web.Request) -> web.StreamResponse:
                 participant.send(_error(exc.code, exc.message, exc.fatal))
                 if exc.fatal:
                     break
+            except Exception:
+                # A bug, not the client's fault: the session goes on, and the client learns
+                # that this one message had no effect instead of losing its socket.
+                with log_context(room=participant.room, participant=participant.id):
+                    log.exception("room message of type %r could not be handled", kind)
+                participant.send(
+                    _error("internal_error", "the server failed to handle this message")
+                )
         if ws.close_code == 1009:  # aiohttp closed it: message over max_msg_size
             log.info("closing socket: message larger than limits.max_message_bytes")
     finally:
@@ -158,19 +168,20 @@ async def _join(
         await refuse("join_timeout", "send a join message first")
         return None
     if msg.type is not WSMsgType.TEXT:
-        if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+        if msg.type is WSMsgType.BINARY:
             await refuse("invalid_message", "messages are JSON text")
         return None
     try:
         data = json.loads(msg.data)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the stack
         await refuse("invalid_message", "not JSON")
         return None
     if not isinstance(data, dict) or data.get("type") != "join":
         await refuse("join_required", 'the first message must be {"type": "join", ...}')
         return None
     join = Join.parse(data)
-    if join.version != PROTOCOL_VERSION:
+    # JSON true and 1.0 compare equal to 1 in Python; only the integer is this version.
+    if type(join.version) is not int or join.version != PROTOCOL_VERSION:
         await refuse(
             "unsupported_version", f"this server speaks protocol version {PROTOCOL_VERSION}"
         )
@@ -190,6 +201,10 @@ async def _join(
         subscribe = parse_tracks(join.subscribe)
     except ProtocolError as exc:
         await refuse(exc.code, f"join.subscribe: {exc.message}")
+        return None
+    problem = display_name_problem(join.name) if join.name is not None else None
+    if problem:
+        await refuse("invalid_message", f"join.name: {problem}")
         return None
     if join.resume is not None:
         participant = hub.by_resume.get(join.resume)
