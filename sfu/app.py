@@ -13,6 +13,7 @@ from aiohttp import web
 
 from sfu import __version__
 from sfu.config import DEV_API_KEY, DEV_API_SECRET, Config
+from sfu.control.admission import REFUSAL_REASONS, Admission
 from sfu.control.http import ServerLog, create_app
 from sfu.control.rooms import HUB_KEY, RoomHub
 from sfu.lifecycle import Lifecycle
@@ -43,6 +44,7 @@ class Server:
                 udp_port=rtc.udp_port,
                 announced_ips=rtc.announced_ips,
                 consent_timeout=rtc.consent_timeout,
+                handshake_timeout=rtc.handshake_timeout,
                 video_buffer=rtc.video_buffer_packets,
                 audio_buffer=rtc.audio_buffer_packets,
                 keyframe_interval=rtc.keyframe_request_interval,
@@ -54,8 +56,20 @@ class Server:
         )
         self.rooms = Rooms(config.limits.max_rooms)
         self.hub = RoomHub(config, self.engine, self.rooms)
-        self.metrics.registry.register(MediaCollector(self.engine, self.rooms, self.hub))
-        self.app = create_app(config, self.lifecycle, self.metrics, self.engine, self.rooms)
+        self.admission = Admission(
+            config.limits,
+            self.rooms,
+            participants=lambda: len(self.hub.by_resume),
+            on_refusal=lambda reason: self.metrics.admission_refusals.labels(reason).inc(),
+        )
+        for reason in REFUSAL_REASONS:
+            self.metrics.admission_refusals.labels(reason)  # every series exported from 0
+        self.metrics.registry.register(
+            MediaCollector(self.engine, self.rooms, self.hub, self.admission)
+        )
+        self.app = create_app(
+            config, self.lifecycle, self.metrics, self.engine, self.rooms, self.admission
+        )
         self.app[HUB_KEY] = self.hub
         self._runner: web.AppRunner | None = None
         self._lag_task: asyncio.Task[None] | None = None

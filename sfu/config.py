@@ -76,6 +76,15 @@ def _check_ip(value: str) -> str:
         raise ValueError(f"{value!r} is not an IP address (e.g. 203.0.113.7)") from None
 
 
+def _check_network(value: str) -> str:
+    try:
+        return str(ipaddress.ip_network(value, strict=False))
+    except ValueError:
+        raise ValueError(
+            f"{value!r} is not an IP address or network (e.g. 10.0.0.5 or 10.0.0.0/8)"
+        ) from None
+
+
 def _check_origin(value: str) -> str:
     if value == "*" or re.fullmatch(r"https?://[^/\s?#]+", value):
         return value
@@ -107,6 +116,7 @@ Port = Annotated[
 ]
 Host = Annotated[str, AfterValidator(_check_host)]
 IpAddress = Annotated[str, AfterValidator(_check_ip)]
+IpNetwork = Annotated[str, AfterValidator(_check_network)]
 Origin = Annotated[str, AfterValidator(_check_origin)]
 IceUrl = Annotated[str, AfterValidator(_check_ice_url)]
 KeyName = Annotated[str, AfterValidator(_check_key_name)]
@@ -124,6 +134,7 @@ Duration = Annotated[
     ),
 ]
 PositiveInt = Annotated[int, Field(ge=1)]
+PositiveFloat = Annotated[float, Field(gt=0)]
 
 
 class _Section(BaseModel):
@@ -151,6 +162,11 @@ class HttpConfig(_Section):
     cors_origins: list[Origin] = Field(
         default_factory=list,
         description="Browser origins allowed to call WHIP/WHEP and the API ('*' for any).",
+    )
+    trusted_proxies: list[IpNetwork] = Field(
+        default_factory=list,
+        description="Reverse proxies (addresses or networks) whose X-Forwarded-For names the "
+        "client: per-IP limits then apply to that client, not to the proxy.",
     )
 
 
@@ -208,6 +224,11 @@ class RtcConfig(_Section):
         description="STUN/TURN servers handed to clients (WHIP/WHEP Link headers, room join).",
     )
     dtls: DtlsConfig = Field(default_factory=DtlsConfig, description="DTLS identity.")
+    handshake_timeout: Duration = Field(
+        10.0,
+        description="Close a new transport whose client has not completed ICE and DTLS within "
+        "this long (abandoned offers, clients that cannot reach the media port).",
+    )
     consent_timeout: Duration = Field(
         30.0,
         description="Close a client's transport after this long without a valid ICE check "
@@ -257,6 +278,38 @@ class LimitsConfig(_Section):
     )
     max_relay_payload_bytes: PositiveInt = Field(
         4096, description="Largest E2EE key-exchange payload the blind relay forwards."
+    )
+    max_sessions: PositiveInt = Field(
+        1000,
+        description="WHIP/WHEP sessions plus room participants on this server at once. At the "
+        "cap new ones get 503 server_full and /readyz answers 503 saturated.",
+    )
+    max_sessions_per_identity: PositiveInt = Field(
+        10, description="WHIP/WHEP sessions one identity (token sub) may hold at once."
+    )
+    max_sessions_per_room: PositiveInt = Field(
+        500, description="WHIP/WHEP sessions (publishers and viewers) in one room."
+    )
+    max_streams_per_room: PositiveInt = Field(
+        50,
+        description="Streams published in one room (WHIP streams and room participants' "
+        "publications); further WHIP publishers get 429 session_limit.",
+    )
+    session_rate_per_identity: PositiveFloat = Field(
+        2.0,
+        description="New sessions (WHIP, WHEP, room joins) per second one identity may start, "
+        "after a burst of session_burst_per_identity.",
+    )
+    session_burst_per_identity: PositiveInt = Field(
+        10, description="Sessions one identity may start at once before its rate applies."
+    )
+    session_rate_per_ip: PositiveFloat = Field(
+        20.0,
+        description="New sessions per second one client IP may start (see "
+        "http.trusted_proxies), after a burst of session_burst_per_ip.",
+    )
+    session_burst_per_ip: PositiveInt = Field(
+        100, description="Sessions one client IP may start at once before its rate applies."
     )
 
 

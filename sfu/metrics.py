@@ -40,6 +40,7 @@ from sfu.media.envelope import STATES
 from sfu.media.stats import FORWARD_SAMPLE_EVERY, LatencyHistogram
 
 if TYPE_CHECKING:
+    from sfu.config import LimitsConfig
     from sfu.media.engine import MediaEngine
     from sfu.rooms import Rooms
 
@@ -82,6 +83,13 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.admission_refusals = Counter(
+            "sfu_admission_refusals",
+            "New sessions refused by a limit: server_full (limits.max_sessions), rate_identity "
+            "/ rate_ip (session_rate_per_*), identity_sessions, room_sessions, room_streams.",
+            ["reason"],
+            registry=self.registry,
+        )
         self.http_malformed = Counter(
             "sfu_http_malformed_requests",
             "HTTP requests refused with 400 before routing because they could not be parsed "
@@ -110,6 +118,15 @@ async def stop_task(task: asyncio.Task[None] | None) -> None:
         await task
 
 
+class AdmissionView(Protocol):
+    """What the metrics read of admission control (`sfu.control.admission.Admission`)."""
+
+    @property
+    def limits(self) -> LimitsConfig: ...
+
+    def sessions(self) -> int: ...
+
+
 class RoomsView(Protocol):
     """What the metrics read of the room protocol (`sfu.control.rooms.RoomHub` is one):
     read-only, so the metrics need not import the signaling code."""
@@ -133,10 +150,13 @@ class MediaCollector(Collector):
     """Exports the media plane's plain-int counters at scrape time (none are touched per
     packet by prometheus_client, which would cost microseconds each)."""
 
-    def __init__(self, engine: MediaEngine, rooms: Rooms, hub: RoomsView) -> None:
+    def __init__(
+        self, engine: MediaEngine, rooms: Rooms, hub: RoomsView, admission: AdmissionView
+    ) -> None:
         self.engine = engine
         self.rooms = rooms
         self.hub = hub
+        self.admission = admission
 
     def collect(self) -> Iterator[Metric]:
         stats, demux, agent = self.engine.stats, self.engine.demux, self.engine.agent
@@ -363,6 +383,23 @@ class MediaCollector(Collector):
         yield sessions
         yield GaugeMetricFamily(
             "sfu_rooms", "Rooms with at least one session.", value=len(self.rooms)
+        )
+        yield GaugeMetricFamily(
+            "sfu_admitted_sessions",
+            "WHIP/WHEP sessions plus room participants, as counted against limits.max_sessions.",
+            value=self.admission.sessions(),
+        )
+        yield GaugeMetricFamily(
+            "sfu_admitted_sessions_limit",
+            "limits.max_sessions: at this many sessions /readyz reports saturation.",
+            value=self.admission.limits.max_sessions,
+        )
+        yield _counter(
+            "sfu_handshake_timeouts",
+            "Transports closed because the client did not complete ICE and DTLS within "
+            "rtc.handshake_timeout.",
+            None,
+            {"": self.engine.handshake_timeouts},
         )
         yield _counter(
             "sfu_e2ee_relay_messages",

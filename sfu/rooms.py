@@ -153,6 +153,7 @@ class Rooms:
         self.max_rooms = max_rooms
         self._rooms: dict[str, Room] = {}
         self.sessions: dict[str, MediaSession] = {}
+        self._by_kind: dict[str, int] = {}
         # Bounded: oldest first out, so a flood of terminations cannot grow memory.
         self.ended: dict[str, Ended] = {}
         self.listeners: list[RoomListener] = []
@@ -183,6 +184,7 @@ class Rooms:
         else:
             room.subscriptions[session.id] = session
         self.sessions[session.id] = session
+        self._by_kind[session.kind] = self._by_kind.get(session.kind, 0) + 1
         for listener in self.listeners:
             listener.session_added(session)
 
@@ -190,6 +192,7 @@ class Rooms:
         """Forget a session; False if it was already gone (closing is idempotent)."""
         if self.sessions.pop(session.id, None) is None:
             return False
+        self._by_kind[session.kind] -= 1
         room = self._rooms.get(session.room)
         if room is not None:
             if room.publications.get(session.stream) is session:
@@ -199,6 +202,10 @@ class Rooms:
         for listener in self.listeners:
             listener.session_removed(session)
         return True
+
+    def count(self, kind: str) -> int:
+        """Sessions of one kind ("whip", "whep", "rtc") now open."""
+        return self._by_kind.get(kind, 0)
 
     def drop_if_empty(self, room: Room) -> None:
         if room.empty and self._rooms.get(room.name) is room:

@@ -12,7 +12,15 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from sfu.config import Config
 from sfu.control import whip
-from sfu.control.keys import CONFIG_KEY, ENGINE_KEY, LIFECYCLE_KEY, METRICS_KEY, ROOMS_KEY
+from sfu.control.admission import Admission
+from sfu.control.keys import (
+    ADMISSION_KEY,
+    CONFIG_KEY,
+    ENGINE_KEY,
+    LIFECYCLE_KEY,
+    METRICS_KEY,
+    ROOMS_KEY,
+)
 from sfu.control.problems import code_for_status, problem_response
 from sfu.control.rooms.socket import add_routes as add_room_routes
 from sfu.lifecycle import Lifecycle
@@ -32,7 +40,12 @@ CORS_ALLOW_METHODS = "GET, POST, PATCH, DELETE, OPTIONS"
 
 
 def create_app(
-    config: Config, lifecycle: Lifecycle, metrics: Metrics, engine: MediaEngine, rooms: Rooms
+    config: Config,
+    lifecycle: Lifecycle,
+    metrics: Metrics,
+    engine: MediaEngine,
+    rooms: Rooms,
+    admission: Admission,
 ) -> web.Application:
     app = web.Application(
         middlewares=[_count_requests, _cors, _problems, _drain_tracking],
@@ -43,6 +56,7 @@ def create_app(
     app[METRICS_KEY] = metrics
     app[ENGINE_KEY] = engine
     app[ROOMS_KEY] = rooms
+    app[ADMISSION_KEY] = admission
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     if config.metrics.enabled:
@@ -125,6 +139,13 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     lifecycle = request.app[LIFECYCLE_KEY]
+    admission = request.app[ADMISSION_KEY]
+    if lifecycle.accepting and admission.saturated:
+        # Alive and serving its sessions, but a load balancer should send new ones elsewhere.
+        limit = request.app[CONFIG_KEY].limits.max_sessions
+        return problem_response(
+            503, "saturated", f"not accepting new sessions: at limits.max_sessions ({limit})"
+        )
     if lifecycle.accepting:
         return web.json_response({"status": "ready"})
     reason = "draining" if lifecycle.draining else "starting"

@@ -15,8 +15,9 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from sfu.config import Config, IceServer
+from sfu.control.admission import Refused, request_ip
 from sfu.control.auth import AuthError, Grants, verify_token
-from sfu.control.keys import CONFIG_KEY, ENGINE_KEY, LIFECYCLE_KEY, ROOMS_KEY
+from sfu.control.keys import ADMISSION_KEY, CONFIG_KEY, ENGINE_KEY, LIFECYCLE_KEY, ROOMS_KEY
 from sfu.control.negotiation import (
     plan_publisher,
     plan_subscriber,
@@ -65,6 +66,8 @@ def _guard(handler: Handler) -> Handler:
             return await handler(request)
         except ApiError as exc:
             headers = dict(exc.headers) if isinstance(exc, Problem) else {}
+            if isinstance(exc, Refused) and exc.retry_after is not None:
+                headers["Retry-After"] = f"{exc.retry_after:.0f}"
             if exc.status == 401:
                 headers["WWW-Authenticate"] = "Bearer"
             return problem_response(exc.status, exc.code, exc.detail, headers=headers or None)
@@ -173,6 +176,13 @@ async def create_session(request: web.Request) -> web.StreamResponse:
         raise Problem(503, "draining", "the server is shutting down; try another instance")
     room, stream = _names(request)
     grants = _authorize(request, room, publish=kind == "whip", subscribe=kind == "whep")
+    config = request.app[CONFIG_KEY]
+    request.app[ADMISSION_KEY].admit_session(
+        kind,
+        room,
+        grants.identity,
+        request_ip(request, config.http.trusted_proxies),
+    )
     offer = await _read_sdp(request)
     with log_context(room=room, participant=grants.identity):
         try:

@@ -46,6 +46,7 @@ class MediaSettings:
     udp_port: int
     announced_ips: Sequence[str]
     consent_timeout: float = 30.0
+    handshake_timeout: float = 10.0
     video_buffer: int = 500
     audio_buffer: int = 200
     keyframe_interval: float = 0.5
@@ -88,6 +89,7 @@ class MediaEngine(asyncio.DatagramProtocol):
         self.transports: dict[str, Transport] = {}
         self._timer: asyncio.Task[None] | None = None
         self._last_error_log = 0.0
+        self.handshake_timeouts = 0
         self.candidates: list[tuple[str, int]] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -342,7 +344,20 @@ class MediaEngine(asyncio.DatagramProtocol):
                 transport.close(
                     f"ICE consent expired (no valid check for {self.settings.consent_timeout:g} s)"
                 )
+        handshake_deadline = now - self.settings.handshake_timeout
         for transport in list(self.transports.values()):
+            if transport.state is not TransportState.CONNECTED and (
+                transport.state is not TransportState.CLOSED
+                and transport.created_at <= handshake_deadline
+            ):
+                # An offer nobody follows up (or a client that cannot reach the media port)
+                # would otherwise hold its session, stream name and memory for the whole
+                # consent timeout.
+                self.handshake_timeouts += 1
+                transport.close(
+                    f"no ICE and DTLS within {self.settings.handshake_timeout:g} s "
+                    "(rtc.handshake_timeout)"
+                )
             if transport.state is TransportState.CLOSED:
                 self._forget(transport)
             elif transport.state is TransportState.CONNECTING:

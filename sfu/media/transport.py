@@ -56,6 +56,7 @@ class Transport:
         "addr",
         "close_reason",
         "closed_by_client",
+        "created_at",
         "downtracks_by_ssrc",
         "dtls",
         "ice",
@@ -93,6 +94,7 @@ class Transport:
         self._sendto = sendto
         self.stats = stats
         self.state = TransportState.NEW
+        self.created_at = time.monotonic()
         self.close_reason: str | None = None
         # The client ended the association itself (DTLS close_notify): it is leaving.
         self.closed_by_client = False

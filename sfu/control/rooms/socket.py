@@ -14,8 +14,9 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from sfu.control.admission import Refused, request_ip
 from sfu.control.auth import AuthError, verify_token
-from sfu.control.keys import CONFIG_KEY, LIFECYCLE_KEY
+from sfu.control.keys import ADMISSION_KEY, CONFIG_KEY, LIFECYCLE_KEY
 from sfu.control.rooms.errors import ProtocolError
 from sfu.control.rooms.hub import RoomHub
 from sfu.control.rooms.messages import PROTOCOL_VERSION, Join, decode, dispatch, parse_tracks
@@ -230,6 +231,12 @@ async def _join(
         await refuse(
             "resume_failed", "nothing to resume (expired, or another identity); join afresh"
         )
+        return None
+    try:
+        ip = request_ip(request, config.http.trusted_proxies)
+        request.app[ADMISSION_KEY].admit_participant(grants.identity, ip)
+    except Refused as exc:
+        await refuse(exc.code, exc.detail)
         return None
     try:
         participant = hub.new_participant(
