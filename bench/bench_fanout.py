@@ -1,9 +1,10 @@
 """In-process cost of the SFU's forwarding path per outgoing copy, with hot caches.
 
 Run: python bench/bench_fanout.py [packets]. Builds a real MediaEngine with one VP8 producer
-and N subscriber transports (SRTP keys injected instead of a DTLS handshake), feeds
-SRTP-protected packets to the publisher transport's `on_srtp`, and times everything from there
-to the last `sendto`: unprotect, parse, producer, N x (header rewrite, protect, send).
+and N subscriber transports (SRTP keys injected instead of a DTLS handshake, with the same
+building blocks as the engine tests in tests/engine/harness.py), feeds SRTP-protected packets
+to the publisher transport's `on_srtp`, and times everything from there to the last `sendto`:
+unprotect, parse, producer, N x (header rewrite, protect, send).
 
 It is the floor that bench/loadgen.py's end-to-end figure sits above: no event-loop wake-ups,
 no other process between packets, and (with --no-send) no kernel. Best of five rounds.
@@ -20,9 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sfu.media.engine import MediaEngine, MediaSettings
-from sfu.media.producer import TrackCodec
-from sfu.media.srtp import AEAD_AES_128_GCM, SrtpKeyingMaterial, SrtpSession
+from tests.engine.harness import VP8, inject_srtp, make_engine
 
 ROUNDS = 5
 
@@ -48,34 +47,24 @@ def run(subscribers: int, packets: int, *, send: bool) -> float:
     sink.bind(("127.0.0.1", 0))
     sink.setblocking(False)
     out = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    engine = MediaEngine(MediaSettings("127.0.0.1", 0, ()))
-    engine.connection_made(SocketSender(out if send else None))  # type: ignore[arg-type]
-
-    def keys() -> SrtpKeyingMaterial:
-        material = os.urandom(AEAD_AES_128_GCM.exporter_length)
-        return SrtpKeyingMaterial.from_exported(AEAD_AES_128_GCM, material)
-
+    engine = make_engine(SocketSender(out if send else None))
     publisher = engine.create_transport("whip", "pubufrag", "p" * 24, [])
-    publisher_keys = keys()
-    publisher.srtp = SrtpSession(publisher_keys)
-    publisher.addr = ("127.0.0.1", 9)
+    client = inject_srtp(publisher, ("127.0.0.1", 9))
     producer = engine.add_producer(
         publisher,
         kind="video",
         mid="0",
-        codec=TrackCodec("VP8", 90000, 96, 97),
+        codec=VP8,
         ext_ids={},
         ssrc=1234,
         rtx_ssrc=None,
     )
     for i in range(subscribers):
         transport = engine.create_transport("whep", f"sub{i:05d}", "s" * 24, [])
-        transport.srtp = SrtpSession(keys())
-        transport.addr = sink.getsockname()
+        inject_srtp(transport, sink.getsockname())
         engine.add_downtrack(
             transport, producer, payload_type=96, rtx_payload_type=None, ext_map={}
         )
-    client = SrtpSession(publisher_keys, role="client")
     # Every packet a keyframe start, so down-tracks start at once; 1055 bytes like loadgen's.
     payload = b"\x10" + bytes([0x10, 0, 0, 0x9D, 0x01, 0x2A, 0x80, 0x02, 0xE0, 0x01])
     payload += os.urandom(1042 - len(payload))
