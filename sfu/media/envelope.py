@@ -34,7 +34,13 @@ ESTABLISH_RUN = 16
 # Frames in a row that may fail to continue an established chain (one reordered or damaged
 # frame) before the chain is forgotten.
 MAX_MISSES = 1
+# The frame format's sizes (docs/e2ee.md sections 2 and 3), defined again here because the
+# server never imports the client; tests/client/sframe_vectors.json ("limits") pins both
+# clients and this module to the same values.
 AEAD_TAG = 16
+VP8_KEYFRAME_CLEAR_PREFIX_LEN = 10
+VP8_DELTA_CLEAR_PREFIX_LEN = 3
+OPUS_CLEAR_PREFIX_LEN = 0
 WINDOW = 50
 MIN_FRAMES = 20
 ENCRYPTED_RATIO = 0.9
@@ -135,9 +141,11 @@ class EnvelopeJudge:
             if desc is None or not desc.start_of_partition or desc.partition_id != 0:
                 return  # not the frame's first packet (that one was lost or reordered)
             start = desc.header_offset
-            prefix = 10 if not data[start] & 0x01 else 3
+            prefix = (
+                VP8_DELTA_CLEAR_PREFIX_LEN if data[start] & 0x01 else VP8_KEYFRAME_CLEAR_PREFIX_LEN
+            )
         elif self.codec == "opus":
-            start, prefix = hdr.header_len, 0
+            start, prefix = hdr.header_len, OPUS_CLEAR_PREFIX_LEN
         else:
             return  # docs/e2ee.md defines no clear prefix for this codec
         self._last_ts = hdr.timestamp

@@ -70,6 +70,20 @@ def test_vector_file_is_complete() -> None:
     assert {v["cipher_suite"] for v in SFRAME_VECTORS} == {"0x0004", "0x0005"}
 
 
+def test_sizes_agree_with_the_shared_limits() -> None:
+    """The same file's "limits" pin the browser client and the server's envelope check to
+    these values too (tests/js/sframe.test.mjs, tests/engine/test_sframe_vectors.py)."""
+    limits = VECTORS["limits"]
+    assert sf.vp8_clear_prefix_len(VP8_KEYFRAME) == sf.VP8_KEYFRAME_CLEAR_PREFIX_LEN
+    assert limits["vp8_keyframe_clear_prefix_len"] == sf.VP8_KEYFRAME_CLEAR_PREFIX_LEN
+    assert sf.vp8_clear_prefix_len(VP8_DELTA) == sf.VP8_DELTA_CLEAR_PREFIX_LEN
+    assert limits["vp8_delta_clear_prefix_len"] == sf.VP8_DELTA_CLEAR_PREFIX_LEN
+    assert sf.clear_prefix_len_for("opus", OPUS_FRAME) == limits["opus_clear_prefix_len"]
+    assert len(sf.encode_header(sf.MAX_KID, sf.MAX_COUNTER)) == limits["max_header_len"]
+    assert {suite.nt for suite in sf.CIPHER_SUITES.values()} == {limits["aead_tag_len"]}
+    assert limits["kid_generation_bits"] == sf.KID_GENERATION_BITS
+
+
 @pytest.mark.parametrize("vector", HEADER_VECTORS, ids=lambda v: f"{v['kid']}-{v['ctr']}")
 def test_header_vector(vector: dict[str, str]) -> None:
     kid, ctr = _hex_int(vector["kid"]), _hex_int(vector["ctr"])

@@ -51,6 +51,20 @@ test('vector file is complete', () => {
   assert.deepEqual(new Set(VECTORS.sframe.map((v) => v.cipher_suite)), new Set(['0x0004', '0x0005']));
 });
 
+test('sizes agree with the limits the Python client and the server are held to', () => {
+  // The same "limits" pin sfu/client/sframe.py (tests/client/test_sframe.py) and the
+  // server's key-free envelope check (tests/engine/test_sframe_vectors.py).
+  const L = VECTORS.limits;
+  assert.equal(sf.VP8_KEYFRAME_CLEAR_PREFIX_LEN, L.vp8_keyframe_clear_prefix_len);
+  assert.equal(sf.vp8ClearPrefixLen(VP8_KEYFRAME), L.vp8_keyframe_clear_prefix_len);
+  assert.equal(sf.VP8_DELTA_CLEAR_PREFIX_LEN, L.vp8_delta_clear_prefix_len);
+  assert.equal(sf.vp8ClearPrefixLen(VP8_DELTA), L.vp8_delta_clear_prefix_len);
+  assert.equal(sf.OPUS_CLEAR_PREFIX_LEN, L.opus_clear_prefix_len);
+  assert.equal(sf.encodeHeader(sf.MAX_KID, sf.MAX_COUNTER).length, L.max_header_len);
+  assert.deepEqual(new Set([...sf.CIPHER_SUITES.values()].map((s) => s.nt)), new Set([L.aead_tag_len]));
+  assert.equal(sf.KID_GENERATION_BITS, L.kid_generation_bits);
+});
+
 test('all 289 header vectors encode and decode', () => {
   for (const v of VECTORS.header) {
     const kid = hexInt(v.kid);
