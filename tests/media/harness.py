@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import fractions
+import itertools
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -150,6 +151,9 @@ class Counter:
                 self.last_video = frame
 
 
+_viewers = itertools.count(1)
+
+
 async def subscribe(
     server: Server,
     stream: str = "cam",
@@ -165,7 +169,8 @@ async def subscribe(
     status, _, body, _ = await post_offer(
         f"{server.url}/whep/{room}/{stream}",
         pc.localDescription.sdp,
-        {**SDP, **bearer(token(server, room, "sub", subscribe=True))},
+        # One identity per viewer, as limits.max_sessions_per_identity expects of real ones.
+        {**SDP, **bearer(token(server, room, f"sub-{next(_viewers)}", subscribe=True))},
     )
     assert status == 201, body
     await pc.setRemoteDescription(RTCSessionDescription(body, "answer"))
