@@ -203,6 +203,10 @@ class MediaEngine(asyncio.DatagramProtocol):
         ext_map: dict[int, int],
         join: JoinTimer | None = None,
     ) -> DownTrack:
+        for pt in (payload_type, rtx_payload_type):
+            # Negotiation refuses others; the header rewrite packs the value into 7 bits.
+            if pt is not None and not 0 <= pt <= 127:
+                raise ValueError(f"payload type {pt} is outside 0-127")
         ssrc = self._new_ssrc(transport)
         rtx_ssrc = self._new_ssrc(transport) if rtx_payload_type is not None else None
         downtrack = DownTrack(

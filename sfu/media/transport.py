@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 Sendto = Callable[[bytes, Address], None]
 
 
+# Retired SSRCs remembered per transport; a publisher restarts a handful of times at most.
+MAX_RETIRED_SSRCS = 32
+
+
 class TransportState(enum.Enum):
     NEW = "new"  # created, waiting for the client's ICE checks
     CONNECTING = "connecting"  # ICE done, DTLS handshake running
@@ -68,6 +72,7 @@ class Transport:
         "producers",
         "producers_by_mid",
         "producers_by_ssrc",
+        "retired_ssrcs",
         "role",
         "rtcp_ssrc",
         "rtx_by_ssrc",
@@ -105,6 +110,9 @@ class Transport:
         self.producers: list[Producer] = []
         self.producers_by_ssrc: dict[int, Producer] = {}
         self.rtx_by_ssrc: dict[int, Producer] = {}
+        # SSRCs a track moved away from (a publisher restart), oldest first: a late or
+        # replayed packet of the old stream must not switch the track back to it.
+        self.retired_ssrcs: dict[int, None] = {}
         self.producers_by_mid: dict[str, Producer] = {}
         self.mid_ext_id: int | None = None
         # Transport-wide congestion control (publishers): 0 until negotiated.
@@ -287,6 +295,9 @@ class Transport:
             self._count_in(producer.kind, len(plain))
             producer.on_rtp(plain, hdr, arrival)
             return
+        if hdr.ssrc in self.retired_ssrcs:
+            self.stats.rtp_unroutable += 1
+            return
         srtp.note_inbound(hdr.ssrc)
         producer = self._bind_ssrc(plain, hdr)
         if producer is None:
@@ -331,6 +342,9 @@ class Transport:
         """A track moved to a new SSRC: the old one routes nowhere and keeps no SRTP state."""
         self.producers_by_ssrc.pop(ssrc, None)
         self.rtx_by_ssrc.pop(ssrc, None)
+        self.retired_ssrcs[ssrc] = None
+        if len(self.retired_ssrcs) > MAX_RETIRED_SSRCS:
+            del self.retired_ssrcs[next(iter(self.retired_ssrcs))]
         if self.srtp is not None:
             self.srtp.forget_inbound(ssrc)
 

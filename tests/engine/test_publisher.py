@@ -53,6 +53,25 @@ def test_a_restarted_sender_continues_the_subscribers_stream_after_its_keyframe(
     assert producer.ssrc_changes == 1
 
 
+def test_a_late_packet_of_the_old_ssrc_does_not_switch_the_track_back(
+    harness: EngineHarness,
+) -> None:
+    publisher, producer = harness.publisher()
+    subscriber, _ = harness.subscriber(producer)
+    publisher.send_rtp(vp8_packet(500, 90000, keyframe=True))
+    publisher.send_rtp(vp8_packet(40000, 777777, ssrc=NEW_SSRC, keyframe=True))
+    subscriber.receive()
+
+    publisher.send_rtp(vp8_packet(501, 93000))  # reordered in the network, or replayed
+    publisher.send_rtp(vp8_packet(40001, 780777, ssrc=NEW_SSRC))
+
+    assert (producer.ssrc, producer.ssrc_changes) == (NEW_SSRC, 1)
+    received = subscriber.receive().rtp
+    assert len(received) == 1
+    assert payload_of(received[0]) == payload_of(vp8_packet(40001, 780777, ssrc=NEW_SSRC))
+    assert publisher.transport.retired_ssrcs == {VIDEO_SSRC: None}
+
+
 def test_undeclared_streams_are_bound_to_their_track_by_mid(harness: EngineHarness) -> None:
     publisher = harness.client("whip")
     audio = harness.add_producer(publisher, codec=OPUS, kind="audio", mid="a", ssrc=None)
