@@ -3,7 +3,7 @@
 # then pytest. Extra arguments go to pytest, e.g. scripts/test.sh -k config -x
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-ensure_venv "test"
+ensure_venv "test,bench"
 
 # System tools the tests use. promtool comes with Debian's prometheus package.
 command -v promtool >/dev/null 2>&1 || apt_install prometheus ||
