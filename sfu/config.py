@@ -308,6 +308,11 @@ class LimitsConfig(_Section):
         description="New sessions per second one client IP may start (see "
         "http.trusted_proxies), after a burst of session_burst_per_ip.",
     )
+    max_pending_joins_per_ip: PositiveInt = Field(
+        20,
+        description="WebSockets from one client IP that may wait for their join message at "
+        "once (each for up to rooms.join_timeout); more get 429 before the upgrade.",
+    )
     session_burst_per_ip: PositiveInt = Field(
         100, description="Sessions one client IP may start at once before its rate applies."
     )

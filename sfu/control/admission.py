@@ -35,6 +35,7 @@ REFUSAL_REASONS = (
     "identity_sessions",
     "room_sessions",
     "room_streams",
+    "pending_ip",
 )
 
 
@@ -166,6 +167,8 @@ class Admission:
         self.by_ip = RateTable(limits.session_rate_per_ip, limits.session_burst_per_ip)
         self.counts = Counts({})
         rooms.listeners.append(self.counts)
+        # WebSockets that have not joined yet, per client IP (entries removed at 0).
+        self.pending: dict[str, int] = {}
 
     # -- what /readyz and the metrics read ---------------------------------------------------
 
@@ -211,6 +214,21 @@ class Admission:
                 "(limits.max_streams_per_room)",
                 "room_streams",
             )
+
+    def open_pending(self, ip: str) -> bool:
+        """A WebSocket from `ip` starts waiting for its join: False if `ip` has too many."""
+        held = self.pending.get(ip, 0)
+        if held >= self.limits.max_pending_joins_per_ip:
+            return False
+        self.pending[ip] = held + 1
+        return True
+
+    def close_pending(self, ip: str) -> None:
+        left = self.pending.get(ip, 0) - 1
+        if left > 0:
+            self.pending[ip] = left
+        else:
+            self.pending.pop(ip, None)
 
     def admit_participant(self, identity: str, ip: str) -> None:
         """A new room-protocol participant (a resume is not new); raises Refused."""

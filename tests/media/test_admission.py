@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import aiohttp
+import pytest
 
 from sfu.app import Server
 from sfu.control.admission import RateTable, client_ip
@@ -157,3 +158,23 @@ async def test_offers_that_never_connect_end_after_the_handshake_timeout() -> No
         # The stream name is free again, long before the consent timeout.
         assert (await whip(sfu, "cam"))[0] == 201
         assert await metric(sfu, "sfu_handshake_timeouts_total") == 1
+
+
+async def test_sockets_waiting_to_join_are_capped_per_ip() -> None:
+    async with server(SFU_LIMITS__MAX_PENDING_JOINS_PER_IP="2") as sfu:
+        url = sfu.url.replace("http", "ws") + "/rtc"
+        async with aiohttp.ClientSession() as http:
+            first = await http.ws_connect(url)
+            second = await http.ws_connect(url)
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await http.ws_connect(url)
+            assert refused.value.status == 429
+            # Joining frees the slot.
+            join = {"type": "join", "version": 1, "token": token(sfu, subscribe=True)}
+            await first.send_str(json.dumps(join))
+            assert json.loads((await first.receive(timeout=5)).data)["type"] == "joined"
+            third = await http.ws_connect(url)
+            for ws in (first, second, third):
+                await ws.close()
+        assert await metric(sfu, 'sfu_admission_refusals_total{reason="pending_ip"}') == 1
+        await wait_for(lambda: not sfu.admission.pending, 5, "pending sockets forgotten")

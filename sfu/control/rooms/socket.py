@@ -17,6 +17,7 @@ from aiohttp import WSMsgType, web
 from sfu.control.admission import Refused, request_ip
 from sfu.control.auth import AuthError, verify_token
 from sfu.control.keys import ADMISSION_KEY, CONFIG_KEY, LIFECYCLE_KEY
+from sfu.control.problems import problem_response
 from sfu.control.rooms.errors import ProtocolError
 from sfu.control.rooms.hub import RoomHub
 from sfu.control.rooms.messages import PROTOCOL_VERSION, Join, decode, dispatch, parse_tracks
@@ -61,14 +62,30 @@ def add_routes(app: web.Application) -> None:
 async def rtc_socket(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG_KEY]
     hub: RoomHub = request.app[HUB_KEY]
+    admission = request.app[ADMISSION_KEY]
+    ip = request_ip(request, config.http.trusted_proxies)
+    if not admission.open_pending(ip):
+        # Refused before the upgrade: an unauthenticated socket costs a task and buffers for
+        # up to rooms.join_timeout, so one address may only hold a few at once.
+        admission.on_refusal("pending_ip")
+        return problem_response(
+            429,
+            "rate_limited",
+            f"too many WebSockets from {ip} waiting to join "
+            f"(limits.max_pending_joins_per_ip {config.limits.max_pending_joins_per_ip})",
+            headers={"Retry-After": "1"},
+        )
     ws = web.WebSocketResponse(max_msg_size=config.limits.max_message_bytes, heartbeat=15.0)
-    await ws.prepare(request)
     participant: Participant | None = None
     writer: asyncio.Task[None] | None = None
     queue: object = None
     ws_failed = False
     try:
-        participant = await _join(request, ws, hub)
+        try:
+            await ws.prepare(request)
+            participant = await _join(request, ws, hub, ip)
+        finally:
+            admission.close_pending(ip)
         if participant is None:
             return ws
         queue = participant.outbox
@@ -155,7 +172,7 @@ async def _write(
 
 
 async def _join(
-    request: web.Request, ws: web.WebSocketResponse, hub: RoomHub
+    request: web.Request, ws: web.WebSocketResponse, hub: RoomHub, ip: str
 ) -> Participant | None:
     config = request.app[CONFIG_KEY]
     lifecycle = request.app[LIFECYCLE_KEY]
@@ -233,7 +250,6 @@ async def _join(
         )
         return None
     try:
-        ip = request_ip(request, config.http.trusted_proxies)
         request.app[ADMISSION_KEY].admit_participant(grants.identity, ip)
     except Refused as exc:
         await refuse(exc.code, exc.detail)
