@@ -1,10 +1,11 @@
 """A published track: the packets one publisher sends on one m-section, fanned out as is.
 
 The producer keeps the last N packets (a ring indexed by sequence number) so subscribers'
-NACKs are served without asking the publisher, knows where keyframes start (from the clear
-payload-format descriptor, never from the encrypted frame), and throttles keyframe requests
-toward the publisher: a PLI storm makes an encoder raise its QP for everyone
-(docs/architecture.md, "Budgets per subscriber").
+NACKs are served without asking the publisher, asks the publisher itself for what was lost on
+the way in (nackgen.py), knows where keyframes start (from the clear payload-format
+descriptor, never from the encrypted frame), and throttles keyframe requests toward the
+publisher: a PLI storm makes an encoder raise its QP for everyone (docs/architecture.md,
+"Budgets per subscriber").
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from sfu.media.envelope import STATE_PLAINTEXT, EnvelopeJudge
+from sfu.media.nackgen import NackGenerator
 from sfu.media.rtp import RtpHeader, parse_header, parse_vp8, read_audio_level, rtx_to_original
 
 EXT_AUDIO_LEVEL = "urn:ietf:params:rtp-hdrext:ssrc-audio-level"
@@ -126,6 +128,7 @@ class Producer:
         "keyframes_seen",
         "kind",
         "last_packet_at",
+        "losses",
         "mid",
         "on_policy_violation",
         "packets_received",
@@ -169,6 +172,8 @@ class Producer:
         # When each stored packet arrived: a NACK for a packet past any use is not served.
         self._ring_at = [0.0] * size
         self._detect_keyframe = _keyframe_detector(codec.key) if kind == "video" else None
+        # Gaps in what the publisher sends, asked for again by the SFU itself (nackgen.py).
+        self.losses = NackGenerator()
         self._last_keyframe_request = -1e9
         self.downtracks: list[DownTrack] = []
         self.closed = False
@@ -201,6 +206,7 @@ class Producer:
                 for downtrack in self.downtracks:
                     downtrack.resync()
                 self._ring = [None] * self._ring_size
+                self.losses.reset()
             self.ssrc = hdr.ssrc
         self.packets_received += 1
         self.bytes_received += len(data)
@@ -225,6 +231,9 @@ class Producer:
                 downtrack.forward(data, hdr, keyframe)
             except Exception:
                 downtrack.copy_failed()
+        lost = self.losses.on_packet(hdr.seq, now)
+        if lost is not None:
+            self.upstream.send_nack(self, lost)
 
     def on_rtx(self, data: bytes, hdr: RtpHeader, arrival: float | None = None) -> None:
         """An RTX retransmission from the publisher (RFC 4588): repair as the original."""
@@ -273,7 +282,10 @@ class Producer:
     def request_retransmission(self, seqs: list[int]) -> None:
         """Ask the publisher for packets the ring no longer has (or never got)."""
         if seqs and not self.closed and self.ssrc is not None:
-            self.upstream.send_nack(self, seqs)
+            # What the producer is asking for itself would only be resent twice.
+            wanted = [seq for seq in seqs if not self.losses.tracking(seq)]
+            if wanted:
+                self.upstream.send_nack(self, wanted)
 
     def check_policy(self, now: float, grace: float) -> None:
         """In an `e2ee: required` room, a track judged plaintext_suspected once the grace
