@@ -17,6 +17,15 @@ for cmd in podman buildah runc debootstrap; do
     break
 done
 
+# The loss test (tests/netns) drops UDP with iptables' statistic match inside a network
+# namespace it creates with `ip netns`; this kernel has no netem (docs/testing.md).
+for cmd in ip iptables; do
+    command -v "$cmd" >/dev/null 2>&1 && continue
+    apt_install iproute2 iptables ||
+        say "ip/iptables missing: the loss test will be skipped (and fails under CI=true)"
+    break
+done
+
 # The browser client's JavaScript is tested with Node's own runner (node:test, WebCrypto),
 # and the real-browser tests drive Debian's Chromium through Playwright (never its own
 # browser download: `playwright install` cannot work here).
