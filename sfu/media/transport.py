@@ -436,5 +436,16 @@ class Transport:
                 self._sendto(out, self.addr)
         self.ice.close()
         log.info("transport %s closed: %s", self.id, reason)
-        if self.on_closed is not None:
-            self.on_closed(self)
+        # Producers point back here (their upstream) and the owner's callbacks close over
+        # the session or participant that points here too: cut both, so an ended session is
+        # freed by reference counting at once. Left to the cycle collector, each one kept
+        # its OpenSSL connection and packet rings until a rare full collection.
+        self.producers.clear()
+        self.producers_by_ssrc.clear()
+        self.rtx_by_ssrc.clear()
+        self.producers_by_mid.clear()
+        self.on_connected = None
+        self.packet_tap = None
+        on_closed, self.on_closed = self.on_closed, None
+        if on_closed is not None:
+            on_closed(self)

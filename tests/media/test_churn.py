@@ -1,0 +1,194 @@
+"""Churn: sessions that start and end leave nothing behind in the server.
+
+The bounded, in-process counterpart of bench/churn.py: WHIP sessions that never start ICE
+(DELETEd, or ended by the ICE consent timer) and room participants who join, publish and
+leave, then every registry keyed by session, transport, ufrag, address, participant, room or
+identity is checked to be empty, every count gauge to read 0 and the process's fds to be
+back where they were. RSS is the bench's business, not the tests'.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import os
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+
+import aiohttp
+import pytest
+from OpenSSL import SSL
+
+from bench.churn import STATE_GAUGES, generous_limits, room_cycle_once, whip_churn_once
+from sfu.app import Server
+from sfu.metrics import Metrics
+from tests.media.harness import make_config, token, wait_for
+
+
+@pytest.fixture
+async def churn_sfu() -> AsyncIterator[Server]:
+    """The test server with the bench's generous limits: admission must not refuse churn."""
+    env = {f"SFU_LIMITS__{name.upper()}": str(value) for name, value in generous_limits().items()}
+    server = Server(make_config(**env))
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+def _ours(thing: object) -> bool:
+    return type(thing).__module__.startswith("sfu.") or isinstance(thing, SSL.Connection)
+
+
+@contextlib.contextmanager
+def cycle_collector_off() -> Iterator[list[object]]:
+    """Run the block with the cycle collector off, then list the server's objects that only
+    the cycle collector could free: they stay in memory until a rare full collection."""
+    gc.collect()
+    gc.disable()
+    found: list[object] = []
+    try:
+        yield found
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        found.extend(thing for thing in gc.garbage if _ours(thing))
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+
+
+def forget_closed(server: Server, later: float = 0.0) -> None:
+    """One media timer tick `later` seconds from now: it ends what timed out by then and
+    forgets closed transports, as the engine's timer task would."""
+    server.engine.tick(time.monotonic() + later, send_reports=False)
+
+
+async def handled(server: Server) -> None:
+    """Wait until every request handler (the room sockets' included) has returned."""
+    await wait_for(
+        lambda: "http_request" not in server.lifecycle.active(), what="handlers to return"
+    )
+
+
+@pytest.mark.parametrize("end", ["delete", "consent_timeout", "room_leave"])
+async def test_an_ended_session_is_freed_without_the_cycle_collector(
+    churn_sfu: Server, end: str
+) -> None:
+    sfu = churn_sfu
+    async with aiohttp.ClientSession() as http:
+        with cycle_collector_off() as leftovers:
+            for i in range(3):
+                if end == "room_leave":
+                    tokens = [
+                        token(sfu, f"r{i}", f"p{k}", publish=True, subscribe=True) for k in (1, 2)
+                    ]
+                    await room_cycle_once(http, sfu.url, tokens)
+                else:
+                    await whip_churn_once(
+                        http,
+                        sfu.url,
+                        token(sfu, "w", f"pub{i}", publish=True),
+                        room="w",
+                        stream=f"s{i}",
+                        delete=end == "delete",
+                    )
+            await handled(sfu)
+            forget_closed(sfu, later=sfu.config.rtc.consent_timeout + 1)
+            assert not sfu.engine.transports
+            assert not sfu.rooms.sessions
+            assert not sfu.hub.participants
+    kinds = Counter(type(thing).__qualname__ for thing in leftovers)
+    assert not leftovers, f"freed only by the cycle collector: {dict(kinds)}"
+
+
+def _label_sets(metrics: Metrics) -> set[tuple[str, tuple[tuple[str, str], ...]]]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items())))
+        for family in metrics.registry.collect()
+        for sample in family.samples
+    }
+
+
+# Codec libraries loaded into *this* process: the test harness's aiortc, not the server's.
+_PROCESS_GAUGES = frozenset({"sfu_media_codecs_loaded"})
+
+
+def _busy_gauges(metrics: Metrics) -> dict[str, float]:
+    return {
+        family.name: sum(sample.value for sample in family.samples)
+        for family in metrics.registry.collect()
+        if family.type == "gauge"
+        and family.name.startswith("sfu_")
+        and family.name not in STATE_GAUGES | _PROCESS_GAUGES
+        and sum(sample.value for sample in family.samples)
+    }
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def _churn(sfu: Server, whip: range, rooms: range) -> None:
+    gate = asyncio.Semaphore(8)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+
+        async def publish(i: int) -> None:
+            room = f"w{i // 10}"
+            async with gate:
+                await whip_churn_once(
+                    http,
+                    sfu.url,
+                    token(sfu, room, f"pub{i}", publish=True),
+                    room=room,
+                    stream=f"s{i}",
+                    delete=i % 10 == 0,
+                )
+
+        async def cycle(j: int) -> None:
+            tokens = [
+                token(sfu, f"r{j}", f"p{j}-{k}", publish=True, subscribe=True) for k in (1, 2)
+            ]
+            async with gate:
+                await room_cycle_once(http, sfu.url, tokens)
+
+        await asyncio.gather(*(publish(i) for i in whip), *(cycle(j) for j in rooms))
+    await handled(sfu)
+    # Whatever was not DELETEd or left ends by consent expiry, as an abandoned offer does.
+    forget_closed(sfu, later=sfu.config.rtc.consent_timeout + 1)
+    # The room timer drops a gone room's speaker detector.
+    await wait_for(lambda: not sfu.hub.speakers, what="speaker detectors of gone rooms")
+
+
+async def test_churn_leaves_registries_empty_gauges_zero_and_fds_as_they_were(
+    churn_sfu: Server,
+) -> None:
+    sfu = churn_sfu
+    baseline_fds = _fds()
+    # Warm-up: the first requests create the label sets of the routes and statuses used.
+    await _churn(sfu, range(20), range(4))
+    label_sets = _label_sets(sfu.metrics)
+
+    await _churn(sfu, range(20, 620), range(4, 64))
+
+    engine, rooms, hub = sfu.engine, sfu.rooms, sfu.hub
+    assert engine.transports == {}
+    assert engine._by_ufrag == {}
+    assert engine._by_addr == {}
+    assert len(engine.agent) == 0
+    assert len(rooms) == 0
+    assert rooms.sessions == {}
+    assert rooms.count("whip") == rooms.count("whep") == rooms.count("rtc") == 0
+    assert hub.participants == {}
+    assert hub.by_resume == {}
+    assert sfu.admission.counts.by_identity == {}
+    assert sfu.lifecycle.active() == {}
+    assert _busy_gauges(sfu.metrics) == {}
+    # No label set per session, stream, room or identity: the exported series are the
+    # warm-up's.
+    assert _label_sets(sfu.metrics) == label_sets
+    await wait_for(lambda: _fds() <= baseline_fds, what="fds back to the baseline")
+    assert _fds() == baseline_fds
