@@ -12,16 +12,21 @@ was negotiated), while aiortc, which never offers nack for Opus, resends audio f
 history all the same. The cost of a request that is ignored is one small RTCP packet per gap
 and retry.
 
-Runs per packet: the common case (next in order, nothing missing) is two comparisons.
+Runs per packet: the common case (next in order, nothing missing) is two comparisons, and
+while packets are missing the list is walked only when a request is due, never per packet.
 """
 
 from __future__ import annotations
 
+from itertools import islice
 from typing import Final
 
 # More packets missing at once than this is a sender restart or an outage, not loss a resend
 # could repair in time: forget them rather than ask for hundreds.
 MAX_GAP: Final = 128
+# At most this many numbers are tracked at once, the oldest dropped first: a publisher sending
+# nothing but jumps cannot grow the table, nor one NACK past about 1 KB.
+MAX_MISSING: Final = 256
 # How often one packet is asked for, and for how long: past NACK_MAX_AGE (the down-tracks'
 # limit too) no jitter buffer would still use it.
 MAX_TRIES: Final = 3
@@ -35,12 +40,14 @@ MIN_RETRY: Final = 0.02
 class NackGenerator:
     """The publisher's sequence numbers as they arrive: which are missing, and when to ask."""
 
-    __slots__ = ("highest", "missing", "rtt")
+    __slots__ = ("highest", "missing", "next_due", "rtt")
 
     def __init__(self) -> None:
         self.highest = -1
         # seq -> [first noticed, last asked, times asked]
         self.missing: dict[int, list[float]] = {}
+        # The earliest time an entry needs a request or expires; nothing to do before it.
+        self.next_due = 0.0
         # Smoothed from repairs that answered a single request (Karn's rule: after a retry,
         # which request a repair answers is unknown).
         self.rtt = INITIAL_RTT
@@ -66,14 +73,20 @@ class NackGenerator:
             if diff > MAX_GAP:
                 missing.clear()
                 return None
-            for step in range(1, diff):
-                missing[(highest + step) & 0xFFFF] = [now, 0.0, 0.0]
+            if diff > 1:
+                for step in range(1, diff):
+                    missing[(highest + step) & 0xFFFF] = [now, 0.0, 0.0]
+                excess = len(missing) - MAX_MISSING
+                if excess > 0:
+                    for old in list(islice(missing, excess)):
+                        del missing[old]
+                self.next_due = now
         elif diff:
             entry = missing.pop(seq, None)
             if entry is not None and entry[2] == 1.0:
                 sample = now - entry[1]
                 self.rtt = 0.875 * self.rtt + 0.125 * sample
-        if not missing:
+        if not missing or now < self.next_due:
             return None
         return self._due(now)
 
@@ -81,19 +94,23 @@ class NackGenerator:
         retry = max(MIN_RETRY, 1.5 * self.rtt)
         due: list[int] = []
         expired: list[int] = []
+        next_due = now + NACK_MAX_AGE
         for seq, entry in self.missing.items():
             tries = entry[2]
             if now - entry[0] > NACK_MAX_AGE:
                 expired.append(seq)
-            elif not tries or now - entry[1] >= retry:
+                continue
+            if not tries or now - entry[1] >= retry:
                 if tries >= MAX_TRIES:
                     expired.append(seq)  # the last request had its round trip
                     continue
                 entry[1] = now
                 entry[2] = tries + 1
                 due.append(seq)
+            next_due = min(next_due, entry[1] + retry, entry[0] + NACK_MAX_AGE)
         for seq in expired:
             del self.missing[seq]
+        self.next_due = next_due
         return due or None
 
     def tracking(self, seq: int) -> bool:

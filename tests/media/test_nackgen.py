@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from sfu.media.nackgen import INITIAL_RTT, MAX_GAP, MAX_TRIES, NACK_MAX_AGE, NackGenerator
+from sfu.media.nackgen import (
+    INITIAL_RTT,
+    MAX_GAP,
+    MAX_MISSING,
+    MAX_TRIES,
+    NACK_MAX_AGE,
+    NackGenerator,
+)
 
 
 def feed(gen: NackGenerator, seqs: list[int], now: float = 10.0) -> list[list[int]]:
@@ -82,3 +89,14 @@ def test_a_restarted_stream_starts_afresh() -> None:
     gen.reset()
     assert not gen.tracking(2)
     assert feed(gen, [40000, 40001]) == []
+
+
+def test_a_publisher_sending_only_jumps_cannot_grow_the_table() -> None:
+    gen = NackGenerator()
+    seqs = [MAX_GAP * i for i in range(50)]  # every jump just small enough to be loss
+    asked = feed(gen, seqs)
+    assert len(gen.missing) <= MAX_MISSING
+    assert all(len(one) <= MAX_MISSING for one in asked)
+    # The newest gaps are the ones kept.
+    assert gen.tracking(seqs[-1] - 1)
+    assert not gen.tracking(1)
