@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import pytest
+from aiohttp import web
 from OpenSSL import SSL
 
 from bench.churn import STATE_GAUGES, generous_limits, room_cycle_once, whip_churn_once
@@ -103,6 +104,19 @@ async def test_an_ended_session_is_freed_without_the_cycle_collector(
             assert not sfu.hub.participants
     kinds = Counter(type(thing).__qualname__ for thing in leftovers)
     assert not leftovers, f"freed only by the cycle collector: {dict(kinds)}"
+
+
+async def test_a_closed_room_socket_is_not_kept_alive_by_its_heartbeat(churn_sfu: Server) -> None:
+    sfu = churn_sfu
+    async with aiohttp.ClientSession() as http:
+        for j in range(3):
+            tokens = [token(sfu, f"r{j}", f"p{k}", publish=True, subscribe=True) for k in (1, 2)]
+            await room_cycle_once(http, sfu.url, tokens)
+    await handled(sfu)
+    gc.collect()
+    # Only a timer could still hold them: every handler has returned and the cycles are gone.
+    sockets = [thing for thing in gc.get_objects() if isinstance(thing, web.WebSocketResponse)]
+    assert sockets == []
 
 
 def _label_sets(metrics: Metrics) -> set[tuple[str, tuple[tuple[str, str], ...]]]:

@@ -144,7 +144,18 @@ async def rtc_socket(request: web.Request) -> web.StreamResponse:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await writer
         await ws.close()
+        _stop_heartbeat(ws)
     return ws
+
+
+def _stop_heartbeat(ws: web.WebSocketResponse) -> None:
+    """aiohttp (3.14) arms the heartbeat timer again when the client's close frame arrives
+    while close() waits for it. That timer then keeps the closed socket, its request and its
+    handler alive for one and a half heartbeats, and pings a dead connection: with room
+    churn, megabytes of ended sockets. Once the socket is closed, nothing should be left."""
+    cancel = getattr(ws, "_cancel_heartbeat", None)  # private, hence looked up with care
+    if callable(cancel):
+        cancel()
 
 
 def _error(code: str, message: str, fatal: bool = False) -> dict[str, Any]:
