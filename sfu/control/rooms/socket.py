@@ -144,18 +144,24 @@ async def rtc_socket(request: web.Request) -> web.StreamResponse:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await writer
         await ws.close()
-        _stop_heartbeat(ws)
+        _release(ws, request)
     return ws
 
 
-def _stop_heartbeat(ws: web.WebSocketResponse) -> None:
-    """aiohttp (3.14) arms the heartbeat timer again when the client's close frame arrives
-    while close() waits for it. That timer then keeps the closed socket, its request and its
-    handler alive for one and a half heartbeats, and pings a dead connection: with room
-    churn, megabytes of ended sockets. Once the socket is closed, nothing should be left."""
-    cancel = getattr(ws, "_cancel_heartbeat", None)  # private, hence looked up with care
+def _release(ws: web.WebSocketResponse, request: web.Request) -> None:
+    """Let a closed socket go at once. aiohttp (3.14) keeps it in two ways: it arms the
+    heartbeat timer again when the client's close frame arrives while close() waits for it
+    (the timer then holds socket, request and handler for one and a half heartbeats and
+    pings a dead connection), and the connection keeps the socket's data callback, a
+    reference cycle through request and connection that only a full collection frees.
+    Under room churn either one holds megabytes of ended sockets. Both are private
+    attributes, hence looked up with care."""
+    cancel = getattr(ws, "_cancel_heartbeat", None)
     if callable(cancel):
         cancel()
+    protocol = request.protocol
+    if getattr(protocol, "_data_received_cb", None) is not None:
+        protocol._data_received_cb = None
 
 
 def _error(code: str, message: str, fatal: bool = False) -> dict[str, Any]:
