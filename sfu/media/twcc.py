@@ -291,6 +291,10 @@ def parse_transport_feedback(packet: bytes) -> TransportFeedback | None:
         if pad == 0 or pad > end - 20:
             return None
         end -= pad
+    if end < 20:
+        # The length field ends the packet before its own fixed fields, which would then be
+        # read from whatever follows it in the compound.
+        return None
     pos = 20
     symbols: list[int] = []
     while len(symbols) < count:
