@@ -68,8 +68,10 @@ class PublisherPlan:
 
 def _bundle_mids(offer: SessionDescription) -> list[str]:
     for name, value in offer.attributes:
-        if name == "group" and value and value.split()[0] == "BUNDLE":
-            return value.split()[1:]
+        # `a=group:` may have no value, or only spaces.
+        parts = value.split() if name == "group" and value else []
+        if parts[:1] == ["BUNDLE"]:
+            return parts[1:]
     return []
 
 
@@ -189,7 +191,10 @@ def render_answer(
         formats = [line.split()[0].split(":")[1] for line in body if line.startswith("a=rtpmap:")]
         lines.append(f"m={m.kind} 9 {m.proto} {' '.join(formats)}")
         lines.append("c=IN IP4 0.0.0.0")
-        lines.append(f"a=mid:{m.mid}")
+        # Only a section answered inactive can lack a mid (_check_bundle requires one of the
+        # others); the answer mirrors the offer rather than inventing "None".
+        if m.mid is not None:
+            lines.append(f"a=mid:{m.mid}")
         lines += transport_lines(local, offer, m)
         lines += body
     return render(lines)
