@@ -90,6 +90,11 @@ def mint_token(
 
 def verify_token(config: Config, token: str, now: float | None = None) -> Grants:
     """Check signature, expiry and claims; raise AuthError(401) on anything wrong."""
+    # A JWT is base64url and dots. Anything else can still arrive: aiohttp turns a header's
+    # non-UTF-8 bytes into lone surrogates, a JSON string can hold them, and PyJWT encoding
+    # such text raises UnicodeEncodeError rather than one of its own errors.
+    if not token.isascii():
+        raise AuthError(401, "invalid_token", "token is not a well-formed JWT")
     try:
         header = jwt.get_unverified_header(token)
     except jwt.PyJWTError:
