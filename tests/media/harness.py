@@ -94,13 +94,15 @@ class ToneTrack(AudioStreamTrack):
         self._t = 0
 
     async def recv(self) -> AudioFrame:
+        # The parent paces 20 ms frames at its own rate (8 kHz); the tone fills the same
+        # 20 ms at 48 kHz, so the encoder sends 50 Opus packets a second, as a real sender.
         frame = await super().recv()
-        samples = frame.samples
+        samples = frame.samples * 48000 // frame.sample_rate
         t = (np.arange(samples) + self._t) / 48000
-        self._t += samples
         data = (np.sin(2 * np.pi * 440 * t) * 8000).astype(np.int16).reshape(1, -1)
         out = AudioFrame.from_ndarray(data, format="s16", layout="mono")
-        out.sample_rate, out.pts, out.time_base = 48000, frame.pts, fractions.Fraction(1, 48000)
+        out.sample_rate, out.pts, out.time_base = 48000, self._t, fractions.Fraction(1, 48000)
+        self._t += samples
         return out
 
 

@@ -98,7 +98,11 @@ async def test_e2ee_media_through_the_sfu(sfu: Server, marked_plaintext: list[by
     )
     try:
         await wait_for(
-            lambda: all(d.frames["video"] >= 30 and d.frames["audio"] >= 50 for d in decoded[:2]),
+            lambda: (
+                all(d.frames["video"] >= 30 and d.frames["audio"] >= 50 for d in decoded[:2])
+                and all(len(frames) >= 80 for frames in received)
+                and len(tapped) > 100
+            ),
             timeout=20,
             what="both keyed subscribers decoding audio and video",
         )
