@@ -27,6 +27,8 @@ from sfu.rooms import MediaSession, Rooms
 
 # Buckets kept per table. Past this, full (idle) buckets are dropped first, then the oldest.
 MAX_BUCKETS = 10_000
+# Below this size a table is never swept for refilled buckets (a sweep walks the table).
+MIN_SWEEP = 64
 
 REFUSAL_REASONS = (
     "server_full",
@@ -69,6 +71,11 @@ class RateTable:
         self.burst = float(burst)
         self.max_keys = max_keys
         self._buckets: dict[str, TokenBucket] = {}
+        # The size at which a new key first sweeps out refilled buckets. Swept only when
+        # full, the table kept a bucket for every identity that ever started a session, up
+        # to max_keys: churn of distinct identities grew it for good. Doubling keeps sweeps
+        # amortised O(1) per new key and the table near twice the keys active in one refill.
+        self._sweep_at = min(max_keys, MIN_SWEEP)
 
     def __len__(self) -> int:
         return len(self._buckets)
@@ -77,7 +84,7 @@ class RateTable:
         """Spend one token for `key`: 0.0 if there was one, else seconds until there is."""
         bucket = self._buckets.get(key)
         if bucket is None:
-            if len(self._buckets) >= self.max_keys:
+            if len(self._buckets) >= self._sweep_at:
                 self._prune(now)
             bucket = self._buckets[key] = TokenBucket(self.burst, now)
         bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.stamp) * self.rate)
@@ -97,6 +104,7 @@ class RateTable:
         while len(self._buckets) >= self.max_keys:
             for key in list(self._buckets)[: max(1, self.max_keys // 2)]:
                 del self._buckets[key]
+        self._sweep_at = min(self.max_keys, max(MIN_SWEEP, 2 * len(self._buckets)))
 
 
 def request_ip(request: web.BaseRequest, trusted: Sequence[str]) -> str:

@@ -24,6 +24,7 @@ from OpenSSL import SSL
 
 from bench.churn import STATE_GAUGES, generous_limits, room_cycle_once, whip_churn_once
 from sfu.app import Server
+from sfu.control.admission import MAX_BUCKETS, RateTable
 from sfu.metrics import Metrics
 from tests.media.harness import make_config, token, wait_for
 
@@ -213,3 +214,16 @@ async def test_churn_leaves_registries_empty_gauges_zero_and_fds_as_they_were(
     assert _label_sets(sfu.metrics) == label_sets
     await wait_for(lambda: _fds() <= baseline_fds, what="fds back to the baseline")
     assert _fds() == baseline_fds
+
+
+def test_the_rate_table_forgets_identities_whose_bucket_refilled() -> None:
+    # Defaults-like: 2 sessions/s, burst 10, so a bucket is full again 5 s after its use.
+    table = RateTable(rate=2.0, burst=10, max_keys=MAX_BUCKETS)
+    per_refill = 100  # distinct identities starting a session within one refill time
+    largest = 0
+    for i in range(5000):
+        table.take(f"identity-{i}", now=i * (10 / 2.0) / per_refill)
+        largest = max(largest, len(table))
+    # A refilled bucket is the same as none: what is kept follows the identities active in
+    # the last refill time, not every identity since the start.
+    assert largest <= 2 * per_refill
