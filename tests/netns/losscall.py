@@ -276,11 +276,10 @@ class Tally:
 
 def publisher_tracks() -> list[Any]:
     """Video with enough detail for several packets per frame, and a tone in real time."""
-    import fractions
 
     import numpy as np
-    from aiortc.mediastreams import AudioStreamTrack, MediaStreamError, VideoStreamTrack
-    from av import AudioFrame, VideoFrame
+    from aiortc.mediastreams import VideoStreamTrack
+    from av import VideoFrame
 
     class TextureTrack(VideoStreamTrack):
         # Precomputed and cycled: drawing noise per frame would cost CPU the peers need.
@@ -298,35 +297,9 @@ def publisher_tracks() -> list[Any]:
             self.count += 1
             return frame
 
-    class Tone48k(AudioStreamTrack):
-        # 20 ms of 48 kHz per frame, so Opus sends one packet per frame, 50 a second, as a
-        # browser does. (tests.media.harness.ToneTrack relabels aiortc's 160-sample 8 kHz
-        # frames as 48 kHz: a sixth of real time, which would understate audio's exposure.)
-        rate, samples = 48000, 960
+    from tests.media.harness import ToneTrack
 
-        def __init__(self) -> None:
-            super().__init__()
-            self.t = 0
-            self.t0: float | None = None
-            phase = 2 * np.pi * 440 * np.arange(self.rate) / self.rate
-            self.second = (np.sin(phase) * 8000).astype(np.int16)
-
-        async def recv(self) -> AudioFrame:
-            if self.readyState != "live":
-                raise MediaStreamError
-            if self.t0 is None:
-                self.t0 = time.monotonic()
-            else:
-                await asyncio.sleep(self.t0 + self.t / self.rate - time.monotonic())
-            start = self.t % self.rate
-            data = self.second[start : start + self.samples].reshape(1, -1)
-            frame = AudioFrame.from_ndarray(data, format="s16", layout="mono")
-            frame.sample_rate, frame.pts = self.rate, self.t
-            frame.time_base = fractions.Fraction(1, self.rate)
-            self.t += self.samples
-            return frame
-
-    return [TextureTrack(), Tone48k()]
+    return [TextureTrack(), ToneTrack()]
 
 
 async def _wait(predicate: Any, what: str) -> None:
