@@ -239,6 +239,7 @@ def _check_rewrites(data: bytes, hdr: rtp.RtpHeader, elements: list[tuple[int, b
 def run_rtp(data: bytes, out: Outcome) -> bool:
     hdr = rtp.parse_header(data)
     if hdr is None:
+        out.refusals.append("parse_header: None")
         return False
     elements = _check_readers(data, hdr)
     _check_rewrites(data, hdr, elements)
@@ -315,7 +316,9 @@ def _dtls_context() -> SSL.Context:
 
 def run_dtls(data: bytes, out: Outcome) -> bool:
     records = dtls._split_records(data)
-    if records is not None:
+    if records is None:
+        out.refusals.append("_split_records: None")
+    else:
         assert b"".join(records) == data
         for record in records:
             assert len(record) == 13 + int.from_bytes(record[11:13])
