@@ -405,6 +405,17 @@ class Transport:
             if report is not None:
                 self.send_rtcp(report)
 
+    def remove_producer(self, producer: Producer) -> None:
+        """Forget one track the publisher stopped (a re-offer without it) while the others
+        go on: kept here, every stop and restart left a closed track and its packet ring in
+        a transport that lives as long as the call."""
+        self.producers = [p for p in self.producers if p is not producer]
+        for table in (self.producers_by_ssrc, self.rtx_by_ssrc):
+            for ssrc in [s for s, p in table.items() if p is producer]:
+                del table[ssrc]
+        if self.producers_by_mid.get(producer.mid) is producer:
+            del self.producers_by_mid[producer.mid]
+
     def forget_downtrack(self, downtrack: DownTrack) -> None:
         for ssrc in [s for s, d in self.downtracks_by_ssrc.items() if d is downtrack]:
             del self.downtracks_by_ssrc[ssrc]

@@ -23,8 +23,10 @@ from aiohttp import web
 from OpenSSL import SSL
 
 from bench.churn import STATE_GAUGES, generous_limits, room_cycle_once, whip_churn_once
+from bench.loadgen_peer import Ssrcs, build_offer, random_ice
 from sfu.app import Server
 from sfu.control.admission import MAX_BUCKETS, RateTable
+from sfu.media.dtls import Fingerprint
 from sfu.metrics import Metrics
 from tests.media.harness import make_config, token, wait_for
 
@@ -227,3 +229,52 @@ def test_the_rate_table_forgets_identities_whose_bucket_refilled() -> None:
     # A refilled bucket is the same as none: what is kept follows the identities active in
     # the last refill time, not every identity since the start.
     assert largest <= 2 * per_refill
+
+
+async def _receive(ws: aiohttp.ClientWebSocketResponse, wanted: str) -> dict[str, object]:
+    while True:
+        message = await ws.receive_json(timeout=10)
+        assert message["type"] != "error", message
+        if message["type"] == wanted:
+            return dict(message)
+
+
+async def test_tracks_stopped_by_re_offers_leave_the_publisher_transport(
+    churn_sfu: Server,
+) -> None:
+    """A participant who keeps stopping and restarting its video (a re-offer with the
+    section inactive, then sending again on new SSRCs) keeps one transport for the whole
+    call: the ended tracks and their packet rings must not pile up in it."""
+    sfu = churn_sfu
+    ufrag, pwd = random_ice(8), random_ice(24)
+    fingerprint = Fingerprint("sha-256", bytes(32).hex(":"))
+    audio_ssrc = Ssrcs.random().audio
+
+    def offer(video: bool) -> str:
+        fresh = Ssrcs.random()  # a restarted camera sends on new SSRCs; audio goes on
+        ssrcs = Ssrcs(fresh.video, fresh.rtx, audio_ssrc)
+        sdp = build_offer(send=True, ufrag=ufrag, pwd=pwd, fingerprint=fingerprint, ssrcs=ssrcs)
+        if video:
+            return sdp
+        head, audio = sdp.split("m=audio", 1)
+        return head.replace("a=sendonly", "a=inactive") + "m=audio" + audio
+
+    async with aiohttp.ClientSession() as http, http.ws_connect(f"{sfu.url}/rtc") as ws:
+        await ws.send_json(
+            {"type": "join", "version": 1, "token": token(sfu, "call", "alice", publish=True)}
+        )
+        await _receive(ws, "joined")
+        for video in (True, False) * 5 + (True,):
+            await ws.send_json({"type": "publish_offer", "sdp": offer(video)})
+            await _receive(ws, "publish_answer")
+        (participant,) = sfu.hub.participants.values()
+        session = participant.publication
+        assert session is not None
+        transport = session.transport
+        live = [p for p in session.producers if not p.closed]
+        assert sorted(p.kind for p in live) == ["audio", "video"]
+        assert transport.producers == live
+        assert set(transport.producers_by_ssrc.values()) == set(live)
+        assert set(transport.rtx_by_ssrc.values()) <= set(live)
+        assert set(transport.producers_by_mid.values()) == set(live)
+        await ws.send_json({"type": "leave"})

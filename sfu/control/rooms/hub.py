@@ -450,7 +450,7 @@ class RoomHub:
         ended = [p for mid, p in by_mid.items() if mid not in wanted]
         for producer in ended:
             producer.close()
-            transport.producers_by_mid.pop(producer.mid, None)
+            transport.remove_producer(producer)
         session.producers = [p for p in session.producers if not p.closed]
         added = open_producers(
             self.engine,
