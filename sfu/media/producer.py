@@ -310,3 +310,9 @@ class Producer:
         for downtrack in list(self.downtracks):
             downtrack.on_producer_closed()
         self.downtracks.clear()
+        # A subscriber's retired m-section keeps its ended track (for the codec it renders)
+        # as long as that subscriber stays: without the packets that is a few hundred
+        # bytes, not a ring of up to a few hundred kilobytes per publisher who ever left.
+        self._ring = [None]
+        self._ring_at = [0.0]
+        self._ring_size = 1

@@ -14,6 +14,7 @@ import contextlib
 import gc
 import os
 import time
+import tracemalloc
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 
@@ -28,6 +29,7 @@ from sfu.app import Server
 from sfu.control.admission import MAX_BUCKETS, RateTable
 from sfu.media.dtls import Fingerprint
 from sfu.metrics import Metrics
+from tests.engine.harness import EngineHarness, vp8_packet
 from tests.media.harness import make_config, token, wait_for
 
 
@@ -278,3 +280,25 @@ async def test_tracks_stopped_by_re_offers_leave_the_publisher_transport(
         assert set(transport.rtx_by_ssrc.values()) <= set(live)
         assert set(transport.producers_by_mid.values()) == set(live)
         await ws.send_json({"type": "leave"})
+
+
+def test_a_closed_track_lets_go_of_its_packets() -> None:
+    """A subscriber's retired m-section keeps its ended track (for the codec it renders)
+    for as long as the subscriber stays in the call; the track's packet ring must not come
+    with it, or every publisher who ever left stays in memory for each one who did not."""
+    harness = EngineHarness()
+    publisher, producer = harness.publisher()
+    subscriber, _ = harness.subscriber(producer)
+    packets, size = 300, 1000
+    tracemalloc.start()
+    try:
+        for seq in range(packets):
+            publisher.send_rtp(vp8_packet(seq, 3000 * seq, keyframe=seq == 0, size=size))
+        assert subscriber.receive().rtp  # forwarded, and stored for NACKs
+        harness.socket.sent.clear()  # the copies sent out are not the ring's
+        held = tracemalloc.get_traced_memory()[0]
+        producer.close()
+        freed = held - tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert freed >= packets * size
