@@ -19,6 +19,13 @@ The verdict (exit status 0 or 1): final RSS within `--tolerance` (10 %) of the R
 first round, fds back to the count before any churn, every count gauge 0 after every round,
 and no request refused. See docs/performance.md ("Churn").
 
+`--diagnose [FRAMES]` runs the same SFU under a wrapper (this file, `--serve-diagnosed`)
+that answers SIGUSR1 with a memory report, printed after each round: what the cycle
+collector found unreachable since the last round (objects only a full collection frees),
+which Python object types grew, and with FRAMES > 0 the allocation sites that grew
+(tracemalloc). The wrapper collects garbage at every report, so its RSS column is not the
+measurement: run without `--diagnose` for that.
+
 The driver functions (`whip_churn_once`, `room_cycle_once`, `sample`, `ChurnServer`) are
 importable for other benches.
 """
@@ -27,6 +34,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import gc
 import json
 import math
 import os
@@ -37,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 import typing
 import urllib.error
 import urllib.request
@@ -116,6 +126,7 @@ class ChurnServer:
         *,
         consent_timeout: str = "1s",
         env: dict[str, str] | None = None,
+        diagnose: int | None = None,
     ) -> None:
         self.http_port = free_port()
         self.udp_port = free_port(socket.SOCK_DGRAM)
@@ -129,15 +140,28 @@ class ChurnServer:
         self.config: Config = load_config(str(self.config_path), env={})
         self.url = f"http://127.0.0.1:{self.http_port}"
         self._extra_env = env or {}
+        self.diagnose = diagnose
+        self.report_path = workdir / "memory-report.txt"
+        self._report_offset = 0
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 20.0) -> None:
         # SFU_* variables are config overrides: this run must be exactly the file above.
         env = {k: v for k, v in os.environ.items() if not k.startswith("SFU_")}
         env.update(self._extra_env)
+        command = [sys.executable, "-m", "sfu", "serve", "--config", str(self.config_path)]
+        if self.diagnose is not None:
+            command = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--serve-diagnosed",
+                str(self.config_path),
+                str(self.report_path),
+                str(self.diagnose),
+            ]
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "sfu", "serve", "--config", str(self.config_path)],
+                command,
                 cwd=ROOT,
                 env=env,
                 stdout=log,
@@ -182,6 +206,20 @@ class ChurnServer:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+    async def memory_report(self, within: float = 60.0) -> str:
+        """Ask a `diagnose` server for its memory report (SIGUSR1) and return it."""
+        self.signal(signal.SIGUSR1)
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            text = self.report_path.read_text() if self.report_path.exists() else ""
+            end = text.find(REPORT_END, self._report_offset)
+            if end >= 0:
+                report = text[self._report_offset : end]
+                self._report_offset = end + len(REPORT_END)
+                return report
+        return "(no memory report)\n"
 
     def token(self, room: str, identity: str, *, publish: bool, subscribe: bool) -> str:
         return mint_token(
@@ -406,6 +444,8 @@ async def run_round(server: ChurnServer, plan: Plan, index: int, whip_done: int)
 async def run(server: ChurnServer, plan: Plan, out: Any = sys.stdout) -> list[Sample]:
     """Baseline, then one sample after each round (index 0 is the baseline)."""
     consent = server.config.rtc.consent_timeout
+    # The readiness probe's connection may still be open on the server's side.
+    await asyncio.sleep(0.5)
     baseline = sample(server.pid, server.url, 0, 0)
     samples = [baseline]
     _print_header(out)
@@ -423,6 +463,8 @@ async def run(server: ChurnServer, plan: Plan, out: Any = sys.stdout) -> list[Sa
         row.seconds = time.monotonic() - started
         samples.append(row)
         _print_row(out, row)
+        if server.diagnose is not None:
+            print(await server.memory_report(), file=out, flush=True)
     return samples
 
 
@@ -471,6 +513,77 @@ def _print_row(out: Any, row: Sample) -> None:
     )
 
 
+# -- the diagnosed server ----------------------------------------------------------------------
+
+REPORT_END = "-- end of report --\n"
+
+
+class MemoryReporter:
+    """What a running SFU holds that it should not, compared with the previous report."""
+
+    def __init__(self, path: Path, frames: int) -> None:
+        self.path = path
+        self.frames = frames
+        self._types: collections.Counter[str] = collections.Counter()
+        self._snapshot: tracemalloc.Snapshot | None = None
+        if frames > 0:
+            tracemalloc.start(frames)
+
+    def report(self) -> None:
+        lines = [f"memory report, RSS {rss_kb(os.getpid())} kB"]
+        # Garbage kept for inspection: what reference counting could not free by itself.
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        unreachable = gc.collect()
+        gc.set_debug(0)
+        garbage = collections.Counter(_type_name(thing) for thing in gc.garbage)
+        gc.garbage.clear()
+        gc.collect()
+        lines.append(f"  unreachable since the last report (cycles): {unreachable}")
+        lines += [f"    {count:7d} {name}" for name, count in garbage.most_common(12)]
+        types = collections.Counter(_type_name(thing) for thing in gc.get_objects())
+        if self._types:
+            grown = (types - self._types).most_common(12)
+            lines.append("  object types that grew:" + ("" if grown else " none"))
+            lines += [f"    {count:+7d} {name}" for name, count in grown]
+        self._types = types
+        if self.frames > 0:
+            snapshot = tracemalloc.take_snapshot().filter_traces(
+                [tracemalloc.Filter(False, tracemalloc.__file__)]
+            )
+            if self._snapshot is not None:
+                lines.append("  allocation sites that grew:")
+                for stat in snapshot.compare_to(self._snapshot, "traceback")[:8]:
+                    lines.append(f"    {stat.size_diff / 1024:+9.1f} KiB {stat.count_diff:+7d}")
+                    lines += [f"        {line}" for line in stat.traceback.format()[-8:]]
+            self._snapshot = snapshot
+        with self.path.open("a") as out:
+            out.write("\n".join(lines) + "\n" + REPORT_END)
+
+
+def _type_name(thing: object) -> str:
+    kind = type(thing)
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def serve_diagnosed(config_path: str, report_path: str, frames: int) -> int:
+    """`sfu serve` (same config, logging and event loop), plus SIGUSR1 -> memory report."""
+    from sfu.app import serve
+    from sfu.logs import setup_logging
+
+    config = load_config(config_path)
+    setup_logging(config.logging.level, config.logging.json_lines)
+    reporter = MemoryReporter(Path(report_path), frames)
+
+    async def main() -> int:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, reporter.report)
+        return await serve(config, "uvloop")
+
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--whip", type=int, default=10_000, help="WHIP create/expire cycles")
@@ -484,7 +597,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--consent-timeout", default="1s", help="rtc.consent_timeout")
     parser.add_argument("--tolerance", type=float, default=0.10, help="RSS growth allowed")
     parser.add_argument("--json", type=Path, help="write the samples here")
+    parser.add_argument(
+        "--diagnose",
+        type=int,
+        nargs="?",
+        const=0,
+        metavar="FRAMES",
+        help="print the server's memory report after each round (FRAMES: tracemalloc depth)",
+    )
+    parser.add_argument("--serve-diagnosed", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.serve_diagnosed:
+        config_path, report_path, frames = args.serve_diagnosed
+        return serve_diagnosed(config_path, report_path, int(frames))
     parse_duration(args.consent_timeout)  # fail early on a typo
     plan = Plan(
         whip=args.whip,
@@ -495,7 +620,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         participants=args.participants,
     )
     with tempfile.TemporaryDirectory(prefix="sfu-churn-") as workdir:
-        server = ChurnServer(Path(workdir), consent_timeout=args.consent_timeout)
+        server = ChurnServer(
+            Path(workdir), consent_timeout=args.consent_timeout, diagnose=args.diagnose
+        )
         server.start()
         try:
             samples = asyncio.run(run(server, plan))
