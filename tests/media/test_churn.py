@@ -211,6 +211,7 @@ async def test_churn_leaves_registries_empty_gauges_zero_and_fds_as_they_were(
     assert hub.participants == {}
     assert hub.by_resume == {}
     assert sfu.admission.counts.by_identity == {}
+    assert sfu.admission.pending == {}
     assert sfu.lifecycle.active() == {}
     assert _busy_gauges(sfu.metrics) == {}
     # No label set per session, stream, room or identity: the exported series are the
