@@ -113,6 +113,43 @@ async def test_an_ended_session_is_freed_without_the_cycle_collector(
     assert not ours, f"freed only by the cycle collector: {dict(kinds)}"
 
 
+async def test_an_ended_whep_session_is_freed_without_the_cycle_collector(
+    churn_sfu: Server,
+) -> None:
+    sfu = churn_sfu
+    async with aiohttp.ClientSession() as http:
+        await whip_churn_once(
+            http, sfu.url, token(sfu, "w", "pub", publish=True), room="w", stream="cam"
+        )
+        with cycle_collector_off() as leftovers:
+            for i in range(3):
+                offer = build_offer(
+                    send=False,
+                    ufrag=random_ice(8),
+                    pwd=random_ice(24),
+                    fingerprint=Fingerprint("sha-256", bytes(32).hex(":")),
+                    ssrcs=None,
+                )
+                auth = {"Authorization": f"Bearer {token(sfu, 'w', f'viewer{i}', subscribe=True)}"}
+                async with http.post(
+                    f"{sfu.url}/whep/w/cam",
+                    data=offer,
+                    headers={"Content-Type": "application/sdp", **auth},
+                ) as response:
+                    assert response.status == 201, await response.text()
+                    location = response.headers["Location"]
+                async with http.delete(f"{sfu.url}{location}", headers=auth) as response:
+                    assert response.status == 200
+            await handled(sfu)
+            forget_closed(sfu)
+            assert sfu.rooms.count("whep") == 0
+            (publication,) = sfu.rooms.sessions.values()
+            assert all(p.downtracks == [] for p in publication.producers)
+    ours = [thing for thing in leftovers if _ours(thing)]
+    kinds = Counter(type(thing).__qualname__ for thing in ours)
+    assert not ours, f"freed only by the cycle collector: {dict(kinds)}"
+
+
 async def test_a_closed_room_socket_is_freed_at_once(churn_sfu: Server) -> None:
     sfu = churn_sfu
     async with aiohttp.ClientSession() as http:
