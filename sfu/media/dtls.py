@@ -354,17 +354,26 @@ class DtlsServer:
     retransmissions: int = field(default=0, init=False)
     application_bytes_dropped: int = field(default=0, init=False)
 
-    _ssl: SSL.Connection = field(init=False, repr=False)
+    _connection: SSL.Connection | None = field(default=None, init=False, repr=False)
     _handshake_done: bool = field(default=False, init=False, repr=False)
     _deadline: float | None = field(default=None, init=False, repr=False)
     _pending_keys: SrtpKeyingMaterial | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.remote_fingerprints = tuple(self.remote_fingerprints)
-        self._ssl = SSL.Connection(self.context, None)
-        self._ssl.set_accept_state()
-        # The MTU is per connection in OpenSSL; OP_NO_QUERY_MTU on the context keeps it.
-        self._ssl.set_ciphertext_mtu(self.mtu)
+
+    @property
+    def _ssl(self) -> SSL.Connection:
+        # Made on first use, which is the client's ClientHello (`feed` lets nothing else
+        # through before it): OpenSSL's state is about 33 kB, which an offer whose client
+        # never connects (abandoned, or one of a flood) should not cost.
+        connection = self._connection
+        if connection is None:
+            connection = self._connection = SSL.Connection(self.context, None)
+            connection.set_accept_state()
+            # The MTU is per connection in OpenSSL; OP_NO_QUERY_MTU on the context keeps it.
+            connection.set_ciphertext_mtu(self.mtu)
+        return connection
 
     @property
     def srtp_profile(self) -> str | None:

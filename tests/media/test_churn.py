@@ -150,6 +150,24 @@ async def test_an_ended_whep_session_is_freed_without_the_cycle_collector(
     assert not ours, f"freed only by the cycle collector: {dict(kinds)}"
 
 
+async def test_an_offer_whose_client_never_connects_holds_no_openssl_connection(
+    churn_sfu: Server,
+) -> None:
+    """An OpenSSL connection costs about 33 kB: abandoned offers (the churn this file is
+    about, or a flood of them) must not pay it before a ClientHello arrives."""
+    sfu = churn_sfu
+    gc.collect()
+    before = sum(isinstance(thing, SSL.Connection) for thing in gc.get_objects())
+    async with aiohttp.ClientSession() as http:
+        for i in range(5):
+            await whip_churn_once(
+                http, sfu.url, token(sfu, "w", f"pub{i}", publish=True), room="w", stream=f"s{i}"
+            )
+        assert len(sfu.engine.transports) == 5
+        alive = sum(isinstance(thing, SSL.Connection) for thing in gc.get_objects())
+    assert alive == before
+
+
 async def test_a_closed_room_socket_is_freed_at_once(churn_sfu: Server) -> None:
     sfu = churn_sfu
     async with aiohttp.ClientSession() as http:
