@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import ctypes
 import gc
 import json
 import math
@@ -526,11 +527,19 @@ class MemoryReporter:
         self.frames = frames
         self._types: collections.Counter[str] = collections.Counter()
         self._snapshot: tracemalloc.Snapshot | None = None
+        self._mallinfo = _mallinfo2()
         if frames > 0:
             tracemalloc.start(frames)
 
     def report(self) -> None:
         lines = [f"memory report, RSS {rss_kb(os.getpid())} kB"]
+        if self._mallinfo is not None:
+            # glibc's heap: what is in use against what it holds, which RSS follows.
+            info = self._mallinfo()
+            lines[0] += (
+                f"; malloc {info.uordblks // 1024} kB in use, {info.fordblks // 1024} kB "
+                f"free, {(info.arena + info.hblkhd) // 1024} kB held"
+            )
         # Garbage kept for inspection: what reference counting could not free by itself.
         gc.set_debug(gc.DEBUG_SAVEALL)
         unreachable = gc.collect()
@@ -558,6 +567,24 @@ class MemoryReporter:
             self._snapshot = snapshot
         with self.path.open("a") as out:
             out.write("\n".join(lines) + "\n" + REPORT_END)
+
+
+_MALLINFO2_FIELDS = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_: typing.ClassVar[list[tuple[str, type[ctypes.c_size_t]]]] = [
+        (name, ctypes.c_size_t) for name in _MALLINFO2_FIELDS.split()
+    ]
+
+
+def _mallinfo2() -> typing.Callable[[], _MallInfo2] | None:
+    try:
+        function = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None  # not glibc, or older than 2.33
+    function.restype = _MallInfo2
+    return typing.cast(typing.Callable[[], _MallInfo2], function)
 
 
 def _type_name(thing: object) -> str:
