@@ -38,6 +38,7 @@ import collections
 import ctypes
 import gc
 import json
+import linecache
 import math
 import os
 import secrets
@@ -556,8 +557,12 @@ class MemoryReporter:
             lines += [f"    {count:+7d} {name}" for name, count in grown]
         self._types = types
         if self.frames > 0:
+            # Not the report's own work: its snapshots and the source lines it formats.
             snapshot = tracemalloc.take_snapshot().filter_traces(
-                [tracemalloc.Filter(False, tracemalloc.__file__)]
+                [
+                    tracemalloc.Filter(False, tracemalloc.__file__),
+                    tracemalloc.Filter(False, linecache.__file__),
+                ]
             )
             if self._snapshot is not None:
                 lines.append("  allocation sites that grew:")
