@@ -299,3 +299,14 @@ def test_switching_ssrcs_keeps_a_bounded_number_of_srtp_contexts() -> None:
     assert server.inbound_streams == MAX_INBOUND_STREAMS
     # An evicted SSRC that sends again is still accepted (libsrtp makes a new context).
     assert server.unprotect_rtp(client.protect_rtp(rtp(1, 2)) or b"") is not None
+
+
+async def test_relay_to_must_be_a_string(sfu: Server) -> None:
+    http, ws = await joined_socket(sfu)
+    try:
+        assert (await next_message(ws))["type"] == "joined"
+        await ws.send_str(json.dumps({"type": "relay", "payload": "AA==", "to": ["p-1"]}))
+        error = await next_message(ws)
+        assert (error["code"], error["fatal"]) == ("invalid_message", False)
+    finally:
+        await http.close()

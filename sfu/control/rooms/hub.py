@@ -57,7 +57,6 @@ class RoomHub:
         self.relay_messages = 0
         self.relay_bytes = 0
         self.speakers: dict[str, SpeakerDetector] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
         self._timer: asyncio.Task[None] | None = None
         rooms.listeners.append(self)
 

@@ -141,7 +141,10 @@ class Relay:
         payload, to = data.get("payload"), data.get("to")
         if not isinstance(payload, str) or not payload:
             raise ProtocolError("invalid_message", "relay payload must be a base64 string")
-        return cls(None if to is None else str(to), payload)
+        if to is not None and not isinstance(to, str):
+            # str() of a list or number would name nobody, or by accident someone.
+            raise ProtocolError("invalid_message", "relay to must be a participant id (string)")
+        return cls(to, payload)
 
 
 @dataclass(frozen=True)
