@@ -70,6 +70,7 @@ def peak_rss_bytes() -> int:
 @dataclass
 class Report:
     parser: str
+    source: str
     documented: str
     inputs: int = 0
     accepted: int = 0
@@ -89,6 +90,7 @@ class Report:
         top = sorted(self.normalised_refusals.items(), key=lambda kv: -kv[1])[:10]
         return {
             "parser": self.parser,
+            "source": self.source,
             "documented_error": self.documented,
             "inputs": self.inputs,
             "accepted": self.accepted,
@@ -169,7 +171,7 @@ def fuzz(
 ) -> Report:
     rng = random.Random(f"{seed}:{target.name}")
     c = RandomChooser(rng)
-    report = Report(target.name, target.documented)
+    report = Report(target.name, target.source, target.documented)
     corpus = [target.generate(c) for _ in range(CORPUS_SIZE)]
     watchdog.parser = target.name
     rss_before = rss_bytes()

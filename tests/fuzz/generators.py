@@ -199,7 +199,7 @@ def rtp_payload(c: Chooser) -> bytes:
     return c.raw(between(c, 1, 64))
 
 
-def rtp_packet(c: Chooser, payload: bytes | None = None) -> bytes:
+def rtp_packet(c: Chooser) -> bytes:
     version = 2 if chance(c, 95) else bits(c, 2)
     cc = pick(c, (0, 0, 0, 1, 2, 15))
     has_ext = chance(c, 75)
@@ -221,7 +221,7 @@ def rtp_packet(c: Chooser, payload: bytes | None = None) -> bytes:
         if chance(c, 10):
             words = pick(c, (0, words + 1, max(words - 1, 0), 0xFFFF))
         ext = struct.pack("!HH", profile, words) + block
-    body = rtp_payload(c) if payload is None else payload
+    body = rtp_payload(c)
     packet = bytearray(fixed + csrcs + ext + body)
     if chance(c, 20):
         pad = between(c, 1, 24)
