@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fractions
 import itertools
 import socket
@@ -44,7 +45,14 @@ def make_config(**env: str) -> Config:
 
 @pytest.fixture
 async def sfu() -> AsyncIterator[Server]:
-    server = Server(make_config())
+    async with running_server() as server:
+        yield server
+
+
+@contextlib.asynccontextmanager
+async def running_server(**env: str) -> AsyncIterator[Server]:
+    """A started SFU on the test config with `env` overrides (SFU_SECTION__KEY=value)."""
+    server = Server(make_config(**env))
     await server.start()
     try:
         yield server
@@ -139,7 +147,8 @@ class Counter:
         self.last_video: VideoFrame | None = None
         self.tasks: list[asyncio.Task[None]] = []
 
-    def on_track(self, track: Any) -> None:
+    def on_track(self, track: Any, *_transceiver: Any) -> None:
+        """aiortc's "track" event handler; the room client also passes the transceiver."""
         self.tasks.append(asyncio.ensure_future(self._consume(track)))
 
     async def _consume(self, track: Any) -> None:

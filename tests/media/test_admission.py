@@ -4,26 +4,14 @@ identity and IP, and the handshake timeout for offers nobody follows up."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import aiohttp
 import pytest
 
 from sfu.app import Server
 from sfu.control.admission import RateTable, client_ip
-from tests.media.harness import SDP, bearer, make_config, post_offer, token, wait_for
+from tests.media.harness import SDP, bearer, post_offer, running_server, token, wait_for
 from tests.media.test_whip_whep_http import offer_sdp, problem
-
-
-@asynccontextmanager
-async def server(**env: str) -> AsyncIterator[Server]:
-    instance = Server(make_config(**env))
-    await instance.start()
-    try:
-        yield instance
-    finally:
-        await instance.close()
 
 
 async def whip(
@@ -63,7 +51,7 @@ def test_client_ip_trusts_forwarded_for_only_from_trusted_proxies() -> None:
 
 
 async def test_sessions_per_identity_are_capped_and_freed_on_delete() -> None:
-    async with server(SFU_LIMITS__MAX_SESSIONS_PER_IDENTITY="2") as sfu:
+    async with running_server(SFU_LIMITS__MAX_SESSIONS_PER_IDENTITY="2") as sfu:
         first = await whip(sfu, "s1")
         assert (await whip(sfu, "s2"))[0] == 201
         status, _, body = await whip(sfu, "s3")
@@ -81,7 +69,7 @@ async def test_sessions_per_identity_are_capped_and_freed_on_delete() -> None:
 
 
 async def test_streams_per_room_are_capped() -> None:
-    async with server(SFU_LIMITS__MAX_STREAMS_PER_ROOM="1") as sfu:
+    async with running_server(SFU_LIMITS__MAX_STREAMS_PER_ROOM="1") as sfu:
         assert (await whip(sfu, "s1"))[0] == 201
         status, _, body = await whip(sfu, "s2", identity="bob")
         assert (status, problem(body)["code"]) == (429, "session_limit")
@@ -89,7 +77,7 @@ async def test_streams_per_room_are_capped() -> None:
 
 
 async def test_creation_rate_per_identity_answers_429_with_retry_after() -> None:
-    async with server(
+    async with running_server(
         SFU_LIMITS__SESSION_RATE_PER_IDENTITY="0.1", SFU_LIMITS__SESSION_BURST_PER_IDENTITY="2"
     ) as sfu:
         assert (await whip(sfu, "s1"))[0] == 201
@@ -101,7 +89,7 @@ async def test_creation_rate_per_identity_answers_429_with_retry_after() -> None
 
 
 async def test_creation_rate_per_ip_covers_every_identity() -> None:
-    async with server(
+    async with running_server(
         SFU_LIMITS__SESSION_RATE_PER_IP="0.1", SFU_LIMITS__SESSION_BURST_PER_IP="3"
     ) as sfu:
         statuses = [(await whip(sfu, f"s{i}", identity=f"user{i}"))[0] for i in range(5)]
@@ -109,7 +97,7 @@ async def test_creation_rate_per_ip_covers_every_identity() -> None:
 
 
 async def test_server_cap_refuses_and_readyz_reports_saturation() -> None:
-    async with server(SFU_LIMITS__MAX_SESSIONS="2") as sfu:
+    async with running_server(SFU_LIMITS__MAX_SESSIONS="2") as sfu:
         assert (await whip(sfu, "s1"))[0] == 201
         async with aiohttp.ClientSession() as http:
             async with http.get(f"{sfu.url}/readyz") as r:
@@ -135,7 +123,7 @@ async def test_server_cap_refuses_and_readyz_reports_saturation() -> None:
 
 
 async def test_join_rate_per_identity_is_limited() -> None:
-    async with server(
+    async with running_server(
         SFU_LIMITS__SESSION_RATE_PER_IDENTITY="0.1", SFU_LIMITS__SESSION_BURST_PER_IDENTITY="1"
     ) as sfu:
         codes = []
@@ -149,7 +137,7 @@ async def test_join_rate_per_identity_is_limited() -> None:
 
 
 async def test_offers_that_never_connect_end_after_the_handshake_timeout() -> None:
-    async with server(SFU_RTC__HANDSHAKE_TIMEOUT="0.3") as sfu:
+    async with running_server(SFU_RTC__HANDSHAKE_TIMEOUT="0.3") as sfu:
         status, _, _ = await whip(sfu, "cam")
         assert status == 201
         assert len(sfu.rooms.sessions) == 1
@@ -161,7 +149,7 @@ async def test_offers_that_never_connect_end_after_the_handshake_timeout() -> No
 
 
 async def test_sockets_waiting_to_join_are_capped_per_ip() -> None:
-    async with server(SFU_LIMITS__MAX_PENDING_JOINS_PER_IP="2") as sfu:
+    async with running_server(SFU_LIMITS__MAX_PENDING_JOINS_PER_IP="2") as sfu:
         url = sfu.url.replace("http", "ws") + "/rtc"
         async with aiohttp.ClientSession() as http:
             first = await http.ws_connect(url)

@@ -30,19 +30,15 @@ from sfu.control.admission import MAX_BUCKETS, RateTable
 from sfu.media.dtls import Fingerprint
 from sfu.metrics import Metrics
 from tests.engine.harness import EngineHarness, vp8_packet
-from tests.media.harness import make_config, token, wait_for
+from tests.media.harness import running_server, token, wait_for
 
 
 @pytest.fixture
 async def churn_sfu() -> AsyncIterator[Server]:
     """The test server with the bench's generous limits: admission must not refuse churn."""
     env = {f"SFU_LIMITS__{name.upper()}": str(value) for name, value in generous_limits().items()}
-    server = Server(make_config(**env))
-    await server.start()
-    try:
+    async with running_server(**env) as server:
         yield server
-    finally:
-        await server.close()
 
 
 def _ours(thing: object) -> bool:

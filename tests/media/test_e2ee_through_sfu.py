@@ -19,28 +19,11 @@ from sfu.client.sframe import Sender, compose_kid
 from sfu.client.whip import publish, subscribe
 from sfu.media.rtp import parse_header
 from tests.conftest import ROOT, clean_env, free_port
-from tests.media.harness import ColourTrack, ToneTrack, token, wait_for
+from tests.media.harness import ColourTrack, Counter, ToneTrack, token, wait_for
 
 KID = compose_kid(3, 0)
 KEY = bytes(range(16))
 MARKER = b"BLINDFOLD-PLAINTEXT-MARKER-7f3a"
-
-
-class Decoded:
-    def __init__(self) -> None:
-        self.frames = {"audio": 0, "video": 0}
-        self.tasks: list[asyncio.Task[None]] = []
-
-    def on_track(self, track) -> None:  # type: ignore[no-untyped-def]
-        async def consume() -> None:
-            while True:
-                try:
-                    await track.recv()
-                except Exception:
-                    return
-                self.frames[track.kind] += 1
-
-        self.tasks.append(asyncio.ensure_future(consume()))
 
 
 @pytest.fixture
@@ -79,7 +62,7 @@ async def test_e2ee_media_through_the_sfu(sfu: Server, marked_plaintext: list[by
         tapped.append(packet[hdr.header_len : hdr.payload_end])
 
     publisher_transport.packet_tap = tap
-    decoded = [Decoded(), Decoded(), Decoded()]
+    decoded = [Counter(), Counter(), Counter()]
     subs = []
     for i in range(2):
         subs.append(
@@ -178,7 +161,7 @@ async def test_server_process_loads_no_codec_while_forwarding(tmp_path: Path) ->
         pub_token = mint_token(cfg, room="r", identity="p", publish=True, subscribe=False, ttl=60)
         sub_token = mint_token(cfg, room="r", identity="s", publish=False, subscribe=True, ttl=60)
         received: list[EncryptedFrame] = []
-        decoded = Decoded()
+        decoded = Counter()
         publication = await publish(
             f"{base}/whip/r/cam", pub_token, [ColourTrack()], E2eeConfig(send_kid=KID, send_key=KEY)
         )

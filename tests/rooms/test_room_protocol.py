@@ -11,24 +11,7 @@ import pytest
 
 from sfu.app import Server
 from sfu.client.room import RoomClient, RoomError
-from tests.media.harness import ColourTrack, ToneTrack, make_config, token, wait_for
-
-
-class Decoded:
-    def __init__(self) -> None:
-        self.frames: dict[str, int] = {"audio": 0, "video": 0}
-        self.tasks: list[asyncio.Task[None]] = []
-
-    def on_track(self, track, _transceiver) -> None:  # type: ignore[no-untyped-def]
-        async def consume() -> None:
-            while True:
-                try:
-                    await track.recv()
-                except Exception:
-                    return
-                self.frames[track.kind] += 1
-
-        self.tasks.append(asyncio.ensure_future(consume()))
+from tests.media.harness import ColourTrack, Counter, ToneTrack, make_config, token, wait_for
 
 
 def client(server: Server, identity: str, room: str = "room1", **kwargs) -> RoomClient:  # type: ignore[no-untyped-def]
@@ -37,7 +20,7 @@ def client(server: Server, identity: str, room: str = "room1", **kwargs) -> Room
 
 
 async def test_two_participants_exchange_media_and_events(sfu: Server) -> None:
-    seen_a, seen_b = Decoded(), Decoded()
+    seen_a, seen_b = Counter(), Counter()
     alice = client(sfu, "alice", on_track=seen_a.on_track)
     bob = client(sfu, "bob", on_track=seen_b.on_track)
     try:
@@ -249,7 +232,7 @@ async def test_room_full_and_message_limits() -> None:
 async def test_dropped_socket_resumes_without_a_leave() -> None:
     server = Server(make_config(SFU_ROOMS__RECONNECT_WINDOW="2s"))
     await server.start()
-    seen = Decoded()
+    seen = Counter()
     alice, bob = client(server, "alice"), client(server, "bob", on_track=seen.on_track)
     try:
         await alice.connect()
@@ -277,7 +260,7 @@ async def test_dropped_socket_resumes_without_a_leave() -> None:
 
 
 async def test_ice_restart_keeps_media_flowing(sfu: Server) -> None:
-    seen = Decoded()
+    seen = Counter()
     alice, bob = client(sfu, "alice"), client(sfu, "bob", on_track=seen.on_track)
     try:
         await alice.connect()
@@ -348,7 +331,7 @@ async def test_whip_and_whep_meet_room_participants(sfu: Server) -> None:
     from tests.media.harness import publish as whip_publish
     from tests.media.harness import subscribe as whep_subscribe
 
-    seen = Decoded()
+    seen = Counter()
     carol = client(sfu, "carol", on_track=seen.on_track)
     try:
         await carol.connect()
