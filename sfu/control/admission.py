@@ -135,6 +135,15 @@ def _in(address: str, networks: Sequence[str]) -> bool:
     return any(ip in ipaddress.ip_network(net, strict=False) for net in networks)
 
 
+def _decrement(counts: dict[str, int], key: str) -> None:
+    """Count one down; a key at 0 is removed, so churn through many keys leaves nothing."""
+    left = counts.get(key, 0) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
+
+
 @dataclass
 class Counts:
     """WHIP/WHEP sessions per identity, kept as sessions start and end (a RoomListener)."""
@@ -147,12 +156,7 @@ class Counts:
 
     def session_removed(self, session: MediaSession) -> None:
         if session.kind in ("whip", "whep"):
-            left = self.by_identity.get(session.identity, 0) - 1
-            if left > 0:
-                self.by_identity[session.identity] = left
-            else:
-                # No entry per identity once its sessions are gone: churn must not grow this.
-                self.by_identity.pop(session.identity, None)
+            _decrement(self.by_identity, session.identity)
 
 
 class Admission:
@@ -232,11 +236,7 @@ class Admission:
         return True
 
     def close_pending(self, ip: str) -> None:
-        left = self.pending.get(ip, 0) - 1
-        if left > 0:
-            self.pending[ip] = left
-        else:
-            self.pending.pop(ip, None)
+        _decrement(self.pending, ip)
 
     def admit_participant(self, identity: str, ip: str) -> None:
         """A new room-protocol participant (a resume is not new); raises Refused."""
