@@ -310,3 +310,14 @@ async def test_relay_to_must_be_a_string(sfu: Server) -> None:
         assert (error["code"], error["fatal"]) == ("invalid_message", False)
     finally:
         await http.close()
+
+
+async def test_nan_is_not_json(sfu: Server) -> None:
+    http, ws = await joined_socket(sfu)
+    try:
+        assert (await next_message(ws))["type"] == "joined"
+        await ws.send_str('{"type": "ping", "ts": NaN}')
+        error = await next_message(ws)
+        assert (error["code"], error["fatal"]) == ("invalid_message", False)
+    finally:
+        await http.close()

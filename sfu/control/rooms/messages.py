@@ -33,10 +33,20 @@ Tracks: TypeAlias = Literal["all"] | tuple[str, ...]
 MUTE_USAGE = "mute needs a published track and muted: true/false"
 
 
+def loads(text: str | bytes) -> object:
+    """JSON as RFC 8259 has it: Python's parser also takes NaN and Infinity, which would
+    come back out in echoes (pong) that browsers' JSON.parse refuses. ValueError for those."""
+    return json.loads(text, parse_constant=_no_constant)
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
 def decode(text: str) -> tuple[str, dict[str, object]]:
     """A message's `type` and its fields (the `type` included)."""
     try:
-        data = json.loads(text)
+        data = loads(text)
     except (ValueError, RecursionError):  # RecursionError: nesting deeper than the stack
         raise ProtocolError("invalid_message", "not JSON") from None
     if not isinstance(data, dict) or not isinstance(data.get("type"), str):

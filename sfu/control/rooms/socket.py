@@ -20,7 +20,14 @@ from sfu.control.keys import ADMISSION_KEY, CONFIG_KEY, LIFECYCLE_KEY
 from sfu.control.problems import problem_response
 from sfu.control.rooms.errors import ProtocolError
 from sfu.control.rooms.hub import RoomHub
-from sfu.control.rooms.messages import PROTOCOL_VERSION, Join, decode, dispatch, parse_tracks
+from sfu.control.rooms.messages import (
+    PROTOCOL_VERSION,
+    Join,
+    decode,
+    dispatch,
+    loads,
+    parse_tracks,
+)
 from sfu.logs import log_context
 from sfu.names import display_name_problem
 from sfu.rooms import LimitExceeded, Participant
@@ -207,7 +214,7 @@ async def _join(
             await refuse("invalid_message", "messages are JSON text")
         return None
     try:
-        data = json.loads(msg.data)
+        data = loads(msg.data)
     except (ValueError, RecursionError):  # RecursionError: nesting deeper than the stack
         await refuse("invalid_message", "not JSON")
         return None
