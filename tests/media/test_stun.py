@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import random
 import struct
 
 import pytest
@@ -350,93 +348,6 @@ def test_malformed_values_raise_stun_error_from_accessors() -> None:
     bad_code = stun.parse(stun.encode(0x111, tid, [(stun.ATTR_ERROR_CODE, b"\x00\x00\x09\x00")]))
     with pytest.raises(StunError):
         _ = bad_code.error_code
-
-
-def _touch_everything(msg: stun.StunMessage) -> None:
-    """Call every accessor; each may raise StunError and nothing else."""
-    for accessor in (
-        lambda: msg.username,
-        lambda: msg.priority,
-        lambda: msg.use_candidate,
-        lambda: msg.ice_controlling,
-        lambda: msg.ice_controlled,
-        lambda: msg.xor_mapped_address,
-        lambda: msg.error_code,
-        lambda: msg.check_integrity(b"key"),
-        lambda: msg.check_fingerprint(),
-        lambda: msg.method,
-        lambda: msg.message_class,
-        lambda: repr(msg),
-    ):
-        with contextlib.suppress(StunError):
-            accessor()
-
-
-def _random_tlvs(rng: random.Random) -> bytes:
-    interesting = [
-        stun.ATTR_USERNAME,
-        stun.ATTR_MESSAGE_INTEGRITY,
-        stun.ATTR_ERROR_CODE,
-        stun.ATTR_XOR_MAPPED_ADDRESS,
-        stun.ATTR_PRIORITY,
-        stun.ATTR_USE_CANDIDATE,
-        stun.ATTR_FINGERPRINT,
-        stun.ATTR_ICE_CONTROLLED,
-        stun.ATTR_ICE_CONTROLLING,
-    ]
-    out = bytearray()
-    for _ in range(rng.randrange(0, 6)):
-        attr_type = rng.choice(interesting) if rng.random() < 0.8 else rng.randrange(0x10000)
-        length = rng.choice([0, 1, 2, 4, 8, 20, rng.randrange(64)])
-        value = rng.randbytes(length)
-        pad = (-length) % 4 if rng.random() < 0.9 else rng.randrange(4)
-        out += struct.pack("!HH", attr_type, length) + value + bytes(pad)
-    return bytes(out)
-
-
-def test_fuzz_only_stun_error_escapes() -> None:
-    """Random, truncated, oversized and mutated inputs: parse either succeeds or raises StunError.
-
-    hypothesis is not installed in the test venv, so this is a seeded generator instead.
-    """
-    rng = random.Random(0x5354554E)
-    seeds = [
-        RFC5769_REQUEST,
-        RFC5769_RESPONSE_V4,
-        RFC5769_RESPONSE_V6,
-        _request(use_candidate=True),
-        stun.build_binding_error(b"e" * 12, 487, integrity_key=b"k"),
-    ]
-    parsed = 0
-    for i in range(20000):
-        kind = i % 5
-        if kind == 0:
-            data = rng.randbytes(rng.randrange(0, 120))
-        elif kind == 1:
-            seed = rng.choice(seeds)
-            data = seed[: rng.randrange(len(seed) + 1)]
-        elif kind == 2:
-            mutated = bytearray(rng.choice(seeds))
-            for _ in range(rng.randrange(1, 4)):
-                mutated[rng.randrange(len(mutated))] = rng.randrange(256)
-            data = bytes(mutated)
-        elif kind == 3:
-            # A valid header whose body is random TLVs, so the attribute walk is exercised.
-            body = _random_tlvs(rng)
-            header = struct.pack("!HHI", rng.choice([1, 0x11, 0x101, 0x111]), len(body), 0x2112A442)
-            data = header + rng.randbytes(12) + body
-        else:
-            # Oversized: a length field and/or datagram far beyond what the other says.
-            seed = rng.choice(seeds)
-            data = _with_length(seed, rng.randrange(0x10000)) + rng.randbytes(rng.randrange(64))
-        try:
-            msg = stun.parse(data)
-        except StunError:
-            continue
-        parsed += 1
-        _touch_everything(msg)
-    # The structured generators must actually reach past the header checks.
-    assert parsed > 1000
 
 
 def test_every_truncation_of_valid_messages() -> None:
