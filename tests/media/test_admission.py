@@ -7,6 +7,8 @@ import json
 
 import aiohttp
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sfu.app import Server
 from sfu.control.admission import RateTable, client_ip
@@ -166,3 +168,14 @@ async def test_sockets_waiting_to_join_are_capped_per_ip() -> None:
                 await ws.close()
         assert await metric(sfu, 'sfu_admission_refusals_total{reason="pending_ip"}') == 1
         await wait_for(lambda: not sfu.admission.pending, 5, "pending sockets forgotten")
+
+
+@given(
+    peer=st.one_of(st.none(), st.sampled_from(["10.0.0.5", "203.0.113.9", "::1"]), st.text()),
+    header=st.one_of(st.none(), st.text(max_size=300)),
+)
+@settings(max_examples=300)
+def test_client_ip_takes_any_header_text(peer: str | None, header: str | None) -> None:
+    ip = client_ip(peer, header, ["10.0.0.0/8", "::1/128"])
+    # Always a bounded key: the peer itself, "unknown", or one hop of the header.
+    assert ip in (peer, "unknown") or len(ip) <= 64
