@@ -38,6 +38,12 @@ log = logging.getLogger(__name__)
 TIMER_INTERVAL = 0.05
 SENDER_REPORT_INTERVAL = 1.0
 _ERROR_LOG_INTERVAL = 10.0
+# The media socket's receive buffer. Everything for every session arrives on one socket, junk
+# included: the kernel's default (208 KiB) holds 90-250 datagrams, which a 2000/s junk flood
+# fills within 0.1 s of the event loop pausing; the kernel then drops media too, and audio,
+# which has no retransmission, loses those frames (docs/reliability.md). 4 MiB holds
+# 3,600-10,000, seconds of such a flood. The kernel grants at most net.core.rmem_max.
+RECEIVE_BUFFER_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,16 @@ class MediaEngine(asyncio.DatagramProtocol):
         if raw is not None:
             self._sock = socket.socket(raw.family, raw.type, fileno=os.dup(raw.fileno()))
             self._sock.setblocking(False)
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER_BYTES)
+            # Linux reports twice what it granted (the doubling covers its bookkeeping).
+            granted = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2
+            if granted < RECEIVE_BUFFER_BYTES:
+                log.info(
+                    "media: UDP receive buffer is %d KiB, not the %d KiB asked for (capped by "
+                    "net.core.rmem_max); a busy moment under heavy traffic may drop packets",
+                    granted // 1024,
+                    RECEIVE_BUFFER_BYTES // 1024,
+                )
 
     async def close(self) -> None:
         for transport in list(self.transports.values()):
