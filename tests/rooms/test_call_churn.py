@@ -8,14 +8,14 @@ import asyncio
 import aiohttp
 
 from sfu.app import Server
-from tests.media.harness import ColourTrack, token, wait_for
-from tests.rooms.test_room_protocol import Decoded, _drain, client
+from tests.media.harness import ColourTrack, Counter, token, wait_for
+from tests.rooms.test_room_protocol import _drain, client
 
 
 async def test_a_leaver_does_not_stop_the_others_and_its_rejoin_is_received(
     sfu: Server,
 ) -> None:
-    seen = Decoded()
+    seen = Counter()
     alice = client(sfu, "alice", on_track=seen.on_track)
     bob, carol = client(sfu, "bob"), client(sfu, "carol")
     again = None
