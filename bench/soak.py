@@ -4,10 +4,14 @@
 
 It starts `python -m sfu serve` on free loopback ports and, for --minutes, at the same time:
 
-- room churn: every second a room-protocol participant joins (WebSocket, docs/protocol.md)
-  and one that joined earlier leaves, in rooms that open and close as they go;
-- WHIP/WHEP churn: sessions created every second and either deleted after a while or
-  abandoned (the client just goes away, the server must time them out);
+- room churn: every second a fresh room that two room-protocol participants (WebSocket,
+  docs/protocol.md) join, publish in and leave (bench/churn.py's room_cycle_once);
+- WHIP/WHEP churn: every second one WHIP session in a fresh room and one WHEP session on the
+  call's stream, canned offers whose ICE never starts, every other one DELETEd at once and
+  the rest abandoned for the server to time out; and every --live-every seconds a real
+  aiortc subscriber on the call for 3 s;
+- optionally (--pause-every), the server process stopped for --pause-ms now and then, as a
+  descheduled host would stop it (its socket buffers keep filling meanwhile);
 - a UDP flood at the media port, --flood-rate datagrams/s of random bytes and of junk that
   looks like STUN, DTLS and RTP, from several source ports (its own process);
 - one steady call (its own process): an aiortc publisher sending SFrame-protected VP8 video
@@ -30,7 +34,9 @@ Targets (exit status 1 when one is missed, 2 when the run itself broke):
   --max-rss-growth-mib;
 - fds: after the settle, the server holds no more file descriptors than at the baseline
   sample taken before any load;
-- gauges: after the settle, every sfu_* gauge except sfu_ready and sfu_build_info is 0.
+- gauges: after the settle, every sfu_* gauge except sfu_ready, sfu_build_info and the
+  *_limit ones (configured caps) is 0;
+- churn: no cycle failed or was refused.
 
 See docs/reliability.md, "Soak".
 """
@@ -233,6 +239,27 @@ def proc_status_kib(pid: int) -> dict[str, int]:
 
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def fd_targets(pid: int) -> dict[str, str]:
+    """What each open fd is: a path, a pipe, or for TCP sockets their addresses and state."""
+    tcp: dict[str, str] = {}
+    states = {"01": "ESTABLISHED", "06": "TIME_WAIT", "08": "CLOSE_WAIT", "0A": "LISTEN"}
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/net/{table}") as f:
+            for line in list(f)[1:]:
+                parts = line.split()
+                local, remote, state, inode = parts[1], parts[2], parts[3], parts[9]
+                tcp[f"socket:[{inode}]"] = (
+                    f"tcp :{int(local.rsplit(':')[1], 16)} -> :{int(remote.rsplit(':')[1], 16)} "
+                    f"{states.get(state, state)}"
+                )
+    out: dict[str, str] = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            out[fd] = tcp.get(target, target)
+    return out
 
 
 def cpu_ticks(pid: int) -> int:
@@ -802,7 +829,8 @@ class Sampler:
             "rss_kib": status["VmRSS"],
             "hwm_kib": status["VmHWM"],
             "fds": fd_count(pid),
-            "cpu_pct": round(cpu, 1),
+            # The first row has no earlier sample to measure an interval from.
+            "cpu_pct": round(cpu, 1) if self.rows else "",
             "loop_lag_samples": lag.count if lag else "",
             "loop_lag_p50_le_s": lag.p50 if lag else "",
             "loop_lag_max_le_s": lag.max if lag else "",
@@ -891,10 +919,10 @@ def write_plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
 
 def rss_trend_kib(rows: list[dict[str, Any]]) -> float:
     """Least-squares RSS growth over the second half of the load phase (KiB)."""
-    load = [row for row in rows if row["phase"] == "load"]
+    load = [row for row in rows if row["phase"] in ("load", "load-end")]
     if len(load) < 4:
         return 0.0
-    half = load[0]["t_s"] + (load[-1]["t_s"] - load[0]["t_s"]) / 2
+    half = load[-1]["t_s"] / 2
     points = [(float(row["t_s"]), float(row["rss_kib"])) for row in load if row["t_s"] >= half]
     if len(points) < 2:
         return 0.0
@@ -1005,6 +1033,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         sampler = Sampler(sfu, scrape_http)
         await sampler.scrape()  # opens the keep-alive connection before the baseline
         baseline = await sampler.sample("baseline")
+        baseline_fds = fd_targets(sfu.pid)
         _say(f"SFU pid {sfu.pid} on {sfu.base}, udp {sfu.udp_port}; baseline {baseline['fds']} fds")
 
         ttl = args.minutes * 60 + 3600
@@ -1035,12 +1064,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         load_for = args.minutes * 60
         started = time.monotonic()
         next_sample = started + args.sample_every
-        n = 0
+        n = pauses = 0
         while (elapsed := time.monotonic() - started) < load_for:
             if not sfu.alive():
                 raise RuntimeError(f"the SFU died during the load:\n{sfu.log_tail()}")
             churn.tick(n)
             n += 1
+            if args.pause_every > 0 and n % args.pause_every == 0:
+                await pause(sfu.pid, args.pause_ms / 1000)
+                pauses += 1
             if time.monotonic() >= next_sample:
                 _, snap = await call_request(call_conn, "snapshot", 30)
                 row = await sampler.sample("load", _extra(churn.counts, snap))
@@ -1057,6 +1089,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         load_seconds = time.monotonic() - started
         _say("load done: stopping churn, flood and call")
         await churn.drain(30)
+        # Its pooled keep-alive connections are the client's, not something the server holds.
+        await churn_http.close()
         flood_stop.set()
         flood_result: dict[str, Any] = {"total": 0, "sent": {}}
         if flood is not None and await asyncio.to_thread(flood_conn.poll, 30):
@@ -1064,6 +1098,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         _, call_result = await call_request(call_conn, "stop", KEEP_HORIZON + 40)
         last_load = await sampler.sample("load-end", _extra(churn.counts, call_result))
         busy, fds = await wait_idle(sampler, baseline["fds"], args.settle)
+        end_fds = fd_targets(sfu.pid)
         end = await sampler.sample("end", _extra(churn.counts, call_result))
         write_csv(csv_path, sampler.rows)
 
@@ -1078,6 +1113,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "flood": flood_result,
                 "churn": asdict(churn.counts),
                 "ticks": n,
+                "pauses": pauses,
                 "rss_kib": {
                     "baseline": baseline["rss_kib"],
                     "after_warmup": _after_warmup(load_rows, args.warmup)["rss_kib"],
@@ -1102,6 +1138,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "busy_gauges_at_end": busy_gauges(end),
                 "settle_waited_for": busy or None,
                 "settle_fds": fds,
+                "fds_not_at_baseline": {
+                    fd: target for fd, target in end_fds.items() if baseline_fds.get(fd) != target
+                },
                 "cpu_pct_mean_load": round(
                     sum(r["cpu_pct"] for r in load_rows) / max(1, len(load_rows)), 1
                 ),
@@ -1126,6 +1165,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+async def pause(pid: int, seconds: float) -> None:
+    """Stop the server process for `seconds`, as a descheduled or swapping host would: its
+    sockets keep receiving into their kernel buffers meanwhile."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
 def _extra(counts: ChurnCounts, call: dict[str, Any]) -> dict[str, Any]:
     return {
         "frames_kept": call["kept"]["audio"] + call["kept"]["video"],
@@ -1140,13 +1189,15 @@ def _extra(counts: ChurnCounts, call: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# t_s counts from the baseline sample, taken a second or two before the load starts.
+
+
 def _after_warmup(rows: list[dict[str, Any]], warmup: float) -> dict[str, Any]:
-    start = rows[0]["t_s"]
-    return next((r for r in rows if r["t_s"] - start >= warmup), rows[-1])
+    return next((r for r in rows if r["t_s"] >= warmup), rows[-1])
 
 
 def _at_half(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    half = rows[0]["t_s"] + (rows[-1]["t_s"] - rows[0]["t_s"]) / 2
+    half = rows[-1]["t_s"] / 2
     return next(r for r in rows if r["t_s"] >= half)
 
 
@@ -1165,6 +1216,13 @@ def parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
         default=15,
         help="a real aiortc WHEP subscriber joins the call every N seconds (0: never)",
     )
+    parser.add_argument(
+        "--pause-every",
+        type=int,
+        default=0,
+        help="stop the server (SIGSTOP) every N seconds of load (0: never)",
+    )
+    parser.add_argument("--pause-ms", type=float, default=400.0, help="how long each pause lasts")
     parser.add_argument(
         "--consent-timeout", type=float, default=30.0, help="the SFU's rtc.consent_timeout, s"
     )
