@@ -50,7 +50,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -67,6 +66,7 @@ from aiohttp import web
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script: the repository's tests package is a sibling
 
+from bench.sfu_process import SfuProcess, free_port  # noqa: E402
 from tests.chromium import CHROMIUM_FLAGS as TEST_CHROMIUM_FLAGS  # noqa: E402
 
 CHROMIUM = os.environ.get("BLINDFOLD_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -250,79 +250,11 @@ def write_clip(path: Path, width: int = WIDTH, height: int = HEIGHT) -> Path:
 # --- the SFU ------------------------------------------------------------------------------------
 
 
-def free_port(kind: int) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Sfu:
-    """`python -m sfu serve` on free loopback ports, announcing 127.0.0.1 only."""
+class Sfu(SfuProcess):
+    """The SFU of the call, with its counters read from /metrics."""
 
     def __init__(self, workdir: Path) -> None:
-        self.http_port = free_port(socket.SOCK_STREAM)
-        self.udp_port = free_port(socket.SOCK_DGRAM)
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.config_path = workdir / "sfu.yaml"
-        self.log_path = workdir / "sfu.log"
-        self.config_path.write_text(
-            "dev_mode: true\n"
-            "drain_timeout: 1s\n"
-            f"http: {{host: 127.0.0.1, port: {self.http_port}}}\n"
-            f"rtc: {{bind_host: 127.0.0.1, udp_port: {self.udp_port}, "
-            "announced_ips: [127.0.0.1]}\n"
-            "logging: {level: warning}\n"
-        )
-        self.base = f"http://127.0.0.1:{self.http_port}"
-        self.process: asyncio.subprocess.Process | None = None
-
-    async def start(self, http: aiohttp.ClientSession) -> None:
-        # The SFU reads SFU_* overrides from the environment; this run must be self-contained.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SFU_")}
-        with self.log_path.open("wb") as log:
-            self.process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "sfu",
-                "serve",
-                "--config",
-                str(self.config_path),
-                cwd=ROOT,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.process.returncode is not None:
-                raise RuntimeError(f"the SFU exited at start:\n{self.log_tail()}")
-            with contextlib.suppress(aiohttp.ClientError, OSError):
-                async with http.get(f"{self.base}/readyz") as response:
-                    if response.status == 200:
-                        return
-            await asyncio.sleep(0.1)
-        raise RuntimeError(f"the SFU was not ready after 20 s:\n{self.log_tail()}")
-
-    @property
-    def pid(self) -> int | None:
-        return None if self.process is None else self.process.pid
-
-    async def stop(self) -> None:
-        process = self.process
-        if process is None or process.returncode is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(process.wait(), 10)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        super().__init__(workdir, {"drain_timeout": "1s"}, ready_timeout=20)
 
     async def metrics(self, http: aiohttp.ClientSession) -> dict[str, float]:
         """The counters of METRICS, one entry per series (`name{labels}`)."""

@@ -75,7 +75,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import aiohttp  # noqa: E402
-import yaml  # noqa: E402
 
 from bench.churn import (  # noqa: E402
     SDP_HEADERS,
@@ -85,6 +84,7 @@ from bench.churn import (  # noqa: E402
     whip_churn_once,
 )
 from bench.loadgen_peer import build_offer, random_ice  # noqa: E402
+from bench.sfu_process import SfuProcess  # noqa: E402
 from sfu.client.sframe import compose_kid  # noqa: E402
 from sfu.config import Config, load_config  # noqa: E402
 from sfu.control.auth import mint_token  # noqa: E402
@@ -121,97 +121,20 @@ def _loopback_only(use_ipv4: bool = True, use_ipv6: bool = True) -> list[str]:
     return ["127.0.0.1"]
 
 
-def free_port(kind: int) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-# -- the SFU process ---------------------------------------------------------------------------
-
-
-class Sfu:
-    """`python -m sfu serve` on free loopback ports with limits that let the soak's churn in."""
+class Sfu(SfuProcess):
+    """The SFU under soak: limits that let the soak's churn in, and its tokens."""
 
     def __init__(self, workdir: Path, consent_timeout: float) -> None:
-        self.http_port = free_port(socket.SOCK_STREAM)
-        self.udp_port = free_port(socket.SOCK_DGRAM)
-        self.config_path = workdir / "sfu.yaml"
-        self.log_path = workdir / "sfu.log"
-        config: dict[str, Any] = {
-            "dev_mode": True,
-            "drain_timeout": "2s",
-            "http": {"host": "127.0.0.1", "port": self.http_port},
-            "rtc": {
-                "bind_host": "127.0.0.1",
-                "udp_port": self.udp_port,
-                # The machine has another interface; every candidate must be loopback.
-                "announced_ips": ["127.0.0.1"],
-                "consent_timeout": f"{consent_timeout:g}s",
+        super().__init__(
+            workdir,
+            {
+                "rtc": {"consent_timeout": f"{consent_timeout:g}s"},
+                # Every session-count and creation-rate limit far above what the churn needs
+                # (all of it comes from 127.0.0.1): the soak measures the server, not refusals.
+                "limits": generous_limits(),
             },
-            "logging": {"level": "warning"},
-            # Every session-count and creation-rate limit far above what the churn needs
-            # (all of it comes from 127.0.0.1), so the soak measures the server, not refusals.
-            "limits": generous_limits(),
-        }
-        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        )
         self.config: Config = load_config(self.config_path, env={})
-        self.base = f"http://127.0.0.1:{self.http_port}"
-        self.process: asyncio.subprocess.Process | None = None
-
-    async def start(self, http: aiohttp.ClientSession) -> None:
-        # The SFU reads SFU_* overrides from the environment; this run must be self-contained.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SFU_")}
-        with self.log_path.open("wb") as log:
-            self.process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "sfu",
-                "serve",
-                "--config",
-                str(self.config_path),
-                cwd=ROOT,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.process.returncode is not None:
-                raise RuntimeError(f"the SFU exited at start:\n{self.log_tail()}")
-            with contextlib.suppress(aiohttp.ClientError, OSError):
-                async with http.get(f"{self.base}/readyz") as response:
-                    if response.status == 200:
-                        return
-            await asyncio.sleep(0.1)
-        raise RuntimeError(f"the SFU was not ready after 30 s:\n{self.log_tail()}")
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.returncode is None
-
-    async def stop(self) -> int | None:
-        process = self.process
-        if process is None:
-            return None
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), 20)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-        return process.returncode
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
 
     def token(self, room: str, identity: str, *, publish: bool, ttl: float) -> str:
         return mint_token(
