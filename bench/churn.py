@@ -66,6 +66,7 @@ import yaml  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from bench.loadgen_peer import Ssrcs, build_offer, random_ice  # noqa: E402
+from bench.sfu_process import wait_ready_blocking  # noqa: E402
 from sfu.config import Config, LimitsConfig, load_config  # noqa: E402
 from sfu.control.auth import mint_token  # noqa: E402
 from sfu.media.dtls import Fingerprint  # noqa: E402
@@ -169,18 +170,7 @@ class ChurnServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise ChurnError(f"the SFU exited at start:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/readyz", timeout=1) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.1)
-        raise ChurnError(f"the SFU was not ready after {timeout:g} s:\n{self.log_tail()}")
+        wait_ready_blocking(self.process, self.url, timeout, self.log_tail, ChurnError)
 
     @property
     def pid(self) -> int:

@@ -71,6 +71,7 @@ from bench.loadgen_peer import (  # noqa: E402
     client_context,
     parse_answer,
 )
+from bench.sfu_process import wait_ready_blocking  # noqa: E402
 from sfu.media.dtls import DtlsCertificate  # noqa: E402
 
 ROOM = "bench"
@@ -342,18 +343,7 @@ class Sfu:
             self.process = subprocess.Popen(
                 command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
             )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the SFU exited at start:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/readyz", timeout=1) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"the SFU was not ready after 20 s:\n{self.log_tail()}")
+        wait_ready_blocking(self.process, self.url, 20, self.log_tail)
 
     @property
     def pid(self) -> int:

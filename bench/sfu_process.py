@@ -15,6 +15,9 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,29 @@ def free_port(kind: int) -> int:
     with socket.socket(socket.AF_INET, kind) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def wait_ready_blocking(
+    process: subprocess.Popen[bytes],
+    base_url: str,
+    timeout: float,
+    log_tail: Callable[[], str],
+    error: type[Exception] = RuntimeError,
+) -> None:
+    """For benches that drive the SFU without an event loop: poll /readyz until 200, raising
+    `error` with the log's tail if the process exits or `timeout` passes first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise error(f"the SFU exited at start:\n{log_tail()}")
+        try:
+            with urllib.request.urlopen(f"{base_url}/readyz", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.1)
+    raise error(f"the SFU was not ready after {timeout:g} s:\n{log_tail()}")
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
