@@ -15,6 +15,7 @@ from array import array
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
+from sfu.media.router import Copy
 from sfu.media.rtcp import build_bye, build_sr
 from sfu.media.rtp import (
     RtpHeader,
@@ -23,13 +24,11 @@ from sfu.media.rtp import (
     rebuild_extensions,
     remap_extension_ids,
     rewrite_header,
-    rewritten_copy,
 )
+from sfu.media.stats import MediaStats
 
 if TYPE_CHECKING:
     from sfu.media.producer import Producer
-
-from sfu.media.stats import MediaStats
 
 log = logging.getLogger(__name__)
 
@@ -104,51 +103,44 @@ def ntp_now(wallclock: float) -> int:
 
 
 class DownTrack:
+    """One subscriber's copy of one producer. While it waits for a keyframe (or is paused,
+    or its transport is not connected yet) its producer hands it each packet; once started,
+    its record (`Copy`) sits in the producer's route and the router's loop sends for it."""
+
     __slots__ = (
         "_counts",
-        "_ext_map",
         "_identity_ext",
-        "_integrity",
-        "_integrity_countdown",
-        "_integrity_every",
         "_keyframe_asked_at",
         "_keyframe_base",
         "_keyframe_interval",
         "_keyframe_pending",
-        "_last_out_at",
+        "_paused",
         "_resent_at",
         "_resent_seq",
         "_rtt_measured",
         "_rtx_credit",
         "_rtx_mark",
         "_rtx_seq",
-        "_seq_offset",
-        "_ts_offset",
+        "active",
         "clock",
         "closed",
+        "copy",
         "ext_remap_failures",
         "forward_errors",
         "join",
         "keyframe_requests_suppressed",
         "keyframe_waits",
         "kind",
-        "last_out_seq",
-        "last_out_ts",
         "loss",
         "nack_misses",
         "nacks_received",
         "nacks_served",
-        "octets_sent",
-        "packets_sent",
-        "paused",
-        "payload_type",
         "producer",
         "rtt",
         "rtx_payload_type",
         "rtx_sent",
         "rtx_ssrc",
         "sink",
-        "ssrc",
         "started",
         "stats",
         "wallclock",
@@ -166,8 +158,6 @@ class DownTrack:
         rtx_payload_type: int | None = None,
         clock: Callable[[], float] = time.monotonic,
         wallclock: Callable[[], float] = time.time,
-        integrity: list[int] | None = None,
-        integrity_sample_every: int = 0,
         stats: MediaStats | None = None,
         join: JoinTimer | None = None,
         keyframe_interval: float = DEFAULT_SUBSCRIBER_KEYFRAME_INTERVAL,
@@ -175,27 +165,28 @@ class DownTrack:
         self.producer = producer
         self.sink = sink
         self.kind = producer.kind
-        self.ssrc = ssrc
-        self.payload_type = payload_type
         self.rtx_ssrc = rtx_ssrc if rtx_payload_type is not None else None
         self.rtx_payload_type = rtx_payload_type
-        self._ext_map = ext_map
-        self._identity_ext = self._is_identity()
         self.clock = clock
         self.wallclock = wallclock
         self.started = False
+        # In the producer's route (the router sends for it) rather than handed each packet.
+        self.active = False
         self.closed = False
         # Held by signaling until the subscriber has the SSRC (renegotiated sections).
-        self.paused = False
+        self._paused = False
         # Random starts (RFC 3550 §5.1) keep sequence numbers and timestamps unpredictable.
-        self.last_out_seq = secrets.randbelow(1 << 15)
-        self.last_out_ts = secrets.randbelow(1 << 31)
-        self._last_out_at = 0.0
-        self._seq_offset = 0
-        self._ts_offset = 0
+        self.copy: Copy = producer.router.new_copy(
+            sink,
+            ssrc=ssrc,
+            payload_type=payload_type,
+            ext_map=ext_map,
+            identity_ext=_is_identity(ext_map, producer.ext_ids),
+            last_seq=secrets.randbelow(1 << 15),
+            last_ts=secrets.randbelow(1 << 31),
+        )
+        self.copy.owner = self
         self._rtx_seq = secrets.randbelow(1 << 15)
-        self.packets_sent = 0
-        self.octets_sent = 0
         self.nacks_received = 0
         self.nacks_served = 0
         self.nack_misses = 0
@@ -216,19 +207,61 @@ class DownTrack:
         self._resent_at: array[float] = array("d")
         self.ext_remap_failures = 0
         self.forward_errors = 0
-        # Shared [match, mismatch] counters; 0 disables sampling.
-        self._integrity = integrity if integrity is not None else [0, 0]
-        self._integrity_every = integrity_sample_every
-        self._integrity_countdown = integrity_sample_every
         self.stats = stats if stats is not None else MediaStats()
         self._counts = self.stats.by_kind.setdefault(self.kind, [0, 0, 0, 0])
         self.join = join
 
-    # -- per packet --------------------------------------------------------------------------
+    # -- the record's fields, under the names the rest of the SFU uses -----------------------
+
+    @property
+    def ssrc(self) -> int:
+        return self.copy.ssrc
+
+    @property
+    def payload_type(self) -> int:
+        return self.copy.payload_type
+
+    @property
+    def last_out_seq(self) -> int:
+        return self.copy.last_seq
+
+    @property
+    def last_out_ts(self) -> int:
+        return self.copy.last_ts
+
+    @property
+    def packets_sent(self) -> int:
+        return self.copy.packets
+
+    @property
+    def octets_sent(self) -> int:
+        return self.copy.payload_octets
+
+    @property
+    def _seq_offset(self) -> int:
+        return self.copy.seq_offset
+
+    @property
+    def _ts_offset(self) -> int:
+        return self.copy.ts_offset
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    @paused.setter
+    def paused(self, value: bool) -> None:
+        self._paused = value
+        if value and self.active:
+            self._deactivate()
+        self.producer.refresh_attention()
+
+    # -- per packet (until started; then the router sends) -----------------------------------
 
     def forward(self, data: bytes, hdr: RtpHeader, keyframe: bool) -> None:
+        """A packet of the producer while this copy is not in its route."""
         sink = self.sink
-        if self.closed or self.paused or not sink.ready:
+        if self.closed or self._paused or not sink.ready:
             return
         if not self.started:
             if not keyframe:
@@ -238,35 +271,24 @@ class DownTrack:
                 self.producer.request_keyframe()
                 return
             self._start(hdr)
-        if keyframe and self._keyframe_pending:
+        if keyframe:
             self._keyframe_pending = False
-        seq = (hdr.seq + self._seq_offset) & 0xFFFF
-        ts = (hdr.timestamp + self._ts_offset) & 0xFFFFFFFF
-        packet: bytes | bytearray | None
-        if self._identity_ext or not hdr.has_extension:
-            # The common case: one copy, straight into the bytes SRTP takes.
-            packet = rewritten_copy(data, self.ssrc, seq, ts, self.payload_type)
-        else:
-            packet = self._rewrite(data, hdr, seq, ts)
-            if packet is None:
-                return
-        if self._integrity_every:
-            self._integrity_countdown -= 1
-            if self._integrity_countdown <= 0:
-                self._integrity_countdown = self._integrity_every
-                self._check_integrity(data, hdr, packet)
-        sink.send_rtp(packet)
-        counts = self._counts
-        counts[2] += 1
-        counts[3] += len(packet)
-        # Only moving forward updates the reference; a late reordered packet must not.
-        if (seq - self.last_out_seq) & 0xFFFF < 0x8000:
-            self.last_out_seq = seq
-            self.last_out_ts = ts
-            # The producer read the clock once for this packet; not once per subscriber.
-            self._last_out_at = self.producer.last_packet_at
-        self.packets_sent += 1
-        self.octets_sent += hdr.payload_len
+        self._activate()
+        now = self.producer.last_packet_at
+        if not self.producer.router.send_one(self.copy, data, hdr, now, self.kind):
+            self.forward_rebuilt(data, hdr, now)
+
+    def forward_rebuilt(self, data: bytes, hdr: RtpHeader, now: float) -> None:
+        """The router could not rewrite this copy's extension ids in place: rebuild it."""
+        copy = self.copy
+        seq = (hdr.seq + copy.seq_offset) & 0xFFFF
+        ts = (hdr.timestamp + copy.ts_offset) & 0xFFFFFFFF
+        packet = self._rewrite(data, hdr, seq, ts)
+        if packet is not None:
+            self.producer.router.send_built(copy, packet, hdr, now, self.kind)
+
+    def keyframe_forwarded(self) -> None:
+        self._keyframe_pending = False
 
     def copy_failed(self) -> None:
         """`forward` raised for this copy (called inside the producer's `except`): count it,
@@ -283,50 +305,54 @@ class DownTrack:
             )
 
     def _rewrite(self, data: bytes, hdr: RtpHeader, seq: int, ts: int) -> bytearray | None:
+        copy = self.copy
         buf = bytearray(data)
-        rewrite_header(buf, self.ssrc, seq, ts, self.payload_type)
-        if hdr.has_extension and not remap_extension_ids(buf, hdr, self._ext_map):
+        rewrite_header(buf, copy.ssrc, seq, ts, copy.payload_type)
+        if hdr.has_extension and not remap_extension_ids(buf, hdr, copy.ext_map):
             # The subscriber's ids don't fit the one-byte form in place: rebuild (rare).
-            rebuilt = rebuild_extensions(data, hdr, self._ext_map, two_byte=True)
+            rebuilt = rebuild_extensions(data, hdr, copy.ext_map, two_byte=True)
             if rebuilt is None:
                 self.ext_remap_failures += 1
                 return None
-            rewrite_header(rebuilt, self.ssrc, seq, ts, self.payload_type)
+            rewrite_header(rebuilt, copy.ssrc, seq, ts, copy.payload_type)
             return rebuilt
         return buf
 
-    def _check_integrity(self, data: bytes, hdr: RtpHeader, packet: bytes | bytearray) -> None:
-        """Sampled proof for operators that forwarding leaves payload bytes as received:
-        the bytes handed to SRTP after the rewrite, against the bytes that came in."""
-        out = parse_header(packet)
-        same = out is not None and packet[out.header_len :] == data[hdr.header_len :]
-        self._integrity[0 if same else 1] += 1
-
     def _start(self, hdr: RtpHeader) -> None:
         """Map the producer's numbering onto ours so that our stream continues seamlessly."""
-        if self.join is not None and not self.started and self.packets_sent == 0:
+        copy = self.copy
+        if self.join is not None and not self.started and copy.packets == 0:
             self.join.first_frame(self.kind, self.stats)
         self.started = True
-        self._seq_offset = (self.last_out_seq + 1 - hdr.seq) & 0xFFFF
-        elapsed = 0.0 if self._last_out_at == 0.0 else self.clock() - self._last_out_at
+        copy.seq_offset = (copy.last_seq + 1 - hdr.seq) & 0xFFFF
+        elapsed = 0.0 if copy.last_at == 0.0 else self.clock() - copy.last_at
         gap = max(1, int(elapsed * self.producer.codec.clock_rate))
-        self._ts_offset = (self.last_out_ts + gap - hdr.timestamp) & 0xFFFFFFFF
+        copy.ts_offset = (copy.last_ts + gap - hdr.timestamp) & 0xFFFFFFFF
 
-    def _is_identity(self) -> bool:
-        """Whether every extension the publisher may send keeps its id for this subscriber,
-        so the extension block needs no rewrite at all."""
-        return all(
-            ext_id < len(self._ext_map) and self._ext_map[ext_id] == ext_id
-            for ext_id in self.producer.ext_ids.values()
-        )
+    def _activate(self) -> None:
+        """Started and sendable: from now on the router's loop sends this copy."""
+        if self.active or self.closed:
+            return
+        self.active = True
+        producer = self.producer
+        if self in producer.waiting:
+            producer.waiting.remove(self)
+        producer.route.add(self.copy)
+        producer.refresh_attention()
+
+    def _deactivate(self) -> None:
+        """Back to being handed packets by the producer (paused, or re-basing on a restart)."""
+        producer = self.producer
+        if self.active:
+            self.active = False
+            producer.route.remove(self.copy)
+        if not self.closed and self not in producer.waiting:
+            producer.waiting.append(self)
 
     def restrict_extensions(self, accepted_ids: set[int]) -> None:
         """Drop extensions the subscriber's answer did not accept (ids are the offered ones)."""
-        table = self._ext_map
-        for index, target in enumerate(table):
-            if target and target not in accepted_ids:
-                table[index] = 0
-        self._identity_ext = self._is_identity()
+        table = [t if t and t in accepted_ids else 0 for t in self.copy.ext_map]
+        self.copy.set_ext_map(table, _is_identity(table, self.producer.ext_ids))
 
     def disable_rtx(self) -> None:
         self.rtx_payload_type = None
@@ -335,6 +361,7 @@ class DownTrack:
     def resync(self) -> None:
         """The producer's source changed: re-base on its next keyframe (audio: next packet)."""
         self.started = False
+        self._deactivate()
 
     # -- feedback from the subscriber --------------------------------------------------------
 
@@ -455,7 +482,7 @@ class DownTrack:
         """An SR in this down-track's own timeline (RFC 3550 §6.4.1), once it has sent."""
         if not self.started or self.packets_sent == 0:
             return None
-        elapsed = self.clock() - self._last_out_at
+        elapsed = self.clock() - self.copy.last_at
         # Wraps like any RTP timestamp: a track silent for long enough would overflow 32 bits.
         rtp_ts = (self.last_out_ts + int(elapsed * self.producer.codec.clock_rate)) & 0xFFFFFFFF
         return build_sr(
@@ -470,6 +497,7 @@ class DownTrack:
             return
         self.bye()
         self.closed = True
+        self.active = False
 
     def bye(self) -> None:
         """RTCP BYE for this copy's SSRCs, so the subscriber's stack ends the stream now."""
@@ -485,6 +513,14 @@ class DownTrack:
 
     def close(self) -> None:
         self.closed = True
-        if self in self.producer.downtracks:
-            self.producer.downtracks.remove(self)
+        self.producer.detach(self)
         self.sink.forget_downtrack(self)
+        # The record points back here for the attention path: cut it, so an ended
+        # subscription is freed by reference counting, not by the cycle collector.
+        self.copy.owner = None
+
+
+def _is_identity(ext_map: list[int], ext_ids: dict[str, int]) -> bool:
+    """Whether every extension the publisher may send keeps its id for this subscriber, so
+    the extension block needs no rewrite at all."""
+    return all(ext_id < len(ext_map) and ext_map[ext_id] == ext_id for ext_id in ext_ids.values())

@@ -28,6 +28,7 @@ from sfu.media.downtrack import DownTrack, JoinTimer
 from sfu.media.dtls import DtlsCertificate, DtlsServer, Fingerprint, create_server_context
 from sfu.media.ice import Address, IceLiteAgent
 from sfu.media.producer import Producer, TrackCodec
+from sfu.media.router import Router
 from sfu.media.rtp import id_map_list
 from sfu.media.stats import MediaStats
 from sfu.media.stun import StunError, parse
@@ -87,6 +88,7 @@ class MediaEngine(asyncio.DatagramProtocol):
         self._ssl_context: SSL.Context = create_server_context(self.certificate)
         self.agent = IceLiteAgent(consent_timeout=settings.consent_timeout)
         self.stats = MediaStats()
+        self.router = Router(self.stats, settings.integrity_sample_every)
         self.demux = DemuxStats()
         self._udp: asyncio.DatagramTransport | None = None
         self._sock: socket.socket | None = None
@@ -200,6 +202,7 @@ class MediaEngine(asyncio.DatagramProtocol):
             keyframe_interval=self.settings.keyframe_interval,
             envelope_totals=self.stats.e2ee_frames.setdefault(kind, [0, 0]),
             keyframe_totals=self.stats.keyframe_requests,
+            router=self.router,
         )
         transport.producers.append(producer)
         transport.producers_by_mid[mid] = producer
@@ -233,13 +236,11 @@ class MediaEngine(asyncio.DatagramProtocol):
             ext_map=id_map_list(ext_map),
             rtx_ssrc=rtx_ssrc,
             rtx_payload_type=rtx_payload_type,
-            integrity=self.stats.integrity,
-            integrity_sample_every=self.settings.integrity_sample_every,
             stats=self.stats,
             join=join,
             keyframe_interval=self.settings.subscriber_keyframe_interval,
         )
-        producer.downtracks.append(downtrack)
+        producer.attach(downtrack)
         transport.downtracks_by_ssrc[ssrc] = downtrack
         if rtx_ssrc is not None:
             transport.downtracks_by_ssrc[rtx_ssrc] = downtrack

@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING, Protocol
 
 from sfu.media.envelope import STATE_PLAINTEXT, EnvelopeJudge
 from sfu.media.nackgen import NackGenerator
+from sfu.media.router import Attention, Router
 from sfu.media.rtp import RtpHeader, parse_header, parse_vp8, read_audio_level, rtx_to_original
+from sfu.media.stats import MediaStats
 
 EXT_AUDIO_LEVEL = "urn:ietf:params:rtp-hdrext:ssrc-audio-level"
 
@@ -132,11 +134,14 @@ class Producer:
         "mid",
         "on_policy_violation",
         "packets_received",
+        "route",
+        "router",
         "rtx_packets_received",
         "rtx_ssrc",
         "ssrc",
         "ssrc_changes",
         "upstream",
+        "waiting",
     )
 
     def __init__(
@@ -155,6 +160,7 @@ class Producer:
         clock: Callable[[], float] = time.monotonic,
         envelope_totals: list[int] | None = None,
         keyframe_totals: list[int] | None = None,
+        router: Router | None = None,
     ) -> None:
         self.id = producer_id
         self.kind = kind
@@ -175,7 +181,13 @@ class Producer:
         # Gaps in what the publisher sends, asked for again by the SFU itself (nackgen.py).
         self.losses = NackGenerator()
         self._last_keyframe_request = -1e9
+        # Every subscriber's copy; `route` holds the started ones (the router sends them),
+        # `waiting` the others, which are handed each packet here.
+        self.router = router if router is not None else Router(MediaStats())
+        self.route = self.router.new_route(kind)
+        self.route.owner = self
         self.downtracks: list[DownTrack] = []
+        self.waiting: list[DownTrack] = []
         self.closed = False
         self.created_at = clock()
         self.last_packet_at = self.created_at
@@ -195,9 +207,12 @@ class Producer:
         self.keyframe_requests_throttled = 0
         self.ssrc_changes = 0
 
-    def on_rtp(self, data: bytes, hdr: RtpHeader, arrival: float | None = None) -> None:
+    def on_rtp(
+        self, data: bytes, hdr: RtpHeader, arrival: float | None = None, forwarded: bool = False
+    ) -> None:
         """A decrypted media packet from the publisher: store it, fan it out untouched.
-        `arrival` is the transport's read of the same (monotonic) clock, when it made one."""
+        `arrival` is the transport's read of the same (monotonic) clock, when it made one;
+        `forwarded` says the native core already sent it to every copy in the route."""
         if hdr.ssrc != self.ssrc:
             if self.ssrc is not None:
                 # A new sender (e.g. the publisher's encoder restarted): subscribers must not
@@ -205,6 +220,7 @@ class Producer:
                 self.ssrc_changes += 1
                 for downtrack in self.downtracks:
                     downtrack.resync()
+                self.refresh_attention()
                 self._ring = [None] * self._ring_size
                 self.losses.reset()
             self.ssrc = hdr.ssrc
@@ -221,19 +237,58 @@ class Producer:
                 self._level_sum += 127 - level[1]
                 self._level_count += 1
         keyframe = self._detect_keyframe is None or self._detect_keyframe(data, hdr)
+        if not forwarded:
+            attention = self.router.fan_out(self.route, data, hdr, now)
+            if attention:
+                self.attend(attention, data, hdr, now)
         if keyframe and self._detect_keyframe is not None:
             self.keyframes_seen += 1
-        for downtrack in self.downtracks:
-            # One copy that cannot be built (a bug, or something a subscriber negotiated
-            # that the forwarder cannot write) must never cost the others theirs; a `try`
-            # that does not raise is free in CPython 3.11+.
-            try:
-                downtrack.forward(data, hdr, keyframe)
-            except Exception:
-                downtrack.copy_failed()
+            for downtrack in self.downtracks:
+                if downtrack.active:
+                    downtrack.keyframe_forwarded()
+        if self.waiting:
+            for downtrack in tuple(self.waiting):
+                try:
+                    downtrack.forward(data, hdr, keyframe)
+                except Exception:
+                    downtrack.copy_failed()
         lost = self.losses.on_packet(hdr.seq, now)
         if lost is not None:
             self.upstream.send_nack(self, lost)
+
+    def attend(self, attention: Attention, data: bytes, hdr: RtpHeader, now: float) -> None:
+        """Copies the router's loop left to us: rebuild their extension block (the other
+        subscribers already have theirs)."""
+        for copy in attention:
+            downtrack = copy.owner
+            if downtrack is None:
+                continue
+            try:
+                downtrack.forward_rebuilt(data, hdr, now)
+            except Exception:
+                downtrack.copy_failed()
+
+    def attach(self, downtrack: DownTrack) -> None:
+        """A new subscriber's copy: handed packets until it starts on a keyframe."""
+        self.downtracks.append(downtrack)
+        self.waiting.append(downtrack)
+        self.refresh_attention()
+
+    def detach(self, downtrack: DownTrack) -> None:
+        if downtrack in self.downtracks:
+            self.downtracks.remove(downtrack)
+        if downtrack in self.waiting:
+            self.waiting.remove(downtrack)
+        self.route.remove(downtrack.copy)
+        downtrack.active = False
+        self.refresh_attention()
+
+    def refresh_attention(self) -> None:
+        """Whether each packet must reach this object before the fan-out: only while some
+        copy can start (connected, not paused) and waits for its first keyframe."""
+        self.route.attention = any(
+            not d.closed and not d.paused and d.sink.ready for d in self.waiting
+        )
 
     def on_rtx(self, data: bytes, hdr: RtpHeader, arrival: float | None = None) -> None:
         """An RTX retransmission from the publisher (RFC 4588): repair as the original."""
@@ -310,6 +365,10 @@ class Producer:
         for downtrack in list(self.downtracks):
             downtrack.on_producer_closed()
         self.downtracks.clear()
+        self.waiting.clear()
+        self.route.clear()
+        self.route.attention = False
+        self.route.owner = None
         # A subscriber's retired m-section keeps its ended track (for the codec it renders)
         # as long as that subscriber stays: without the packets that is a few hundred
         # bytes, not a ring of up to a few hundred kilobytes per publisher who ever left.

@@ -196,11 +196,14 @@ class Transport:
 
     def on_ice_check(self, addr: Address) -> None:
         """An authenticated check came from `addr`: follow the client's nomination."""
+        was_ready = self.ready
         selected = self.ice.selected
         if selected is not None:
             self.addr = selected
         elif self.addr is None:
             self.addr = addr
+        if not was_ready and self.ready:
+            self._became_ready()
 
     # -- DTLS --------------------------------------------------------------------------------
 
@@ -230,6 +233,8 @@ class Transport:
                 return
             self.srtp = SrtpSession(keys)
             self.state = TransportState.CONNECTED
+            if self.ready:
+                self._became_ready()
             self.stats.dtls_ok += 1
             log.info("transport %s connected (%s)", self.id, keys.profile.name)
             if self.on_connected is not None:
@@ -240,6 +245,12 @@ class Transport:
         elif state is DtlsState.CLOSED:
             self.closed_by_client = True
             self.close("client closed DTLS")
+
+    def _became_ready(self) -> None:
+        """Copies to this subscriber can start now: their producers look at each packet
+        until they have (see Producer.refresh_attention)."""
+        for producer in {d.producer for d in self.downtracks_by_ssrc.values()}:
+            producer.refresh_attention()
 
     # -- SRTP / SRTCP ------------------------------------------------------------------------
 

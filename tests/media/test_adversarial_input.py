@@ -269,7 +269,8 @@ def test_one_failing_copy_does_not_stop_the_others(caplog: pytest.LogCaptureFixt
         DownTrack(producer, sink, ssrc=0x100 + i, payload_type=100, ext_map=[0] * 256, clock=clock)
         for i, sink in enumerate(sinks)
     ]
-    producer.downtracks.extend(copies)
+    for copy in copies:
+        producer.attach(copy)
     for seq in range(10):
         data = vp8_packet(seq, 3000 * seq, key=seq == 0)
         hdr = parse_header(data)

@@ -79,7 +79,7 @@ def setup(
         clock=clock,
         wallclock=lambda: 1_700_000_000.0,
     )
-    producer.downtracks.append(downtrack)
+    producer.attach(downtrack)
     return producer, downtrack, sink, upstream, clock
 
 

@@ -47,7 +47,7 @@ class Offers:
             rtx_ssrc=self.next_ssrc + 1 if rtx is not None else None,
             rtx_payload_type=rtx,
         )
-        producer.downtracks.append(downtrack)
+        producer.attach(downtrack)
         self.offers.add(producer, producer.id.split(":")[0], downtrack)
         return downtrack
 
