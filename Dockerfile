@@ -19,6 +19,14 @@ RUN if ! command -v python3 >/dev/null; then \
 
 FROM base AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+# The native fan-out core is compiled here; the compiler and headers stay in this stage.
+# hadolint ignore=DL3008
+RUN if python3 -c 'import os, sysconfig, sys; \
+sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))'; \
+    then headers=; else headers=python3-dev; fi \
+    && apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev ${headers:+"$headers"} \
+    && rm -rf /var/lib/apt/lists/*
 # Builds that cannot reach PyPI: put wheels of every dependency (plus setuptools and wheel)
 # into deploy/wheels/ and pass --build-arg PIP_OFFLINE=1; pip then reads that folder only
 # (docs/deployment.md). The folder exists in every checkout, so this COPY never fails; it
@@ -26,12 +34,12 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 ARG PIP_OFFLINE=0
 COPY deploy/wheels /wheels
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY sfu ./sfu
 # A self-contained venv, copied whole into the final stage: no compiler or pip cache ships.
 RUN if [ "$PIP_OFFLINE" = 1 ]; then export PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheels; fi \
     && python3 -m venv /opt/sfu && /opt/sfu/bin/pip install --no-compile . \
-    && /opt/sfu/bin/python -c "import sfu.cli, sfu.app"
+    && /opt/sfu/bin/python -c "import sfu.cli, sfu.app, sfu.media._fastpath"
 
 FROM base
 LABEL org.opencontainers.image.title="Blindfold SFU" \

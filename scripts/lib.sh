@@ -58,6 +58,19 @@ ensure_python() {
     fi
 }
 
+# The native fan-out core (sfu/media/_fastpath.c) is compiled by the package's own build:
+# it needs a C compiler and the interpreter's headers. Without them the install still works
+# and the SFU forwards in pure Python (rtc.fastpath: auto warns once at start).
+ensure_build_tools() {
+    local headers
+    headers="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h"
+    if command -v cc >/dev/null 2>&1 && [ -f "$headers" ]; then
+        return 0
+    fi
+    apt_install gcc libc6-dev python3-dev ||
+        say "no C compiler or Python headers: the native fast path will not be built"
+}
+
 # ensure_venv EXTRAS: create .venv if needed and install the project with those extras
 # (e.g. "test"); skipped when pyproject.toml and the extras are unchanged since last time.
 ensure_venv() {
@@ -73,8 +86,14 @@ ensure_venv() {
     # One line per extras set installed for this pyproject.toml: installing fewer extras
     # removes nothing, so `run` after `test` (or the reverse) needs no reinstall.
     stamp="$VENV/.blindfold-installed"
-    hash="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+    # The build inputs: a changed C file or setup.py rebuilds the extension in place.
+    hash="$(cat "$ROOT/pyproject.toml" "$ROOT/setup.py" "$ROOT/sfu/media/_fastpath.c" |
+        sha256sum | cut -d' ' -f1)"
     want="$hash ${extras:-base}"
+    if ! compgen -G "$ROOT/sfu/media/_fastpath*.so" >/dev/null; then
+        ensure_build_tools
+        rm -f "$stamp"  # e.g. after `git clean`: build it again
+    fi
     if ! grep -qxF "$want" "$stamp" 2>/dev/null; then
         say "installing blindfold-sfu${extras:+[$extras]} into .venv"
         "$VENV/bin/python" -m pip install --disable-pip-version-check -q -e "$spec" >&2

@@ -51,6 +51,7 @@ class Server:
                 subscriber_keyframe_interval=rtc.subscriber_keyframe_interval,
                 e2ee_grace_period=config.e2ee.grace_period,
                 integrity_sample_every=config.metrics.integrity_sample_every,
+                fastpath=rtc.fastpath,
             ),
             _dtls_certificate(config),
         )

@@ -99,7 +99,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     command: str = args.command
     if command == "version":
+        from sfu.media.fastpath import probe
+
         print(f"blindfold-sfu {__version__} (Python {platform.python_version()})")
+        print(f"native fast path: {probe()[1]}; used unless rtc.fastpath is off")
         return EXIT_OK
     if command == "schema":
         return _schema(args.format)

@@ -29,6 +29,7 @@ from pydantic import (
     SecretStr,
     ValidationError,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
 
@@ -248,6 +249,17 @@ class RtcConfig(_Section):
         description="Per subscriber and track: after its first keyframe request, at most one "
         "per this (doubling, up to 4x, while it keeps asking right after keyframes reached it).",
     )
+    fastpath: Literal["auto", "off"] = Field(
+        "auto",
+        description="Forward media with the native fan-out core: 'auto' uses it when it was "
+        "built (else pure Python, with one warning line); 'off' always uses pure Python.",
+    )
+
+    @field_validator("fastpath", mode="before")
+    @classmethod
+    def _fastpath_off(cls, value: object) -> object:
+        # YAML 1.1 reads an unquoted `off` as false: take it as what was meant.
+        return "off" if value is False else value
 
 
 class AuthConfig(_Section):

@@ -420,6 +420,12 @@ class MediaCollector(Collector):
             "measured at scrape time. 0 is the only healthy value.",
             value=len(codecs_loaded()),
         )
+        yield GaugeMetricFamily(
+            "sfu_media_fastpath_enabled",
+            "1 while media is forwarded by the native fan-out core, 0 on the pure-Python path "
+            "(rtc.fastpath: off, or the extension is not built).",
+            value=1 if self.engine.fastpath_enabled else 0,
+        )
 
 
 def _buckets(histogram: LatencyHistogram) -> list[tuple[str, float]]:

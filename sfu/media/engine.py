@@ -19,11 +19,13 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from OpenSSL import SSL
 
+from sfu.media import fastpath
 from sfu.media.downtrack import DownTrack, JoinTimer
 from sfu.media.dtls import DtlsCertificate, DtlsServer, Fingerprint, create_server_context
 from sfu.media.ice import Address, IceLiteAgent
@@ -60,6 +62,15 @@ class MediaSettings:
     subscriber_keyframe_interval: float = 2.0
     e2ee_grace_period: float = 5.0
     integrity_sample_every: int = 100
+    # "auto": the native fan-out core when it is built, else pure Python; "off": Python.
+    fastpath: str = "auto"
+
+
+# How often the native core's counters are folded into `stats` while packets flow (the
+# timer folds every TIMER_INTERVAL too, and reading `MediaEngine.stats` folds at once).
+NATIVE_FOLD_INTERVAL = 0.02
+# recvmmsg batches read per wake-up of the native path before other work gets a turn.
+READ_BATCHES_PER_WAKEUP = 16
 
 
 class DemuxStats:
@@ -87,8 +98,18 @@ class MediaEngine(asyncio.DatagramProtocol):
         self.certificate = certificate or DtlsCertificate.generate()
         self._ssl_context: SSL.Context = create_server_context(self.certificate)
         self.agent = IceLiteAgent(consent_timeout=settings.consent_timeout)
-        self.stats = MediaStats()
-        self.router = Router(self.stats, settings.integrity_sample_every)
+        self._stats = MediaStats()
+        self._fastpath = fastpath.load(settings.fastpath)
+        self.router: Router = (
+            Router(self._stats, settings.integrity_sample_every)
+            if self._fastpath is None
+            else fastpath.NativeRouter(self._stats, settings.integrity_sample_every, self._fastpath)
+        )
+        # The native core, once there is a socket (or a capture sink in tests).
+        self._core: Any = None
+        # The clock batches of the native path are stamped with (tests replace it).
+        self.clock: Callable[[], float] = time.monotonic
+        self._folded_at = 0.0
         self.demux = DemuxStats()
         self._udp: asyncio.DatagramTransport | None = None
         self._sock: socket.socket | None = None
@@ -100,14 +121,46 @@ class MediaEngine(asyncio.DatagramProtocol):
         self.handshake_timeouts = 0
         self.candidates: list[tuple[str, int]] = []
 
+    @property
+    def stats(self) -> MediaStats:
+        """The media counters, with what the native core counted itself folded in."""
+        self._fold_native()
+        return self._stats
+
+    def _fold_native(self) -> None:
+        if self._core is not None:
+            counters = self.router.take_counters()
+            self.demux.datagrams += counters["fast_datagrams"]
+            self.demux.send_errors += counters["send_errors"]
+
+    @property
+    def fastpath_enabled(self) -> bool:
+        """Whether packets are forwarded by the native core (rtc.fastpath)."""
+        return self._core is not None
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: self, local_addr=(self.settings.bind_host, self.settings.udp_port)
-        )
-        port = transport.get_extra_info("sockname")[1]
+        if self._fastpath is not None:
+            # The native core reads the socket itself (recvmmsg): no asyncio transport, just
+            # a reader callback per readable event.
+            host, port = self.settings.bind_host, self.settings.udp_port
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                sock.bind((host, port))
+            except OSError:
+                sock.close()
+                raise
+            self._adopt_socket(sock)
+            loop.add_reader(sock.fileno(), self._on_readable)
+            port = sock.getsockname()[1]
+        else:
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: self, local_addr=(self.settings.bind_host, self.settings.udp_port)
+            )
+            port = transport.get_extra_info("sockname")[1]
         ips = list(self.settings.announced_ips) or [self.settings.bind_host]
         self.candidates = [(ip, port) for ip in ips if ip not in ("0.0.0.0", "::")]  # noqa: S104
         if not self.candidates:
@@ -118,6 +171,10 @@ class MediaEngine(asyncio.DatagramProtocol):
         self._timer = asyncio.create_task(self._run_timers())
         for ip, cport in self.candidates:
             log.info("media: ICE candidate udp %s:%d (host)", ip, cport)
+        log.info(
+            "media: forwarding with the %s",
+            "native fast path" if self._core is not None else "pure-Python path",
+        )
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._udp = transport  # type: ignore[assignment]
@@ -126,22 +183,49 @@ class MediaEngine(asyncio.DatagramProtocol):
         # dropped, as the network would have done anyway.
         raw = transport.get_extra_info("socket") if hasattr(transport, "get_extra_info") else None
         if raw is not None:
-            self._sock = socket.socket(raw.family, raw.type, fileno=os.dup(raw.fileno()))
-            self._sock.setblocking(False)
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER_BYTES)
-            # Linux reports twice what it granted (the doubling covers its bookkeeping).
-            granted = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2
-            if granted < RECEIVE_BUFFER_BYTES:
-                log.info(
-                    "media: UDP receive buffer is %d KiB, not the %d KiB asked for (capped by "
-                    "net.core.rmem_max); a busy moment under heavy traffic may drop packets",
-                    granted // 1024,
-                    RECEIVE_BUFFER_BYTES // 1024,
-                )
+            self._adopt_socket(socket.socket(raw.family, raw.type, fileno=os.dup(raw.fileno())))
+        elif self._fastpath is not None:
+            # No socket (the engine test harness): the core hands each datagram it would
+            # send to the same sender the Python path uses, in order.
+            self._start_core(-1)
+
+    def _adopt_socket(self, sock: socket.socket) -> None:
+        self._sock = sock
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER_BYTES)
+        # Linux reports twice what it granted (the doubling covers its bookkeeping).
+        granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2
+        if granted < RECEIVE_BUFFER_BYTES:
+            log.info(
+                "media: UDP receive buffer is %d KiB, not the %d KiB asked for (capped by "
+                "net.core.rmem_max); a busy moment under heavy traffic may drop packets",
+                granted // 1024,
+                RECEIVE_BUFFER_BYTES // 1024,
+            )
+        if self._fastpath is not None:
+            self._start_core(sock.fileno())
+
+    def _start_core(self, fd: int) -> None:
+        functions = fastpath.srtp_functions()
+        # Both checked by fastpath.load() before the engine chose the native router.
+        assert self._fastpath is not None
+        assert functions is not None
+        protect, unprotect = functions
+        self._core = self._fastpath.Core(
+            fd,
+            protect,
+            unprotect,
+            self.settings.integrity_sample_every,
+            self._sendto if fd < 0 else None,
+        )
+        assert isinstance(self.router, fastpath.NativeRouter)
+        self.router.core = self._core
 
     async def close(self) -> None:
         for transport in list(self.transports.values()):
             transport.close("server shutting down")
+        if self._core is not None and self._sock is not None and self._udp is None:
+            asyncio.get_running_loop().remove_reader(self._sock.fileno())
         if self._timer is not None:
             self._timer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -169,8 +253,9 @@ class MediaEngine(asyncio.DatagramProtocol):
         credentials and fingerprint come later with its answer (None and [] until then)."""
         session = self.agent.create_session(remote_ufrag, remote_pwd)
         dtls = DtlsServer(self._ssl_context, remote_fingerprints=fingerprints)
+        peer = self._fastpath.Peer() if self._fastpath is not None else None
         transport = Transport(
-            secrets.token_urlsafe(9), role, session, dtls, self._sendto, self.stats
+            secrets.token_urlsafe(9), role, session, dtls, self._sendto, self._stats, peer
         )
         self.transports[transport.id] = transport
         self._by_ufrag[session.local_ufrag] = transport
@@ -200,14 +285,15 @@ class MediaEngine(asyncio.DatagramProtocol):
             if kind == "video"
             else self.settings.audio_buffer,
             keyframe_interval=self.settings.keyframe_interval,
-            envelope_totals=self.stats.e2ee_frames.setdefault(kind, [0, 0]),
-            keyframe_totals=self.stats.keyframe_requests,
+            envelope_totals=self._stats.e2ee_frames.setdefault(kind, [0, 0]),
+            keyframe_totals=self._stats.keyframe_requests,
             router=self.router,
         )
         transport.producers.append(producer)
         transport.producers_by_mid[mid] = producer
         if ssrc is not None:
             transport.producers_by_ssrc[ssrc] = producer
+            transport.routes_changed()
         if rtx_ssrc is not None:
             transport.rtx_by_ssrc[rtx_ssrc] = producer
         return producer
@@ -236,7 +322,7 @@ class MediaEngine(asyncio.DatagramProtocol):
             ext_map=id_map_list(ext_map),
             rtx_ssrc=rtx_ssrc,
             rtx_payload_type=rtx_payload_type,
-            stats=self.stats,
+            stats=self._stats,
             join=join,
             keyframe_interval=self.settings.subscriber_keyframe_interval,
         )
@@ -280,6 +366,7 @@ class MediaEngine(asyncio.DatagramProtocol):
         for addr in list(transport.ice.addresses):
             if self._by_addr.get(addr) is transport:
                 del self._by_addr[addr]
+                self._map_native(addr, None)
 
     # -- packet path -------------------------------------------------------------------------
 
@@ -292,6 +379,64 @@ class MediaEngine(asyncio.DatagramProtocol):
                 self.demux.send_errors += 1
         elif self._udp is not None:
             self._udp.sendto(data, addr)
+
+    def _on_readable(self) -> None:
+        """The socket has datagrams (native path): the core reads them in batches, forwards
+        what it can and hands the rest back, in arrival order."""
+        core = self._core
+        budget = READ_BATCHES_PER_WAKEUP
+        while True:
+            now = self.clock()
+            try:
+                events = core.receive(now, budget > 0)
+            except Exception:
+                self._count_error(None)
+                break
+            if events is None:
+                break
+            budget -= 1
+            self._dispatch(events, now)
+        # Counters read through a kept reference to `stats` lag the core by at most this.
+        if now - self._folded_at >= NATIVE_FOLD_INTERVAL:
+            self._folded_at = now
+            self._fold_native()
+
+    def deliver(self, data: bytes, addr: Address) -> None:
+        """One datagram as if read from the socket, through whichever path is active (the
+        engine test harness sends with this)."""
+        core = self._core
+        if core is None:
+            self.datagram_received(data, addr)
+            return
+        core.inject(data, addr)
+        while True:
+            now = self.clock()
+            events = core.receive(now, False)
+            if events is None:
+                break
+            self._dispatch(events, now)
+        self._fold_native()
+
+    def _dispatch(self, events: list[tuple[Any, ...]], now: float) -> None:
+        for event in events:
+            if len(event) == 2:
+                self.datagram_received(event[0], event[1])
+                continue
+            transport, producer, plain, wire_len, attention = event
+            if transport is None:
+                continue  # closed since the core read the datagram
+            try:
+                transport.on_plain_rtp(plain, wire_len, now, producer, attention)
+            except Exception:
+                self._count_error(transport.addr)
+
+    def _count_error(self, addr: Address | None) -> None:
+        # One bad datagram must never take the socket down or flood the log.
+        self.demux.errors += 1
+        now = time.monotonic()
+        if now - self._last_error_log > _ERROR_LOG_INTERVAL:
+            self._last_error_log = now
+            log.exception("media: error handling a datagram from %s (counted)", addr)
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
         self.demux.datagrams += 1
@@ -317,12 +462,7 @@ class MediaEngine(asyncio.DatagramProtocol):
             else:
                 self.demux.dropped_unknown_type += 1
         except Exception:
-            # One bad datagram must never take the socket down or flood the log.
-            self.demux.errors += 1
-            now = time.monotonic()
-            if now - self._last_error_log > _ERROR_LOG_INTERVAL:
-                self._last_error_log = now
-                log.exception("media: error handling a datagram from %s (counted)", addr)
+            self._count_error(addr)
 
     def _on_stun(self, data: bytes, addr: Address) -> None:
         self.demux.stun += 1
@@ -337,8 +477,16 @@ class MediaEngine(asyncio.DatagramProtocol):
         transport = self._by_ufrag.get(username.partition(":")[0])
         if transport is None or addr not in transport.ice.addresses:
             return  # an error response (e.g. 487): nothing was authenticated from addr
-        self._by_addr[addr] = transport
+        if self._by_addr.get(addr) is not transport:
+            self._by_addr[addr] = transport
+            self._map_native(addr, transport)
         transport.on_ice_check(addr)
+
+    def _map_native(self, addr: Address, transport: Transport | None) -> None:
+        """Keep the native core's address -> transport table in step with `_by_addr`."""
+        if self._core is not None:
+            key = self._fastpath.address_key(addr[0], addr[1])  # type: ignore[union-attr]
+            self._core.map_address(key, transport.peer if transport is not None else None)
 
     def error_received(self, exc: Exception) -> None:
         # ICMP errors (e.g. port unreachable after a client left) surface here on Linux.
@@ -359,6 +507,7 @@ class MediaEngine(asyncio.DatagramProtocol):
                 next_reports = now + SENDER_REPORT_INTERVAL
 
     def tick(self, now: float, *, send_reports: bool) -> None:
+        self._fold_native()
         for session in self.agent.expire(now):
             transport = self._by_ufrag.get(session.local_ufrag)
             if transport is not None:

@@ -208,11 +208,17 @@ class Producer:
         self.ssrc_changes = 0
 
     def on_rtp(
-        self, data: bytes, hdr: RtpHeader, arrival: float | None = None, forwarded: bool = False
+        self,
+        data: bytes,
+        hdr: RtpHeader,
+        arrival: float | None = None,
+        forwarded: bool = False,
+        attention: Attention | None = None,
     ) -> None:
         """A decrypted media packet from the publisher: store it, fan it out untouched.
         `arrival` is the transport's read of the same (monotonic) clock, when it made one;
-        `forwarded` says the native core already sent it to every copy in the route."""
+        `forwarded` says the native core already sent it to every copy in the route, except
+        the `attention` ones it left to us."""
         if hdr.ssrc != self.ssrc:
             if self.ssrc is not None:
                 # A new sender (e.g. the publisher's encoder restarted): subscribers must not
@@ -239,8 +245,8 @@ class Producer:
         keyframe = self._detect_keyframe is None or self._detect_keyframe(data, hdr)
         if not forwarded:
             attention = self.router.fan_out(self.route, data, hdr, now)
-            if attention:
-                self.attend(attention, data, hdr, now)
+        if attention:
+            self.attend(attention, data, hdr, now)
         if keyframe and self._detect_keyframe is not None:
             self.keyframes_seen += 1
             for downtrack in self.downtracks:

@@ -213,6 +213,14 @@ class SrtpSession:
         with contextlib.suppress(pylibsrtp.Error):
             self._inbound.remove_stream(ssrc)
 
+    def native_contexts(self) -> tuple[int, int]:
+        """Addresses of the inbound and outbound libsrtp contexts, for the native core. It
+        borrows them: this object must outlive its use of them (the core holds a reference),
+        and both paths then share one replay window and rollover counter per stream."""
+        from sfu.media.fastpath import context_address
+
+        return context_address(self._inbound), context_address(self._outbound)
+
     @property
     def inbound_streams(self) -> int:
         return len(self._inbound_ssrcs)

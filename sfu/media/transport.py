@@ -13,7 +13,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sfu.media.dtls import DtlsServer, DtlsState, Fingerprint
 from sfu.media.ice import Address, IceLiteSession
@@ -36,6 +36,7 @@ from sfu.media.twcc import TwccRecorder
 if TYPE_CHECKING:
     from sfu.media.downtrack import DownTrack
     from sfu.media.producer import Producer
+    from sfu.media.router import Attention
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +56,11 @@ class TransportState(enum.Enum):
 
 class Transport:
     __slots__ = (
+        "_addr",
+        "_packet_tap",
         "_sample",
         "_sendto",
-        "addr",
+        "_srtp",
         "close_reason",
         "closed_by_client",
         "created_at",
@@ -68,7 +71,7 @@ class Transport:
         "mid_ext_id",
         "on_closed",
         "on_connected",
-        "packet_tap",
+        "peer",
         "producers",
         "producers_by_mid",
         "producers_by_ssrc",
@@ -76,7 +79,6 @@ class Transport:
         "role",
         "rtcp_ssrc",
         "rtx_by_ssrc",
-        "srtp",
         "state",
         "stats",
         "twcc",
@@ -91,7 +93,13 @@ class Transport:
         dtls: DtlsServer,
         sendto: Sendto,
         stats: MediaStats,
+        peer: Any = None,
     ) -> None:
+        # The native core's view of this transport (sfu.media._fastpath.Peer), kept in step
+        # with the address, SRTP contexts and inbound SSRC routes below; None in Python mode.
+        self.peer = peer
+        if peer is not None:
+            peer.owner = self
         self.id = transport_id
         self.role = role
         self.ice = ice
@@ -103,8 +111,8 @@ class Transport:
         self.close_reason: str | None = None
         # The client ended the association itself (DTLS close_notify): it is leaving.
         self.closed_by_client = False
-        self.addr: Address | None = None
-        self.srtp: SrtpSession | None = None
+        self._addr: Address | None = None
+        self._srtp: SrtpSession | None = None
         self.rtcp_ssrc = secrets.randbits(32) or 1
         self._sample = FORWARD_SAMPLE_EVERY
         self.producers: list[Producer] = []
@@ -122,16 +130,55 @@ class Transport:
         self.on_connected: Callable[[Transport], None] | None = None
         self.on_closed: Callable[[Transport], None] | None = None
         # Test hook: sees every decrypted RTP packet this transport receives (None in service).
-        self.packet_tap: Callable[[bytes], None] | None = None
+        self._packet_tap: Callable[[bytes], None] | None = None
 
     @property
     def ready(self) -> bool:
-        return self.srtp is not None and self.addr is not None
+        return self._srtp is not None and self._addr is not None
+
+    # -- state the native core mirrors -------------------------------------------------------
+
+    @property
+    def addr(self) -> Address | None:
+        """Where this client's media goes (the nominated ICE address)."""
+        return self._addr
+
+    @addr.setter
+    def addr(self, addr: Address | None) -> None:
+        self._addr = addr
+        if self.peer is not None:
+            self.peer.set_address(addr)
+
+    @property
+    def srtp(self) -> SrtpSession | None:
+        return self._srtp
+
+    @srtp.setter
+    def srtp(self, srtp: SrtpSession | None) -> None:
+        self._srtp = srtp
+        if self.peer is not None and srtp is not None:
+            rx, tx = srtp.native_contexts()
+            self.peer.set_srtp(rx, tx, srtp)
+
+    @property
+    def packet_tap(self) -> Callable[[bytes], None] | None:
+        return self._packet_tap
+
+    @packet_tap.setter
+    def packet_tap(self, tap: Callable[[bytes], None] | None) -> None:
+        self._packet_tap = tap
+        if self.peer is not None:
+            self.peer.python_only = tap is not None
+
+    def routes_changed(self) -> None:
+        """`producers_by_ssrc` changed: tell the native core which SSRC feeds which route."""
+        if self.peer is not None:
+            self.peer.set_routes({ssrc: p.route for ssrc, p in self.producers_by_ssrc.items()})
 
     # -- sending -----------------------------------------------------------------------------
 
     def send_rtp(self, packet: bytes | bytearray) -> None:
-        srtp, addr = self.srtp, self.addr
+        srtp, addr = self._srtp, self._addr
         if srtp is None or addr is None:
             return
         protected = srtp.protect_rtp(packet if type(packet) is bytes else bytes(packet))
@@ -143,7 +190,7 @@ class Transport:
         self.stats.rtp_bytes_out += len(protected)
 
     def send_rtcp(self, packet: bytes) -> None:
-        srtp, addr = self.srtp, self.addr
+        srtp, addr = self._srtp, self._addr
         if srtp is None or addr is None:
             return
         protected = srtp.protect_rtcp(packet)
@@ -278,23 +325,44 @@ class Transport:
         if plain is None:
             self.stats.srtp_failures += 1
             return
+        self.on_plain_rtp(plain, len(data))
+
+    def on_plain_rtp(
+        self,
+        plain: bytes,
+        wire_len: int,
+        now: float | None = None,
+        forwarded_by: Producer | None = None,
+        attention: Attention | None = None,
+    ) -> None:
+        """A decrypted RTP packet (`wire_len` bytes on the wire). The native core passes its
+        batch's clock reading as `now`, and `forwarded_by` when it has already sent the
+        packet to every ready copy of that producer (`attention`: copies it left to us)."""
         hdr = parse_header(plain)
         if hdr is None:
             self.stats.rtp_unroutable += 1
             return
         self.stats.rtp_in += 1
-        self.stats.rtp_bytes_in += len(data)
-        arrival: float | None = None
+        self.stats.rtp_bytes_in += wire_len
+        arrival: float | None = now
         twcc = self.twcc
         if twcc is not None:
             # Every packet counts, RTX and padding-only probes included: the publisher's
             # estimator probes bandwidth with them. One clock read serves the producer too.
             seq = read_transport_seq(plain, hdr, self.twcc_ext_id)
             if seq >= 0:
-                arrival = time.monotonic()
+                if arrival is None:
+                    arrival = time.monotonic()
                 twcc.record(seq, arrival)
-        if self.packet_tap is not None:
-            self.packet_tap(plain)
+        if self._packet_tap is not None:
+            self._packet_tap(plain)
+        if forwarded_by is not None:
+            self._count_in(forwarded_by.kind, len(plain))
+            forwarded_by.on_rtp(plain, hdr, arrival, forwarded=True, attention=attention)
+            return
+        srtp = self._srtp
+        if srtp is None:
+            return
         producer = self.producers_by_ssrc.get(hdr.ssrc)
         if producer is None:
             producer = self.rtx_by_ssrc.get(hdr.ssrc)
@@ -343,6 +411,7 @@ class Transport:
             if producer.ssrc is not None and producer.ssrc != ssrc:
                 self._retire_ssrc(producer.ssrc)
             self.producers_by_ssrc[ssrc] = producer
+            self.routes_changed()
             self._count_in(producer.kind, len(data))
             producer.on_rtp(data, hdr)
         else:
@@ -353,6 +422,7 @@ class Transport:
         """A track moved to a new SSRC: the old one routes nowhere and keeps no SRTP state."""
         self.producers_by_ssrc.pop(ssrc, None)
         self.rtx_by_ssrc.pop(ssrc, None)
+        self.routes_changed()
         self.retired_ssrcs[ssrc] = None
         if len(self.retired_ssrcs) > MAX_RETIRED_SSRCS:
             del self.retired_ssrcs[next(iter(self.retired_ssrcs))]
@@ -424,6 +494,7 @@ class Transport:
         for table in (self.producers_by_ssrc, self.rtx_by_ssrc):
             for ssrc in [s for s, p in table.items() if p is producer]:
                 del table[ssrc]
+        self.routes_changed()
         if self.producers_by_mid.get(producer.mid) is producer:
             del self.producers_by_mid[producer.mid]
 
@@ -464,10 +535,12 @@ class Transport:
         # its OpenSSL connection and packet rings until a rare full collection.
         self.producers.clear()
         self.producers_by_ssrc.clear()
+        if self.peer is not None:
+            self.peer.close()
         self.rtx_by_ssrc.clear()
         self.producers_by_mid.clear()
         self.on_connected = None
-        self.packet_tap = None
+        self._packet_tap = None
         on_closed, self.on_closed = self.on_closed, None
         if on_closed is not None:
             on_closed(self)

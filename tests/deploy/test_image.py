@@ -377,6 +377,13 @@ def test_container_is_healthy_and_announces_the_published_port(
     assert podman.run("exec", container.name, "id", "-u").strip() == "10001"
     logs = podman.logs(container.name)
     assert f"ICE candidate udp 127.0.0.1:{container.udp_port}" in logs
+    # The native fan-out core was compiled in the build stage and is in use; no compiler
+    # made it into the runtime image.
+    assert "forwarding with the native fast path" in logs
+    version = podman.run("exec", container.name, "sfu", "version")
+    assert "native fast path: available" in version, version
+    for compiler in ("gcc", "cc"):
+        assert not podman.ok("exec", container.name, "sh", "-c", f"command -v {compiler}")
     # deploy/sfu.yaml asks for JSON log lines; each one must parse.
     for line in logs.splitlines():
         if line.startswith("{"):

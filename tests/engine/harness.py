@@ -110,6 +110,7 @@ def make_engine(
     engine = MediaEngine(settings)
     if clock is not None:
         engine.agent = IceLiteAgent(consent_timeout=settings.consent_timeout, clock=clock)
+        engine.clock = clock
     engine.connection_made(sender)  # type: ignore[arg-type]
     return engine
 
@@ -293,7 +294,7 @@ class Client:
             client_ufrag=client_ufrag,
         )
         before = len(self.harness.socket.sent)
-        self.harness.engine.datagram_received(data, from_addr or self.addr)
+        self.harness.engine.deliver(data, from_addr or self.addr)
         for reply, _ in self.harness.socket.sent[before:]:
             if reply[8:20] == data[8:20]:  # same transaction id
                 return stun.parse(reply).msg_type == stun.BINDING_SUCCESS
@@ -322,7 +323,7 @@ class Client:
     # -- sending ---------------------------------------------------------------------------
 
     def send(self, datagram: bytes, *, from_addr: Address | None = None) -> None:
-        self.harness.engine.datagram_received(datagram, from_addr or self.addr)
+        self.harness.engine.deliver(datagram, from_addr or self.addr)
 
     def send_rtp(self, packet: bytes) -> bytes:
         """Protect and send one RTP packet; returns the datagram, for replays."""
@@ -376,10 +377,16 @@ class Client:
         return inbox
 
 
+# Which forwarding path harnesses use unless told: tests/engine/conftest.py runs every
+# engine test once per path ("auto" is the native core when it is built).
+DEFAULT_FASTPATH = "auto"
+
+
 class EngineHarness:
     """One engine, its recording socket, a fake clock, and helpers to add clients."""
 
-    def __init__(self, **settings: float | int) -> None:
+    def __init__(self, **settings: float | int | str) -> None:
+        settings.setdefault("fastpath", DEFAULT_FASTPATH)
         self.clock = FakeClock()
         self.wallclock = FakeClock(WALLCLOCK_START)
         self.socket = RecordingSocket()

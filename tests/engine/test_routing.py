@@ -85,10 +85,10 @@ def test_srtp_counts_only_from_an_address_that_passed_a_check_and_with_its_keys(
     datagram = publisher.srtp.protect_rtp(vp8_packet(1, 0, keyframe=True))
     assert datagram is not None
 
-    harness.engine.datagram_received(datagram, ("203.0.113.9", 5000))
+    harness.engine.deliver(datagram, ("203.0.113.9", 5000))
     assert harness.engine.demux.dropped_unknown_address == 1
     # From a known address, the packet is judged with that address's transport's keys.
-    harness.engine.datagram_received(datagram, subscriber.addr)
+    harness.engine.deliver(datagram, subscriber.addr)
     assert harness.engine.stats.srtp_failures == 1
     assert subscriber.receive().rtp == []
     assert producer.packets_received == 0

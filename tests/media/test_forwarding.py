@@ -7,12 +7,16 @@ import os
 import random
 import socket
 import time
+from collections.abc import AsyncIterator
 
 import aiohttp
+import pytest
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.rtp import RtcpPsfbPacket
 
 from sfu.app import Server
+from sfu.media.fastpath import probe
+from tests.conftest import IN_CI
 from tests.media.harness import (
     SDP,
     ColourTrack,
@@ -21,10 +25,24 @@ from tests.media.harness import (
     make_config,
     post_offer,
     publish,
+    running_server,
     subscribe,
     token,
     wait_for,
 )
+
+
+@pytest.fixture(params=["native", "python"])
+async def sfu(request: pytest.FixtureRequest) -> AsyncIterator[Server]:
+    """These tests run on both forwarding paths (rtc.fastpath auto and off)."""
+    native = request.param == "native"
+    if native and probe()[0] is None:
+        if IN_CI:
+            pytest.fail("the native fast path is not built (scripts/test.sh builds it)")
+        pytest.skip("the native fast path is not built here")
+    async with running_server(SFU_RTC__FASTPATH="auto" if native else "off") as server:
+        assert server.engine.fastpath_enabled is native
+        yield server
 
 
 def mean_rgb(frame) -> tuple[float, float, float]:

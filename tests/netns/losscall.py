@@ -371,12 +371,12 @@ async def call_through_sfu(loss: float, seconds: float, drain: float) -> CallRes
         session = next(s for s in server.rooms.sessions.values() if s.kind == "whip")
         audio_pt = next(p.codec.payload_type for p in session.producers if p.kind == "audio")
         session.transport.packet_tap = tally.tap_sfu(audio_pt)
-        stats = server.engine.stats
         try:
             await _wait(tally.ready, "the call to decode audio and video")
-            before = _sfu_counters(stats)
+            # Read through the engine each time: that folds in what the native core counted.
+            before = _sfu_counters(server.engine.stats)
             await _measure(tally, loss, seconds, drain)
-            after = _sfu_counters(stats)
+            after = _sfu_counters(server.engine.stats)
             packets = await _video_packets_sent(publication.pc)
         finally:
             await subscription.close()
