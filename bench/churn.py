@@ -75,7 +75,9 @@ from sfu.units import parse_duration  # noqa: E402
 SDP_HEADERS = {"Content-Type": "application/sdp"}
 TOKEN_TTL = 6 * 3600.0
 # Gauges that describe the server's state or configuration, not things that churn.
-STATE_GAUGES = frozenset({"sfu_build_info", "sfu_ready", "sfu_admitted_sessions_limit"})
+STATE_GAUGES = frozenset(
+    {"sfu_build_info", "sfu_ready", "sfu_admitted_sessions_limit", "sfu_media_fastpath_enabled"}
+)
 GENEROUS = 1_000_000
 
 
