@@ -9,6 +9,7 @@ never touches.
 
 from __future__ import annotations
 
+import importlib
 import logging
 from types import ModuleType
 from typing import Any
@@ -29,12 +30,11 @@ except ImportError:  # pragma: no cover - the pinned pylibsrtp has it
 def probe() -> tuple[ModuleType | None, str]:
     """The extension module if it can run here, and a one-line description either way."""
     try:
-        from sfu.media import _fastpath  # type: ignore[attr-defined]
+        module = importlib.import_module("sfu.media._fastpath")
     except ImportError as exc:
         return None, f"unavailable: the extension sfu.media._fastpath is not built ({exc})"
     if srtp_functions() is None:
         return None, "unavailable: this pylibsrtp does not expose libsrtp's functions"
-    module: ModuleType = _fastpath
     return module, "available (recvmmsg/sendmmsg batches, libsrtp borrowed from pylibsrtp)"
 
 

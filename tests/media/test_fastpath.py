@@ -10,10 +10,12 @@ destination and in order, must be the same byte for byte.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import secrets
 import struct
+import sys
 import time
 import types
 from collections.abc import Iterator
@@ -25,7 +27,7 @@ from sfu.media import transport as transport_module
 from sfu.media.fastpath import probe
 from sfu.media.rtcp import build_nack, build_pli
 from sfu.media.rtp import build_rtx
-from tests.conftest import IN_CI
+from tests.conftest import IN_CI, run_cli
 from tests.engine.harness import (
     AUDIO_SSRC,
     OPUS,
@@ -40,6 +42,8 @@ from tests.engine.harness import (
     vp8_packet,
     vp8_payload,
 )
+from tests.media.harness import running_server
+from tests.media.test_assurance import scrape
 
 MID = "urn:ietf:params:rtp-hdrext:sdes:mid"
 TWCC = "http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01"
@@ -207,3 +211,35 @@ def test_payload_fault_in_the_native_core_is_caught() -> None:
     assert len(received) == 21
     expected = [vp8_packet(seq, 0, keyframe=seq == 1)[-1] for seq in range(1, 22)]
     assert sum(p[-1] != last for p, last in zip(received, expected, strict=True)) == 3
+
+
+def test_auto_falls_back_to_python_with_one_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As if the extension had not been built: importing it fails.
+    monkeypatch.setitem(sys.modules, "sfu.media._fastpath", None)
+    h = EngineHarness(fastpath="auto")
+    assert not h.engine.fastpath_enabled
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "native fast path unavailable" in warnings[0].getMessage()
+    assert "rtc.fastpath: off" in warnings[0].getMessage()
+    # And it forwards, in Python.
+    pub, producer = h.publisher()
+    subscriber, _ = h.subscriber(producer)
+    pub.send_rtp(vp8_packet(1, 0, keyframe=True))
+    assert len(subscriber.receive().rtp) == 1
+
+
+def test_off_is_quiet_and_pure_python(caplog: pytest.LogCaptureFixture) -> None:
+    h = EngineHarness(fastpath="off")
+    assert not h.engine.fastpath_enabled
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize("mode", ["auto", "off"])
+async def test_the_gauge_and_sfu_version_say_which_path_runs(mode: str) -> None:
+    async with running_server(SFU_RTC__FASTPATH=mode) as server:
+        values = await scrape(server)
+    assert values["sfu_media_fastpath_enabled"] == (1.0 if mode == "auto" else 0.0)
+    assert "native fast path: available" in run_cli("version").stdout
