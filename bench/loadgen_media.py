@@ -15,7 +15,12 @@ Audio packet::
 
 `mark` is 16 bytes: send time (time.monotonic_ns, the same clock in every process of the
 machine), frame id and packet id. To the SFU it is ciphertext like the rest; only the
-receiving generator reads it, to measure one-way latency through the SFU and loss. The clear
+receiving generator reads it, to measure one-way latency through the SFU and loss.
+
+Two receivers: `SubscriberStream` decrypts every packet and reads its mark (exact loss by send
+time, latency of every packet); `CountingStream`, for rates where decrypting everything would
+make the generator the bottleneck, counts packets off the wire by SSRC and sequence number
+from the clear RTP header and decrypts only 1 packet in N, for latency samples. The clear
 prefix is what docs/e2ee.md specifies (its first byte carries VP8's inverse keyframe bit, which
 the SFU reads to let new subscribers start on a keyframe); the SFrame header is a valid RFC 9605
 header from `sfu.client.sframe`.
@@ -46,6 +51,18 @@ AUDIO_PPS = 50
 AUDIO_FRAME_BYTES = 120  # 120 B x 50/s = 48 kbit/s
 PACKETS_PER_SECOND = FPS * PACKETS_PER_FRAME + AUDIO_PPS  # per publisher
 
+
+def video_shape(kbps: int) -> tuple[int, int]:
+    """(frame bytes, packets per frame) of 30 frames/s video at `kbps` kbit/s."""
+    frame_bytes = kbps * 1000 // 8 // FPS
+    return frame_bytes, max(1, math.ceil(frame_bytes / MAX_CHUNK))
+
+
+def packets_per_second(kbps: int) -> int:
+    """What one publisher sends per second with video at `kbps` (audio included)."""
+    return FPS * video_shape(kbps)[1] + AUDIO_PPS
+
+
 # VP8 frame tag (RFC 6386 section 9.1): byte 0 bit 0 is P, 0 on keyframes; bit 4 show_frame.
 # A keyframe's prefix adds the start code and a 640x480 size.
 VP8_KEY_PREFIX = bytes([0x10, 0x00, 0x00, 0x9D, 0x01, 0x2A, 0x80, 0x02, 0xE0, 0x01])
@@ -56,6 +73,7 @@ VP8_DESC_CONT = b"\x00"
 MARK = struct.Struct("!QII")  # send time ns, frame id, packet id
 RTP = struct.Struct("!BBHII")
 _SSRC = struct.Struct("!I")
+_SEQ_SSRC = struct.Struct("!H4xI")  # from byte 2 of an RTP header: sequence number, SSRC
 _RTCP_HEAD = struct.Struct("!BBH")
 
 # Random bytes are only filler the SFU cannot read; slicing a pool is far cheaper than urandom.
@@ -80,8 +98,11 @@ class Window:
 class Publisher:
     """One WHIP session: paced VP8-like frames and Opus-like packets, SRTP-protected."""
 
-    def __init__(self, index: int, peer: Peer, ssrcs: Ssrcs, window: Window) -> None:
+    def __init__(
+        self, index: int, peer: Peer, ssrcs: Ssrcs, window: Window, video_kbps: int = 1000
+    ) -> None:
         self.index = index
+        self.frame_bytes, self.packets_per_frame = video_shape(video_kbps)
         self.peer = peer
         self.ssrcs = ssrcs
         self.window = window
@@ -129,10 +150,11 @@ class Publisher:
         self.ctr += 1
         ts = (self.video_ts0 + frame_no * (90000 // FPS)) & 0xFFFFFFFF
         ssrc = self.ssrcs.video
-        chunk = FRAME_BYTES // PACKETS_PER_FRAME
+        count = self.packets_per_frame
+        chunk = self.frame_bytes // count
         window = self.window
-        for k in range(PACKETS_PER_FRAME):
-            last = k == PACKETS_PER_FRAME - 1
+        for k in range(count):
+            last = k == count - 1
             self.video_seq = seq = (self.video_seq + 1) & 0xFFFF
             header = RTP.pack(0x80, (0x80 | VIDEO_PT) if last else VIDEO_PT, seq, ts, ssrc)
             size = chunk - MARK.size - (len(lead) if k == 0 else 0)
@@ -176,6 +198,9 @@ class Publisher:
         if self.window.start_ns <= now < self.window.end_ns:
             self.sent_audio += 1
 
+    def reset_window(self) -> None:
+        self.sent_video = self.sent_audio = 0
+
     def on_srtp(self, data: bytes, _arrived: int) -> None:
         """RTCP from the SFU: a PLI or FIR means a subscriber is waiting for a keyframe."""
         srtp = self.peer.srtp
@@ -205,6 +230,24 @@ def sframe_header_len(config: int) -> int:
     if config & 0x08:
         size += (config & 0x07) + 1
     return size
+
+
+def mark_offset(plain: bytes, video: bool) -> int:
+    """Where the 16-byte mark starts in a decrypted RTP packet of our publishers."""
+    b0 = plain[0]
+    at = 12 + ((b0 & 0x0F) << 2)
+    if b0 & 0x10:  # header extension: skip it
+        at += 4 + ((plain[at + 2] << 8 | plain[at + 3]) << 2)
+    if video:
+        if plain[at] & 0x10:  # S: the frame's first packet carries prefix + SFrame header
+            at += 1
+            at += 3 if plain[at] & 0x01 else 10
+            at += sframe_header_len(plain[at])
+        else:
+            at += 1
+    else:
+        at += sframe_header_len(plain[at])
+    return at
 
 
 class SubscriberStream:
@@ -274,6 +317,10 @@ class SubscriberStream:
         """Until both video (the SFU waits for a keyframe) and audio have arrived."""
         await self._ready
 
+    def reset_window(self) -> None:
+        self.win_video = self.win_audio = 0
+        self.read_lag_sum_ns = self.read_lag_max_ns = 0
+
     def on_srtp(self, data: bytes, arrived: int) -> None:
         """`arrived` is the kernel's receive time: our own processing is not SFU latency."""
         if 63 < data[1] & 0x7F < 96:
@@ -283,24 +330,11 @@ class SubscriberStream:
         if plain is None:
             self.srtp_failures += 1
             return
-        b0 = plain[0]
-        at = 12 + ((b0 & 0x0F) << 2)
-        if b0 & 0x10:  # header extension: skip it
-            at += 4 + ((plain[at + 2] << 8 | plain[at + 3]) << 2)
         kind = self.kinds.get(_SSRC.unpack_from(plain, 8)[0])
-        if kind == "video":
-            if plain[at] & 0x10:  # S: the frame's first packet carries prefix + SFrame header
-                at += 1
-                at += 3 if plain[at] & 0x01 else 10
-                at += sframe_header_len(plain[at])
-            else:
-                at += 1
-        elif kind == "audio":
-            at += sframe_header_len(plain[at])
-        else:
+        if kind != "video" and kind != "audio":
             self.unknown += 1
             return
-        sent_ns, _frame_id, packet_id = MARK.unpack_from(plain, at)
+        sent_ns, _frame_id, packet_id = MARK.unpack_from(plain, mark_offset(plain, kind == "video"))
         self.received_total += 1
         if packet_id < self.last_packet_id:
             self.reordered += 1
@@ -325,3 +359,162 @@ class SubscriberStream:
                 self.got_audio = True
             if self.got_video and self.got_audio:
                 self._ready.set_result(None)
+
+
+class CountingStream:
+    """One subscription counted off the wire, for rates where decrypting every packet would
+    make the generator the bottleneck.
+
+    Per datagram: the payload type (RTCP is skipped), sequence number and SSRC from the clear
+    RTP header, a sequence-number extension and a few counters; nothing is decrypted. The
+    window is by kernel arrival time. Loss is counted from sequence-number gaps per SSRC
+    inside the window: both SFUs map a publisher's sequence numbers onto each subscriber's
+    stream with a fixed offset, so a packet lost anywhere (publisher -> SFU socket, inside the
+    SFU, SFU -> subscriber) leaves a gap. One packet in `sample_every` of the window is
+    decrypted for its mark: latency samples, and a check that the payload arrived intact.
+    """
+
+    __slots__ = (
+        "_ready",
+        "audio_latency",
+        "countdown",
+        "got_audio",
+        "got_video",
+        "kinds",
+        "peer",
+        "publisher",
+        "read_lag_max_ns",
+        "read_lag_sum_ns",
+        "received_total",
+        "reordered",
+        "rtcp",
+        "rtx",
+        "sample_every",
+        "samples",
+        "srtp_failures",
+        "subscriber",
+        "tracks",
+        "unknown",
+        "unprotect",
+        "video_latency",
+        "win_audio",
+        "win_video",
+        "window",
+    )
+
+    def __init__(
+        self,
+        subscriber: int,
+        publisher: int,
+        peer: Peer,
+        window: Window,
+        video_latency: array[int],
+        audio_latency: array[int],
+        sample_every: int,
+    ) -> None:
+        assert peer.srtp is not None
+        assert peer.answer is not None
+        self.subscriber = subscriber
+        self.publisher = publisher
+        self.peer = peer
+        self.window = window
+        self.unprotect: Callable[[bytes], bytes | None] = peer.srtp.unprotect_rtp
+        self.kinds = dict(peer.answer.ssrc_kinds)
+        self.video_latency = video_latency
+        self.audio_latency = audio_latency
+        self.sample_every = max(1, sample_every)
+        self.countdown = self.sample_every
+        # ssrc -> [last seq, its extended value, window's lowest and highest extended seq,
+        # packets in the window, 1 for video]
+        self.tracks: dict[int, list[int]] = {}
+        self.received_total = 0
+        self.win_video = 0
+        self.win_audio = 0
+        self.samples = 0
+        self.got_video = False
+        self.got_audio = False
+        self.reordered = 0
+        self.rtcp = 0
+        self.rtx = 0
+        self.srtp_failures = 0
+        self.unknown = 0
+        self.read_lag_sum_ns = 0  # over the decrypted samples only
+        self.read_lag_max_ns = 0
+        self._ready = asyncio.get_running_loop().create_future()
+
+    async def started(self) -> None:
+        await self._ready
+
+    def reset_window(self) -> None:
+        self.win_video = self.win_audio = self.samples = 0
+        self.read_lag_sum_ns = self.read_lag_max_ns = 0
+        for track in self.tracks.values():
+            track[2] = track[3] = -1
+            track[4] = 0
+
+    def expected(self) -> int:
+        """Packets the window's sequence-number ranges span, over every track."""
+        return sum(t[3] - t[2] + 1 for t in self.tracks.values() if t[4])
+
+    def on_srtp(self, data: bytes, arrived: int) -> None:
+        if 63 < data[1] & 0x7F < 96:
+            self.rtcp += 1
+            return
+        seq, ssrc = _SEQ_SSRC.unpack_from(data, 2)
+        track = self.tracks.get(ssrc)
+        if track is None:
+            kind = self.kinds.get(ssrc)
+            if kind != "video" and kind != "audio":
+                if kind == "rtx":
+                    self.rtx += 1
+                else:
+                    self.unknown += 1
+                return
+            track = self.tracks[ssrc] = [seq, seq, -1, -1, 0, kind == "video"]
+            self._started(kind == "video")
+        self.received_total += 1
+        delta = (seq - track[0]) & 0xFFFF
+        if delta < 0x8000:
+            track[0] = seq
+            ext = track[1] = track[1] + delta
+        else:
+            self.reordered += 1
+            ext = track[1] - (0x10000 - delta)
+        window = self.window
+        if not window.start_ns <= arrived < window.end_ns:
+            return
+        if track[4] == 0 or ext < track[2]:
+            track[2] = ext
+        if ext > track[3]:
+            track[3] = ext
+        track[4] += 1
+        video = track[5]
+        if video:
+            self.win_video += 1
+        else:
+            self.win_audio += 1
+        self.countdown -= 1
+        if self.countdown == 0:
+            self.countdown = self.sample_every
+            self._sample(data, arrived, video != 0)
+
+    def _sample(self, data: bytes, arrived: int, video: bool) -> None:
+        plain = self.unprotect(data)
+        if plain is None:
+            self.srtp_failures += 1
+            return
+        sent_ns = MARK.unpack_from(plain, mark_offset(plain, video))[0]
+        self.samples += 1
+        (self.video_latency if video else self.audio_latency).append(arrived - sent_ns)
+        lag = time.monotonic_ns() - arrived
+        self.read_lag_sum_ns += lag
+        if lag > self.read_lag_max_ns:
+            self.read_lag_max_ns = lag
+
+    def _started(self, video: bool) -> None:
+        if video:
+            self.got_video = True
+        else:
+            self.got_audio = True
+        if self.got_video and self.got_audio and not self._ready.done():
+            self._ready.set_result(None)

@@ -3,11 +3,16 @@
 aiortc spends hundreds of microseconds of Python per packet (packet objects, jitter buffers,
 RTCP machinery); a generator built on it saturates its own core long before the SFU does, and
 then measures itself. This peer does only what a WHIP/WHEP client must do against an ICE-lite
-server, with the project's own pieces:
+server (and, for bench/compare.py, against a full ICE agent such as Janus), with the project's
+own pieces:
 
-- ICE: we are controlling and nominate the one server candidate (USE-CANDIDATE) with a
-  Binding request signed with the server's ice-pwd (`sfu.media.stun`), then send a consent
-  check every few seconds, because the server closes a transport after 30 s without one.
+- ICE: against an ICE-lite server (or as the offerer) we are controlling and nominate the one
+  server candidate (USE-CANDIDATE) with a Binding request signed with the server's ice-pwd
+  (`sfu.media.stun`), then send a consent check every few seconds, because the server closes a
+  transport after 30 s without one. With `controlling=False` (answering a full agent's offer)
+  our checks carry ICE-CONTROLLED and no USE-CANDIDATE. Either way the peer answers the
+  server's own Binding requests (a full agent checks the pair from its side too and nominates
+  only what it could check), signed with our ice-pwd.
 - DTLS: a pyOpenSSL client over memory BIOs (as tests/media/test_dtls.py does), with our own
   self-signed certificate whose fingerprint goes in the offer; the server's certificate is
   checked against the answer's fingerprint, as a browser would.
@@ -57,6 +62,7 @@ _ANCILLARY_SIZE = 64
 _MAX_READS = 64  # per wake-up, so one busy socket cannot starve the others
 # RFC 8445 section 5.1.2.1 priority of a host candidate: type preference 126.
 _HOST_PRIORITY = (126 << 24) | (65535 << 8) | 255
+HOST = "127.0.0.1"
 
 
 class PeerError(Exception):
@@ -114,13 +120,26 @@ class Ssrcs:
         return cls(video, rtx, audio)
 
 
+def candidate_lines(port: int) -> list[str]:
+    """Our one host candidate, for servers that do not learn it from our checks alone."""
+    return [f"a=candidate:1 1 udp {_HOST_PRIORITY} {HOST} {port} typ host", "a=end-of-candidates"]
+
+
 def build_offer(
-    *, send: bool, ufrag: str, pwd: str, fingerprint: Fingerprint, ssrcs: Ssrcs | None
+    *,
+    send: bool,
+    ufrag: str,
+    pwd: str,
+    fingerprint: Fingerprint,
+    ssrcs: Ssrcs | None,
+    port: int | None = None,
 ) -> str:
     """A BUNDLEd offer with one VP8(+RTX) video and one Opus audio section.
 
     Publishers (`send`) are sendonly and list their SSRCs with cname and the FID group;
-    subscribers are recvonly and list none (the answer tells them the SFU's SSRCs).
+    subscribers are recvonly and list none (the answer tells them the SFU's SSRCs). With
+    `port`, the first section carries our host candidate on that port (an ICE-lite server
+    learns our address from our checks; a full agent such as Janus wants a candidate).
     """
     direction = "sendonly" if send else "recvonly"
     cname = random_ice(16)
@@ -146,6 +165,8 @@ def build_offer(
         ]
 
     lines += [f"m=video 9 UDP/TLS/RTP/SAVPF {VIDEO_PT} {RTX_PT}", *transport("0")]
+    if port is not None:
+        lines += candidate_lines(port)
     lines += [
         f"a=rtpmap:{VIDEO_PT} VP8/90000",
         f"a=rtcp-fb:{VIDEO_PT} nack",
@@ -232,7 +253,14 @@ class Peer:
     SFU as latency.
     """
 
-    def __init__(self, context: SSL.Context, certificate: DtlsCertificate) -> None:
+    def __init__(
+        self,
+        context: SSL.Context,
+        certificate: DtlsCertificate,
+        *,
+        controlling: bool = True,
+    ) -> None:
+        self.controlling = controlling
         self.local_ufrag = random_ice(8)
         self.local_pwd = random_ice(24)
         self.fingerprint = certificate.fingerprint
@@ -252,6 +280,7 @@ class Peer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.consent_sent = 0
         self.consent_ok = 0
+        self.checks_answered = 0  # the server's own Binding requests (full ICE agents)
         self.send_errors = 0
         self.closed = False
 
@@ -279,7 +308,7 @@ class Peer:
         on_srtp = self.on_srtp
         for _ in range(_MAX_READS):
             try:
-                data, ancillary, _flags, _addr = recvmsg(2048, _ANCILLARY_SIZE)
+                data, ancillary, _flags, addr = recvmsg(2048, _ANCILLARY_SIZE)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
@@ -295,26 +324,35 @@ class Peer:
                     arrived = time.monotonic_ns()
                 on_srtp(data, arrived)
             elif first < 4:
-                self._on_stun(data)
+                self._on_stun(data, addr)
             elif 19 < first < 64:
                 self._on_dtls(data)
 
     # -- connect -------------------------------------------------------------------------------
 
-    async def connect(self, answer: Answer) -> None:
-        """ICE, then DTLS, then SRTP keys; PeerError if any of it times out."""
-        self.answer = answer
+    def open(self) -> int:
+        """Bind our UDP socket (once) and start reading it; returns the local port, for a
+        candidate line. A full ICE agent may send its checks before we have its answer."""
+        if self.sock is not None:
+            return int(self.sock.getsockname()[1])
         loop = self._loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         # Room for a whole fan-out burst while this process is busy elsewhere.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        sock.bind(("127.0.0.1", 0))
-        # Connected: the kernel filters other sources and send() needs no address.
-        sock.connect(answer.candidate)
+        sock.bind((HOST, 0))
         sock.setblocking(False)
         self.sock = sock
         loop.add_reader(sock.fileno(), self._readable)
+        return int(sock.getsockname()[1])
+
+    async def connect(self, answer: Answer) -> None:
+        """ICE, then DTLS, then SRTP keys; PeerError if any of it times out."""
+        self.answer = answer
+        self.open()
+        assert self.sock is not None
+        # Connected: the kernel filters other sources and send() needs no address.
+        self.sock.connect(answer.candidate)
         try:
             await asyncio.wait_for(self._ice(), CONNECT_TIMEOUT)
         except TimeoutError:
@@ -323,17 +361,18 @@ class Peer:
             await asyncio.wait_for(self._dtls(), CONNECT_TIMEOUT)
         except TimeoutError:
             raise PeerError("DTLS handshake timed out") from None
-        self._consent_task = loop.create_task(self._consent())
+        self._consent_task = asyncio.get_running_loop().create_task(self._consent())
 
     def _binding_request(self, *, nominate: bool) -> tuple[bytes, bytes]:
         assert self.answer is not None
         tid = os.urandom(12)
+        role = stun.ATTR_ICE_CONTROLLING if self.controlling else stun.ATTR_ICE_CONTROLLED
         attrs = [
             (stun.ATTR_USERNAME, f"{self.answer.ice_ufrag}:{self.local_ufrag}".encode()),
             (stun.ATTR_PRIORITY, _U32.pack(_HOST_PRIORITY)),
-            (stun.ATTR_ICE_CONTROLLING, _U64.pack(self._tiebreaker)),
+            (role, _U64.pack(self._tiebreaker)),
         ]
-        if nominate:
+        if nominate and self.controlling:
             attrs.append((stun.ATTR_USE_CANDIDATE, b""))
         # Short-term credentials: a request is signed with the *receiver's* password.
         data = stun.encode(
@@ -356,13 +395,15 @@ class Peer:
             finally:
                 self._stun_waiters.pop(tid, None)
 
-    def _on_stun(self, data: bytes) -> None:
-        assert self.answer is not None
+    def _on_stun(self, data: bytes, addr: tuple[str, int]) -> None:
         try:
             msg = stun.parse(data)
         except stun.StunError:
             return
-        if msg.msg_type != stun.BINDING_SUCCESS:
+        if msg.msg_type == stun.BINDING_REQUEST:
+            self._answer_check(msg, addr)
+            return
+        if msg.msg_type != stun.BINDING_SUCCESS or self.answer is None:
             return
         if not msg.check_integrity(self.answer.ice_pwd.encode()):
             return
@@ -371,6 +412,28 @@ class Peer:
             waiter.set_result(None)
         elif self._consent_task is not None:
             self.consent_ok += 1
+
+    def _answer_check(self, msg: stun.StunMessage, addr: tuple[str, int]) -> None:
+        """A full ICE agent's connectivity check (or consent check) of our candidate: answer
+        it, signed with our password, so that the agent can validate and nominate the pair."""
+        key = self.local_pwd.encode()
+        try:
+            username = msg.username
+        except stun.StunError:
+            return
+        if username is None or username.partition(":")[0] != self.local_ufrag:
+            return
+        if not msg.check_integrity(key):
+            return
+        sock = self.sock
+        if sock is None or self.closed:
+            return
+        try:
+            sock.sendto(stun.build_binding_success(msg.transaction_id, addr, key), addr)
+        except OSError:
+            self.send_errors += 1
+            return
+        self.checks_answered += 1
 
     async def _consent(self) -> None:
         # Spread the checks of many peers over the interval instead of sending them in step.
