@@ -55,6 +55,7 @@ from bench.loadgen import (  # noqa: E402
     check_load_arguments,
     free_port,
     measure_once,
+    parse_settings,
     pin,
     table,
     warnings_for,
@@ -93,7 +94,7 @@ def start_server(name: str, args: argparse.Namespace, workdir: Path) -> Any:
     server: Any
     if name == "blindfold":
         (workdir / "blindfold").mkdir()
-        server = Sfu(workdir / "blindfold", None, args.sfu_root)
+        server = Sfu(workdir / "blindfold", None, args.sfu_root, parse_settings(args.sfu_set))
     else:
         server = JanusProcess(workdir, http_port=free_port(socket.SOCK_STREAM), interface=IFACE)
     server.start()
@@ -206,6 +207,13 @@ def main(argv: list[str] | None = None) -> int:
         help="which servers, in this order (default: blindfold,janus)",
     )
     parser.add_argument("--sfu-root", type=Path, help="run Blindfold from this source tree")
+    parser.add_argument(
+        "--sfu-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Blindfold config override (e.g. rtc.fastpath=off); repeatable",
+    )
     parser.add_argument(
         "--no-install", action="store_true", help="fail instead of apt-get installing janus"
     )

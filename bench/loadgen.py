@@ -72,6 +72,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import aiohttp  # noqa: E402
+import yaml  # noqa: E402
 
 from bench.janus_api import JanusSignaling  # noqa: E402
 from bench.janus_server import die_with_parent  # noqa: E402
@@ -448,36 +449,73 @@ def free_port(kind: int) -> int:
 
 
 # Admission limits far above any load the bench makes: it measures forwarding, not them.
-_BENCH_LIMITS = (
-    "limits: {max_sessions: 100000, max_sessions_per_room: 100000, "
-    "max_sessions_per_identity: 1000, session_rate_per_identity: 10000.0, "
-    "session_burst_per_identity: 10000, session_rate_per_ip: 100000.0, "
-    "session_burst_per_ip: 100000}\n"
-)
+_BENCH_LIMITS = {
+    "max_sessions": 100000,
+    "max_sessions_per_room": 100000,
+    "max_sessions_per_identity": 1000,
+    "session_rate_per_identity": 10000.0,
+    "session_burst_per_identity": 10000,
+    "session_rate_per_ip": 100000.0,
+    "session_burst_per_ip": 100000,
+}
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`extra` merged into `base` (nested dicts key by key), in place."""
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def parse_settings(items: list[str]) -> dict[str, Any]:
+    """`--sfu-set rtc.fastpath=off` style overrides as a nested dict (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--sfu-set takes KEY=VALUE (dotted key), not {item!r}")
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return out
 
 
 class Sfu:
     """`python -m sfu serve` on free loopback ports, optionally under cProfile.
 
-    `root` is the source tree to run (default: this checkout), e.g. an exported commit.
+    `root` is the source tree to run (default: this checkout), e.g. an exported commit;
+    `settings` are merged into the config (e.g. {"rtc": {"fastpath": "off"}}).
     """
 
     name = "blindfold"
     backend = "blindfold"
     room = ROOM
 
-    def __init__(self, workdir: Path, profile: Path | None, root: Path | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        profile: Path | None,
+        root: Path | None = None,
+        settings: dict[str, Any] | None = None,
+    ) -> None:
         self.http_port = free_port(socket.SOCK_STREAM)
         self.udp_port = free_port(socket.SOCK_DGRAM)
         self.config_path = workdir / "sfu.yaml"
         self.log_path = workdir / "sfu.log"
-        self.config_path.write_text(
-            "dev_mode: true\n"
-            "drain_timeout: 1s\n"
-            f"http: {{host: 127.0.0.1, port: {self.http_port}}}\n"
-            f"rtc: {{bind_host: 127.0.0.1, udp_port: {self.udp_port}}}\n"
-            "logging: {level: warning}\n" + _BENCH_LIMITS
-        )
+        config = {
+            "dev_mode": True,
+            "drain_timeout": "1s",
+            "http": {"host": "127.0.0.1", "port": self.http_port},
+            "rtc": {"bind_host": "127.0.0.1", "udp_port": self.udp_port},
+            "logging": {"level": "warning"},
+            "limits": dict(_BENCH_LIMITS),
+        }
+        self.config_path.write_text(yaml.safe_dump(merge(config, settings or {}), sort_keys=False))
         self.profile = profile
         self.root = root or ROOT
         self.url = f"http://127.0.0.1:{self.http_port}"
@@ -730,7 +768,9 @@ class Load:
         time.sleep(max(0.0, (start_ns - time.monotonic_ns()) / 1e9))
         pids = [p.pid or 0 for p, _ in self.workers]
         # Scrape before reading the CPU at the start and after it at the end, so the
-        # scrapes' own CPU stays outside the window.
+        # scrapes' own CPU stays outside the window. A busy server may take a while to
+        # answer: the counters are taken to be read halfway through each scrape.
+        m0 = time.monotonic_ns()
         metrics0 = server.metrics()
         t0 = time.monotonic_ns()
         user0, sys0 = cpu_split(server.pid)
@@ -743,6 +783,7 @@ class Load:
         busy1, steal1 = machine_ticks()
         t1 = time.monotonic_ns()
         metrics1 = server.metrics()
+        m1 = time.monotonic_ns()
         stop_perf(recorder)  # after t1: writing perf's data file is not part of the window
         memory = memory_kb(server.pid)
         results = [_expect(conn, "result", args.grace + 30) for _, conn in self.workers]
@@ -761,6 +802,7 @@ class Load:
             "steal_s": (steal1 - steal0) / CLK_TCK,
             "memory": memory,
             "metrics": (metrics0, metrics1),
+            "metrics_seconds": ((t1 + m1) - (m0 + t0)) / 2e9,
             "subscribers": self.subscribers,
         }
 
@@ -900,21 +942,23 @@ def summarise(
     audio_lat = sorted(v for r in results for v in array("q", r["audio_latency_ns"]))
     all_lat = sorted(video_lat + audio_lat)
     before, after = raw["metrics"]
+    span = raw["metrics_seconds"]
+    received_pps = received / seconds if seconds else 0.0
     if FORWARDED_METRIC in before and FORWARDED_METRIC in after:
-        forwarded = after[FORWARDED_METRIC] - before[FORWARDED_METRIC]
+        forwarded_pps = (after[FORWARDED_METRIC] - before[FORWARDED_METRIC]) / span
         forwarded_source = f"SFU counter {FORWARDED_METRIC}"
-        forwarded_seconds = measured
     else:
-        forwarded = float(received)
+        forwarded_pps = received_pps
         forwarded_source = "packets received by all subscribers (server exports no counter)"
-        forwarded_seconds = seconds
     sfu_in = None
     if RECEIVED_METRIC in before and RECEIVED_METRIC in after:
-        sfu_in = (after[RECEIVED_METRIC] - before[RECEIVED_METRIC]) / measured
+        sfu_in = (after[RECEIVED_METRIC] - before[RECEIVED_METRIC]) / span
     send_rate = total_sent / intended if intended else 0.0
-    # The same normalisation for every server: CPU over the packets the subscribers got,
-    # scaled from the send-time (or arrival) window to the CPU window.
-    received_in_cpu_window = received * measured / seconds if seconds else 0
+    # Packets per CPU window: the counters' and the receivers' windows are not exactly the
+    # CPU's, their rates are. The same normalisation for every server: CPU over the packets
+    # the subscribers got (what compare.py compares).
+    forwarded = forwarded_pps * measured
+    received_in_cpu_window = received_pps * measured
     read_lag_count = sum(r["read_lag_count"] for r in results)
     memory = raw["memory"]
     return {
@@ -929,9 +973,9 @@ def summarise(
         ),
         "generator_processes": args.procs,
         "pinned": bool(args.pin),
-        "forwarded_pps": forwarded / forwarded_seconds,
+        "forwarded_pps": forwarded_pps,
         "forwarded_source": forwarded_source,
-        "received_pps": received / seconds if seconds else 0.0,
+        "received_pps": received_pps,
         "sfu_received_pps": sfu_in,
         "sfu_cpu_us_per_packet": sfu_cpu_s * 1e6 / forwarded if forwarded else None,
         "sfu_cpu_us_per_packet_above_idle": (
@@ -1203,6 +1247,13 @@ def main(argv: list[str] | None = None) -> int:
         "--profile", type=Path, help="run the SFU under cProfile, write stats here, print top"
     )
     parser.add_argument("--sfu-root", type=Path, help="run the SFU from this source tree")
+    parser.add_argument(
+        "--sfu-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="SFU config override, dotted key, YAML value (e.g. rtc.fastpath=off); repeatable",
+    )
     capacity = parser.add_argument_group("capacity mode")
     capacity.add_argument(
         "--capacity",
@@ -1226,9 +1277,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--capacity: keep --seconds (per step) at 20 or less")
         if args.step < 1:
             parser.error("--step must be >= 1")
+    try:
+        settings = parse_settings(args.sfu_set)
+    except (ValueError, yaml.YAMLError) as exc:
+        parser.error(str(exc))
 
     with tempfile.TemporaryDirectory(prefix="loadgen-") as tmp:
-        sfu = Sfu(Path(tmp), args.profile, args.sfu_root)
+        sfu = Sfu(Path(tmp), args.profile, args.sfu_root, settings)
         sfu.start()
         try:
             if args.pin:
