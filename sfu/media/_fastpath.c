@@ -697,6 +697,7 @@ typedef struct {
     struct sockaddr_storage raddr[RECV_BATCH];
     uint8_t rbuf[RECV_BATCH][RECV_SLOT];
     int rcount, rpos;
+    int last_read; /* datagrams the last recvmmsg returned (0: none, or nothing was there) */
     uint8_t plain[RECV_SLOT];
     /* send side */
     struct mmsghdr smsg[SEND_BATCH];
@@ -756,6 +757,7 @@ static int Core_init(Core *self, PyObject *args, PyObject *kwds)
         self->smsg[i].msg_hdr.msg_iovlen = 1;
     }
     self->rcount = self->rpos = self->scount = 0;
+    self->last_read = 0;
     memset(self->counts, 0, sizeof(self->counts));
     self->sample_every = self->countdown = every < 0 ? 0 : every;
     self->faults = 0;
@@ -1095,6 +1097,7 @@ static PyObject *Core_receive(Core *self, PyObject *args)
         do {
             n = recvmmsg(self->fd, self->rmsg, RECV_BATCH, MSG_DONTWAIT, NULL);
         } while (n < 0 && errno == EINTR);
+        self->last_read = n < 0 ? 0 : n;
         if (n <= 0)
             Py_RETURN_NONE;
         self->rcount = n;
@@ -1295,8 +1298,17 @@ static PyObject *Core_get_pending(Core *self, void *c)
     return PyLong_FromLong(self->rcount - self->rpos);
 }
 
+static PyObject *Core_get_drained(Core *self, void *c)
+{
+    /* Nothing left in hand, and the last read did not fill a batch: the socket was most
+     * likely empty, and a level-triggered reader fires again if it is not. */
+    return PyBool_FromLong(self->rpos >= self->rcount && self->last_read < RECV_BATCH);
+}
+
 static PyGetSetDef Core_getset[] = {
     {"pending", (getter)Core_get_pending, NULL, "datagrams read but not handled yet", NULL},
+    {"drained", (getter)Core_get_drained, NULL,
+     "no datagram in hand and the last recvmmsg returned less than a full batch", NULL},
     {NULL}};
 
 static PyMethodDef Core_methods[] = {

@@ -396,6 +396,11 @@ class MediaEngine(asyncio.DatagramProtocol):
                 break
             budget -= 1
             self._dispatch(events, now)
+            if core.drained:
+                # A short batch means the socket was empty a moment ago: asking again
+                # costs a system call per wake-up that nearly always finds nothing, and
+                # the reader fires again if something has arrived since.
+                break
         # Counters read through a kept reference to `stats` lag the core by at most this.
         if now - self._folded_at >= NATIVE_FOLD_INTERVAL:
             self._folded_at = now
