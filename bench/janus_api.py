@@ -18,17 +18,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import json
 import secrets
 import urllib.request
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 
-from bench.loadgen_peer import Peer, Ssrcs, build_offer, candidate_lines
+from bench.loadgen_peer import Peer, Ssrcs, candidate_lines
+from sfu.control import sdp
 
 PLUGIN = "janus.plugin.videoroom"
 KEEPALIVE = 20.0
@@ -88,57 +89,24 @@ def room_request(room: int, publishers: int) -> dict[str, Any]:
 
 
 # -- SDP: our answer to Janus's subscriber offer ---------------------------------------------
+#
+# Janus's offer is parsed with the SFU's own parser (sfu.control.sdp); only the answer, which
+# is the client's side of the negotiation, is built here.
 
 
-@dataclass
-class MediaSection:
-    kind: str
-    port: int
-    proto: str
-    formats: list[str]
-    mid: str = ""
-    rtpmap: dict[str, str] = field(default_factory=dict)  # pt -> "VP8/90000"
-    fmtp: dict[str, str] = field(default_factory=dict)  # pt -> parameters
-
-
-def parse_sections(sdp: str) -> list[MediaSection]:
-    sections: list[MediaSection] = []
-    for raw in sdp.splitlines():
-        line = raw.strip()
-        if line.startswith("m="):
-            parts = line[2:].split()
-            if len(parts) < 3:
-                raise ValueError(f"bad m= line: {line!r}")
-            sections.append(MediaSection(parts[0], int(parts[1]), parts[2], parts[3:]))
-        elif sections and line.startswith("a="):
-            name, _, value = line[2:].partition(":")
-            section = sections[-1]
-            if name == "mid":
-                section.mid = value
-            elif name == "rtpmap":
-                pt, _, codec = value.partition(" ")
-                section.rtpmap[pt] = codec
-            elif name == "fmtp":
-                pt, _, params = value.partition(" ")
-                section.fmtp[pt] = params
-    return sections
-
-
-def _wanted_formats(section: MediaSection) -> list[str]:
+def _wanted_codecs(section: sdp.MediaSection) -> list[sdp.Codec]:
     """The codec we send for this kind (VP8 / Opus) and the RTX that repairs it, if offered."""
-    codec = {"video": "vp8/", "audio": "opus/"}.get(section.kind)
-    if codec is None:
+    wanted = {"video": "vp8", "audio": "opus"}.get(section.kind)
+    if wanted is None:
         return []
-    main = [pt for pt in section.formats if section.rtpmap.get(pt, "").lower().startswith(codec)]
+    codecs = section.codecs()
+    main = [c for c in codecs if c.key == wanted]
     if not main:
         return []
-    rtx = [
-        pt
-        for pt in section.formats
-        if section.rtpmap.get(pt, "").lower().startswith("rtx/")
-        and section.fmtp.get(pt, "") == f"apt={main[0]}"
-    ]
-    return main[:1] + rtx[:1]
+    apt = f"apt={main[0].payload_type}"
+    rtx = [c for c in codecs if c.key == sdp.RTX_CODEC and c.fmtp == apt]
+    # No rtcp-fb accepted: the answer lists rtpmap and fmtp only.
+    return [dataclasses.replace(c, rtcp_fb=[]) for c in main[:1] + rtx[:1]]
 
 
 def build_answer(
@@ -149,43 +117,38 @@ def build_answer(
     One answer section per offered one: VP8 (+ its RTX) for video, Opus for audio, nothing
     else (so no header extensions and no data channel); sections we cannot take get port 0.
     We are the DTLS client (`setup:active`), our one host candidate is in the first section.
+    SdpError (a ValueError) if the offer cannot be parsed or has nothing we can take.
     """
-    sections = parse_sections(offer)
-    if not sections:
-        raise ValueError("offer has no media sections")
-    lines = ["v=0", f"o=- {secrets.randbits(62)} 2 IN IP4 127.0.0.1", "s=-", "t=0 0"]
-    accepted = [s.mid for s in sections if s.port != 0 and _wanted_formats(s)]
+    sections = sdp.parse_sdp(offer).media
+    wanted = [_wanted_codecs(s) if s.port != 0 else [] for s in sections]
+    accepted = [s.mid or "" for s, codecs in zip(sections, wanted, strict=True) if codecs]
     if not accepted:
-        raise ValueError("offer has no VP8 or Opus section")
+        raise sdp.SdpError("offer has no VP8 or Opus section")
+    lines = ["v=0", f"o=- {secrets.randbits(62)} 2 IN IP4 127.0.0.1", "s=-", "t=0 0"]
     lines.append("a=group:BUNDLE " + " ".join(accepted))
     lines.append("a=msid-semantic: WMS *")
     first = True
-    for section in sections:
-        formats = _wanted_formats(section) if section.port != 0 else []
-        if not formats:
-            fmt = " ".join(section.formats) or "0"
-            lines += [f"m={section.kind} 0 {section.proto} {fmt}", "c=IN IP4 0.0.0.0"]
-            lines += [f"a=mid:{section.mid}", "a=inactive"]
+    for section, codecs in zip(sections, wanted, strict=True):
+        if not codecs:
+            lines += sdp.rejected_section(section)
             continue
+        formats = " ".join(str(c.payload_type) for c in codecs)
         lines += [
-            f"m={section.kind} 9 UDP/TLS/RTP/SAVPF {' '.join(formats)}",
+            f"m={section.kind} 9 UDP/TLS/RTP/SAVPF {formats}",
             "c=IN IP4 0.0.0.0",
             f"a=ice-ufrag:{ufrag}",
             f"a=ice-pwd:{pwd}",
             f"a=fingerprint:{fingerprint}",
             "a=setup:active",
-            f"a=mid:{section.mid}",
+            f"a=mid:{section.mid or ''}",
             "a=recvonly",
             "a=rtcp-mux",
         ]
-        for pt in formats:
-            lines.append(f"a=rtpmap:{pt} {section.rtpmap[pt]}")
-            if pt in section.fmtp:
-                lines.append(f"a=fmtp:{pt} {section.fmtp[pt]}")
+        lines += sdp.codec_lines(codecs)
         if first:
             lines += candidate_lines(port)
             first = False
-    return "\r\n".join(lines) + "\r\n", accepted
+    return sdp.render(lines), accepted
 
 
 # -- the API ---------------------------------------------------------------------------------
@@ -344,14 +307,11 @@ async def subscribe(
     session: JanusSession,
     room: int,
     publisher: int,
-    *,
-    ufrag: str,
-    pwd: str,
-    fingerprint: str,
-    port: int,
+    peer: Peer,
 ) -> tuple[int, str]:
-    """Subscribe to publisher `publisher`'s feed on a handle of its own: Janus offers, we
-    answer with `start`. Returns (handle, Janus's offer) -- the remote description."""
+    """Subscribe `peer` to publisher `publisher`'s feed on a handle of its own: Janus offers,
+    we answer with `start`. Returns (handle, Janus's offer) -- the remote description."""
+    port = peer.open()
     handle = await session.attach()
     body = {
         "request": "join",
@@ -364,7 +324,13 @@ async def subscribe(
     if data.get("videoroom") != "attached" or not jsep or jsep.get("type") != "offer":
         raise JanusError(f"subscription to p{publisher}: no offer in {data}")
     offer = str(jsep["sdp"])
-    answer, _mids = build_answer(offer, ufrag=ufrag, pwd=pwd, fingerprint=fingerprint, port=port)
+    answer, _mids = build_answer(
+        offer,
+        ufrag=peer.local_ufrag,
+        pwd=peer.local_pwd,
+        fingerprint=str(peer.fingerprint),
+        port=port,
+    )
     data, _ = await session.message(
         handle, {"request": "start"}, {"type": "answer", "sdp": answer, "e2ee": True}
     )
@@ -388,29 +354,12 @@ class JanusSignaling:
         await self.session.create()
 
     async def publish(self, index: int, peer: Peer, ssrcs: Ssrcs) -> str:
-        port = peer.open()
-        offer = build_offer(
-            send=True,
-            ufrag=peer.local_ufrag,
-            pwd=peer.local_pwd,
-            fingerprint=peer.fingerprint,
-            ssrcs=ssrcs,
-            port=port,
-        )
+        offer = peer.offer(send=True, ssrcs=ssrcs, port=peer.open())
         _handle, answer = await publish(self.session, self.room, index, offer)
         return answer
 
     async def subscribe(self, _subscriber: int, publisher: int, peer: Peer, _token: str) -> str:
-        port = peer.open()
-        _handle, offer = await subscribe(
-            self.session,
-            self.room,
-            publisher,
-            ufrag=peer.local_ufrag,
-            pwd=peer.local_pwd,
-            fingerprint=str(peer.fingerprint),
-            port=port,
-        )
+        _handle, offer = await subscribe(self.session, self.room, publisher, peer)
         return offer
 
     async def close(self) -> None:

@@ -89,7 +89,6 @@ from bench.loadgen_peer import (  # noqa: E402
     Peer,
     PeerError,
     Ssrcs,
-    build_offer,
     client_context,
     parse_answer,
 )
@@ -195,13 +194,7 @@ class BlindfoldSignaling:
         pass
 
     async def publish(self, index: int, peer: Peer, ssrcs: Ssrcs) -> str:
-        offer = build_offer(
-            send=True,
-            ufrag=peer.local_ufrag,
-            pwd=peer.local_pwd,
-            fingerprint=peer.fingerprint,
-            ssrcs=ssrcs,
-        )
+        offer = peer.offer(send=True, ssrcs=ssrcs)
         token = self.plan.pub_tokens[index]
         url = f"{self.plan.base_url}/whip/{self.plan.room}/p{index}"
         answer, location = await _post(self.http, url, offer, token)
@@ -209,13 +202,7 @@ class BlindfoldSignaling:
         return answer
 
     async def subscribe(self, _subscriber: int, publisher: int, peer: Peer, token: str) -> str:
-        offer = build_offer(
-            send=False,
-            ufrag=peer.local_ufrag,
-            pwd=peer.local_pwd,
-            fingerprint=peer.fingerprint,
-            ssrcs=None,
-        )
+        offer = peer.offer(send=False, ssrcs=None)
         url = f"{self.plan.base_url}/whep/{self.plan.room}/p{publisher}"
         answer, location = await _post(self.http, url, offer, token)
         self.sessions.append((location, token))

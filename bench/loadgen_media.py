@@ -250,8 +250,10 @@ def mark_offset(plain: bytes, video: bool) -> int:
     return at
 
 
-class SubscriberStream:
-    """One WHEP session (one subscriber x one publisher): unprotect, find the mark, count."""
+class _Stream:
+    """What both receivers of one subscription (one subscriber x one publisher) keep: the
+    peer and its SRTP, the SSRC -> kind map from the answer, the shared window and latency
+    arrays, and the counters the report reads."""
 
     __slots__ = (
         "_ready",
@@ -259,7 +261,6 @@ class SubscriberStream:
         "got_audio",
         "got_video",
         "kinds",
-        "last_packet_id",
         "peer",
         "publisher",
         "read_lag_max_ns",
@@ -294,7 +295,7 @@ class SubscriberStream:
         self.window = window
         self.unprotect: Callable[[bytes], bytes | None] = peer.srtp.unprotect_rtp
         # The SFU picks the SSRCs a subscriber sees; the answer's a=ssrc lines say which is which.
-        self.kinds = {ssrc: kind for ssrc, kind in peer.answer.ssrc_kinds.items()}
+        self.kinds = dict(peer.answer.ssrc_kinds)
         self.video_latency = video_latency
         self.audio_latency = audio_latency
         self.received_total = 0
@@ -302,7 +303,6 @@ class SubscriberStream:
         self.win_audio = 0
         self.got_video = False
         self.got_audio = False
-        self.last_packet_id = -1
         self.reordered = 0
         self.rtcp = 0
         self.srtp_failures = 0
@@ -320,6 +320,24 @@ class SubscriberStream:
     def reset_window(self) -> None:
         self.win_video = self.win_audio = 0
         self.read_lag_sum_ns = self.read_lag_max_ns = 0
+
+
+class SubscriberStream(_Stream):
+    """One WHEP session (one subscriber x one publisher): unprotect, find the mark, count."""
+
+    __slots__ = ("last_packet_id",)
+
+    def __init__(
+        self,
+        subscriber: int,
+        publisher: int,
+        peer: Peer,
+        window: Window,
+        video_latency: array[int],
+        audio_latency: array[int],
+    ) -> None:
+        super().__init__(subscriber, publisher, peer, window, video_latency, audio_latency)
+        self.last_packet_id = -1
 
     def on_srtp(self, data: bytes, arrived: int) -> None:
         """`arrived` is the kernel's receive time: our own processing is not SFU latency."""
@@ -361,7 +379,7 @@ class SubscriberStream:
                 self._ready.set_result(None)
 
 
-class CountingStream:
+class CountingStream(_Stream):
     """One subscription counted off the wire, for rates where decrypting every packet would
     make the generator the bottleneck.
 
@@ -374,33 +392,7 @@ class CountingStream:
     decrypted for its mark: latency samples, and a check that the payload arrived intact.
     """
 
-    __slots__ = (
-        "_ready",
-        "audio_latency",
-        "countdown",
-        "got_audio",
-        "got_video",
-        "kinds",
-        "peer",
-        "publisher",
-        "read_lag_max_ns",
-        "read_lag_sum_ns",
-        "received_total",
-        "reordered",
-        "rtcp",
-        "rtx",
-        "sample_every",
-        "samples",
-        "srtp_failures",
-        "subscriber",
-        "tracks",
-        "unknown",
-        "unprotect",
-        "video_latency",
-        "win_audio",
-        "win_video",
-        "window",
-    )
+    __slots__ = ("countdown", "rtx", "sample_every", "samples", "tracks")
 
     def __init__(
         self,
@@ -412,42 +404,19 @@ class CountingStream:
         audio_latency: array[int],
         sample_every: int,
     ) -> None:
-        assert peer.srtp is not None
-        assert peer.answer is not None
-        self.subscriber = subscriber
-        self.publisher = publisher
-        self.peer = peer
-        self.window = window
-        self.unprotect: Callable[[bytes], bytes | None] = peer.srtp.unprotect_rtp
-        self.kinds = dict(peer.answer.ssrc_kinds)
-        self.video_latency = video_latency
-        self.audio_latency = audio_latency
+        super().__init__(subscriber, publisher, peer, window, video_latency, audio_latency)
         self.sample_every = max(1, sample_every)
         self.countdown = self.sample_every
         # ssrc -> [last seq, its extended value, window's lowest and highest extended seq,
         # packets in the window, 1 for video]
         self.tracks: dict[int, list[int]] = {}
-        self.received_total = 0
-        self.win_video = 0
-        self.win_audio = 0
         self.samples = 0
-        self.got_video = False
-        self.got_audio = False
-        self.reordered = 0
-        self.rtcp = 0
         self.rtx = 0
-        self.srtp_failures = 0
-        self.unknown = 0
-        self.read_lag_sum_ns = 0  # over the decrypted samples only
-        self.read_lag_max_ns = 0
-        self._ready = asyncio.get_running_loop().create_future()
-
-    async def started(self) -> None:
-        await self._ready
+        # Here read_lag_sum_ns / read_lag_max_ns cover the decrypted samples only.
 
     def reset_window(self) -> None:
-        self.win_video = self.win_audio = self.samples = 0
-        self.read_lag_sum_ns = self.read_lag_max_ns = 0
+        super().reset_window()
+        self.samples = 0
         for track in self.tracks.values():
             track[2] = track[3] = -1
             track[4] = 0

@@ -284,6 +284,17 @@ class Peer:
         self.send_errors = 0
         self.closed = False
 
+    def offer(self, *, send: bool, ssrcs: Ssrcs | None, port: int | None = None) -> str:
+        """`build_offer` with this peer's ICE credentials and DTLS fingerprint."""
+        return build_offer(
+            send=send,
+            ufrag=self.local_ufrag,
+            pwd=self.local_pwd,
+            fingerprint=self.fingerprint,
+            ssrcs=ssrcs,
+            port=port,
+        )
+
     # -- socket --------------------------------------------------------------------------------
 
     def send(self, data: bytes) -> None:
