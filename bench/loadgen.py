@@ -92,7 +92,7 @@ from bench.loadgen_peer import (  # noqa: E402
     client_context,
     parse_answer,
 )
-from bench.sfu_process import wait_ready_blocking  # noqa: E402
+from bench.sfu_process import merge, wait_ready_blocking  # noqa: E402
 from sfu.media.dtls import DtlsCertificate  # noqa: E402
 
 ROOM = "bench"
@@ -445,16 +445,6 @@ _BENCH_LIMITS = {
     "session_rate_per_ip": 100000.0,
     "session_burst_per_ip": 100000,
 }
-
-
-def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """`extra` merged into `base` (nested dicts key by key), in place."""
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            merge(base[key], value)
-        else:
-            base[key] = value
-    return base
 
 
 def parse_settings(items: list[str]) -> dict[str, Any]:

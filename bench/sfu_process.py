@@ -56,10 +56,11 @@ def wait_ready_blocking(
     raise error(f"the SFU was not ready after {timeout:g} s:\n{log_tail()}")
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`extra` merged into `base` (nested dicts key by key), in place."""
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
+            merge(base[key], value)
         else:
             base[key] = value
     return base
@@ -78,7 +79,7 @@ class SfuProcess:
         self.config_path = workdir / "sfu.yaml"
         self.log_path = workdir / "sfu.log"
         self.ready_timeout = ready_timeout
-        self.settings: dict[str, Any] = _merge(
+        self.settings: dict[str, Any] = merge(
             {
                 "dev_mode": True,
                 "drain_timeout": "2s",
