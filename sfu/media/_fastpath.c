@@ -1030,6 +1030,13 @@ static int handle(Core *self, int i, double now, PyObject *events)
                     peer->cached_route = (PyObject *)route;
                 }
             }
+            /* One packet in LATENCY_SAMPLE_EVERY that the core forwards is timed from
+             * here (before unprotect) to the sendmmsg carrying its copies. */
+            double started = 0.0;
+            if (route != NULL && !route->attention && --self->latency_countdown <= 0) {
+                self->latency_countdown = LATENCY_SAMPLE_EVERY;
+                started = monotonic_now();
+            }
             uint8_t *plain = self->plain;
             memcpy(plain, d, (size_t)len);
             int size = len;
@@ -1039,11 +1046,6 @@ static int handle(Core *self, int i, double now, PyObject *events)
                 rtp_header h;
                 PyObject *attention = NULL;
                 if (route != NULL && !route->attention && parse_rtp(plain, size, &h)) {
-                    double started = 0.0;
-                    if (--self->latency_countdown <= 0) {
-                        self->latency_countdown = LATENCY_SAMPLE_EVERY;
-                        started = monotonic_now();
-                    }
                     /* Route is borrowed from peer->routes; keep it alive across the loop. */
                     Py_INCREF(route);
                     int rc = fan_out(self, route, plain, size, &h, now, &attention);
