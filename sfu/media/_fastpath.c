@@ -1295,11 +1295,6 @@ static PyObject *Core_inject_payload_fault(Core *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-static PyObject *Core_get_pending(Core *self, void *c)
-{
-    return PyLong_FromLong(self->rcount - self->rpos);
-}
-
 static PyObject *Core_get_drained(Core *self, void *c)
 {
     /* Nothing left in hand, and the last read did not fill a batch: the socket was most
@@ -1308,7 +1303,6 @@ static PyObject *Core_get_drained(Core *self, void *c)
 }
 
 static PyGetSetDef Core_getset[] = {
-    {"pending", (getter)Core_get_pending, NULL, "datagrams read but not handled yet", NULL},
     {"drained", (getter)Core_get_drained, NULL,
      "no datagram in hand and the last recvmmsg returned less than a full batch", NULL},
     {NULL}};
@@ -1389,7 +1383,5 @@ PyMODINIT_FUNC PyInit__fastpath(void)
             return NULL;
         }
     }
-    PyModule_AddIntConstant(m, "MAX_PROTECT_SIZE", MAX_PROTECT_SIZE);
-    PyModule_AddIntConstant(m, "RECV_BATCH", RECV_BATCH);
     return m;
 }

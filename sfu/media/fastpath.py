@@ -70,8 +70,6 @@ def context_address(session: Any) -> int:
 class NativeRouter(Router):
     """The same contract as `Router`, with records and the loop in the extension."""
 
-    native = True
-
     def __init__(self, stats: MediaStats, integrity_sample_every: int, module: ModuleType):
         super().__init__(stats, integrity_sample_every)
         self.module = module

@@ -129,8 +129,6 @@ Attention = list[Copy]
 class Router:
     """Owns fan-out for one media engine: the reference implementation in Python."""
 
-    native = False
-
     def __init__(self, stats: MediaStats, integrity_sample_every: int = 0) -> None:
         self.stats = stats
         self._counts = stats.by_kind
