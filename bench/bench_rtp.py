@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sfu.media import rtcp, rtp
+from sfu.media import codecs, rtcp, rtp
 
 ROUNDS = 5
 
@@ -73,7 +73,7 @@ def main() -> None:
         ("find_extension (3rd element)", lambda: rtp.find_extension(data, hdr, 3)),
         ("find_extension (absent)", lambda: rtp.find_extension(data, hdr, 9)),
         ("read_dependency_descriptor", lambda: rtp.read_dependency_descriptor(data, hdr, 8)),
-        ("parse_vp8", lambda: rtp.parse_vp8(data, hdr.header_len, hdr.payload_end)),
+        ("parse_vp8", lambda: codecs.parse_vp8(data, hdr.header_len, hdr.payload_end)),
         ("build_rtx", lambda: rtp.build_rtx(data, hdr, 0x55, 7, 97)),
         ("parse_rtcp (NACK, 3 pairs)", lambda: rtcp.parse_rtcp(nack)),
         ("parse_rtcp (RR + NACK + PLI)", lambda: rtcp.parse_rtcp(compound)),

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from collections import deque
 
-from sfu.media.rtp import RtpHeader, parse_vp8
+from sfu.media.codecs import FRAME_START, clear_prefix_len, frame_offset
+from sfu.media.rtp import RtpHeader
 
 # Largest forward step of one KID's counter between two frames of one track that still
 # counts as consistent. The counter is shared by all of a sender's tracks (audio at 50 fps
@@ -34,13 +35,9 @@ ESTABLISH_RUN = 16
 # Frames in a row that may fail to continue an established chain (one reordered or damaged
 # frame) before the chain is forgotten.
 MAX_MISSES = 1
-# The frame format's sizes (docs/e2ee.md sections 2 and 3), defined again here because the
-# server never imports the client; tests/client/sframe_vectors.json ("limits") pins both
-# clients and this module to the same values.
+# The frame format's tag size (docs/e2ee.md section 2); the clear prefixes are codec
+# knowledge (codecs.py).
 AEAD_TAG = 16
-VP8_KEYFRAME_CLEAR_PREFIX_LEN = 10
-VP8_DELTA_CLEAR_PREFIX_LEN = 3
-OPUS_CLEAR_PREFIX_LEN = 0
 WINDOW = 50
 MIN_FRAMES = 20
 ENCRYPTED_RATIO = 0.9
@@ -132,22 +129,17 @@ class EnvelopeJudge:
         self._cand_ctr = -1
         self._cand_len = 0
 
-    def on_packet(self, data: bytes, hdr: RtpHeader) -> None:
-        """Look at a packet; only the first one of each frame (new timestamp) is judged."""
+    def on_packet(self, data: bytes, hdr: RtpHeader, flags: int) -> None:
+        """Look at a packet (with its codecs.py flags); only the first one of each frame
+        (new timestamp) is judged."""
         if hdr.timestamp == self._last_ts:
             return
-        if self.codec == "vp8":
-            desc = parse_vp8(data, hdr.header_len, hdr.payload_end)
-            if desc is None or not desc.start_of_partition or desc.partition_id != 0:
-                return  # not the frame's first packet (that one was lost or reordered)
-            start = desc.header_offset
-            prefix = (
-                VP8_DELTA_CLEAR_PREFIX_LEN if data[start] & 0x01 else VP8_KEYFRAME_CLEAR_PREFIX_LEN
-            )
-        elif self.codec == "opus":
-            start, prefix = hdr.header_len, OPUS_CLEAR_PREFIX_LEN
-        else:
+        prefix = clear_prefix_len(self.codec, flags)
+        if prefix is None:
             return  # docs/e2ee.md defines no clear prefix for this codec
+        if not flags & FRAME_START:
+            return  # not the frame's first packet (that one was lost or reordered)
+        start = frame_offset(flags)
         self._last_ts = hdr.timestamp
         end = hdr.payload_end
         if start == end:

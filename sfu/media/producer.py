@@ -15,10 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from sfu.media.codecs import KEYFRAME, inspector
 from sfu.media.envelope import STATE_PLAINTEXT, EnvelopeJudge
 from sfu.media.nackgen import NackGenerator
 from sfu.media.router import Attention, Router
-from sfu.media.rtp import RtpHeader, parse_header, parse_vp8, read_audio_level, rtx_to_original
+from sfu.media.rtp import RtpHeader, parse_header, read_audio_level, rtx_to_original
 from sfu.media.stats import MediaStats
 
 EXT_AUDIO_LEVEL = "urn:ietf:params:rtp-hdrext:ssrc-audio-level"
@@ -56,56 +57,11 @@ class TrackCodec:
         return self.name.lower()
 
 
-def _keyframe_detector(codec: str) -> Callable[[bytes, RtpHeader], bool] | None:
-    """How to tell that a packet starts a keyframe, from bytes outside the encrypted frame."""
-    if codec == "vp8":
-        return _vp8_keyframe
-    if codec == "vp9":
-        return _vp9_keyframe
-    if codec == "h264":
-        return _h264_keyframe
-    if codec == "av1":
-        return _av1_keyframe
-    return None
-
-
-def _vp8_keyframe(data: bytes, hdr: RtpHeader) -> bool:
-    desc = parse_vp8(data, hdr.header_len, hdr.payload_end)
-    return desc is not None and desc.keyframe
-
-
-def _vp9_keyframe(data: bytes, hdr: RtpHeader) -> bool:
-    # RFC 9628 §4.2: B (start of frame) set and P (inter-picture predicted) clear.
-    if hdr.payload_len < 1:
-        return False
-    b = data[hdr.header_len]
-    return bool(b & 0x08) and not b & 0x40
-
-
-def _h264_keyframe(data: bytes, hdr: RtpHeader) -> bool:
-    # RFC 6184 §5.4: IDR (5) or SPS (7), directly, first in a STAP-A, or starting a FU-A.
-    pos, end = hdr.header_len, hdr.payload_end
-    if end - pos < 2:
-        return False
-    nal = data[pos] & 0x1F
-    if nal == 24 and end - pos >= 4:
-        nal = data[pos + 3] & 0x1F
-    elif nal == 28:
-        fu = data[pos + 1]
-        return bool(fu & 0x80) and (fu & 0x1F) in (5, 7)
-    return nal in (5, 7)
-
-
-def _av1_keyframe(data: bytes, hdr: RtpHeader) -> bool:
-    # AV1 RTP spec §4.4: the aggregation header's N bit starts a new coded video sequence.
-    return hdr.payload_len >= 1 and bool(data[hdr.header_len] & 0x08)
-
-
 class Producer:
     """Inbound track of one publisher transport. Everything here runs per packet."""
 
     __slots__ = (
-        "_detect_keyframe",
+        "_inspect",
         "_keyframe_totals",
         "_last_keyframe_request",
         "_level_count",
@@ -114,6 +70,7 @@ class Producer:
         "_ring",
         "_ring_at",
         "_ring_size",
+        "_video",
         "bytes_received",
         "clock",
         "closed",
@@ -177,7 +134,9 @@ class Producer:
         self._ring: list[bytes | None] = [None] * size
         # When each stored packet arrived: a NACK for a packet past any use is not served.
         self._ring_at = [0.0] * size
-        self._detect_keyframe = _keyframe_detector(codec.key) if kind == "video" else None
+        # Codec knowledge, parsed once per packet (codecs.py).
+        self._inspect = inspector(codec.key, kind)
+        self._video = kind == "video"
         # Gaps in what the publisher sends, asked for again by the SFU itself (nackgen.py).
         self.losses = NackGenerator()
         self._last_keyframe_request = -1e9
@@ -236,18 +195,19 @@ class Producer:
         slot = hdr.seq % self._ring_size
         self._ring[slot] = data
         self._ring_at[slot] = now
-        self.envelope.on_packet(data, hdr)
+        flags = self._inspect(data, hdr)
+        self.envelope.on_packet(data, hdr, flags)
         if self._level_id:
             level = read_audio_level(data, hdr, self._level_id)
             if level is not None:
                 self._level_sum += 127 - level[1]
                 self._level_count += 1
-        keyframe = self._detect_keyframe is None or self._detect_keyframe(data, hdr)
+        keyframe = flags & KEYFRAME != 0
         if not forwarded:
             attention = self.router.fan_out(self.route, data, hdr, now)
         if attention:
             self.attend(attention, data, hdr, now)
-        if keyframe and self._detect_keyframe is not None:
+        if keyframe and self._video:
             self.keyframes_seen += 1
             for downtrack in self.downtracks:
                 if downtrack.active:

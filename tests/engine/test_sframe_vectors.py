@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sfu.media import envelope
+from sfu.media import codecs, envelope
 from sfu.media.envelope import parse_sframe_header
 
 VECTORS: dict[str, Any] = json.loads(
@@ -37,8 +37,8 @@ def test_every_rfc_9605_header_vector_parses_to_its_kid_and_ctr() -> None:
 
 
 def test_the_server_uses_the_sizes_both_clients_use() -> None:
-    assert LIMITS["vp8_keyframe_clear_prefix_len"] == envelope.VP8_KEYFRAME_CLEAR_PREFIX_LEN
-    assert LIMITS["vp8_delta_clear_prefix_len"] == envelope.VP8_DELTA_CLEAR_PREFIX_LEN
-    assert LIMITS["opus_clear_prefix_len"] == envelope.OPUS_CLEAR_PREFIX_LEN
+    assert LIMITS["vp8_keyframe_clear_prefix_len"] == codecs.VP8_KEYFRAME_CLEAR_PREFIX_LEN
+    assert LIMITS["vp8_delta_clear_prefix_len"] == codecs.VP8_DELTA_CLEAR_PREFIX_LEN
+    assert LIMITS["opus_clear_prefix_len"] == codecs.OPUS_CLEAR_PREFIX_LEN
     assert LIMITS["aead_tag_len"] == envelope.AEAD_TAG
     assert max(len(encoded) for _, _, encoded in HEADERS) == LIMITS["max_header_len"]

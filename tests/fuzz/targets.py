@@ -25,15 +25,9 @@ from sfu.config import DEV_API_KEY, DEV_API_SECRET, Config
 from sfu.control import auth, negotiation, sdp
 from sfu.control.rooms import messages
 from sfu.control.rooms.errors import ProtocolError
-from sfu.media import dtls, rtcp, rtp, stun, twcc
+from sfu.media import codecs, dtls, rtcp, rtp, stun, twcc
 from sfu.media.envelope import STATES, EnvelopeJudge, parse_sframe_header
-from sfu.media.producer import (
-    TrackCodec,
-    _av1_keyframe,
-    _h264_keyframe,
-    _vp8_keyframe,
-    _vp9_keyframe,
-)
+from sfu.media.producer import TrackCodec
 from sfu.names import display_name_problem, identity_problem, room_name_problem
 from tests.fuzz import generators
 from tests.fuzz.mutation import Chooser, between, mutate
@@ -164,13 +158,22 @@ def _check_readers(data: bytes, hdr: rtp.RtpHeader) -> list[tuple[int, bytes]]:
         mid = rtp.read_sdes_extension(data, hdr, ext_id)
         assert mid is None or (mid.isascii() and 0 < len(mid) <= 255)
         rtp.read_dependency_descriptor(data, hdr, ext_id)
-    vp8 = rtp.parse_vp8(data, hdr.header_len, hdr.payload_end)
+    vp8 = codecs.parse_vp8(data, hdr.header_len, hdr.payload_end)
     if vp8 is not None:
         assert hdr.header_len < vp8.header_offset < hdr.payload_end
         for offset in (vp8.picture_id_offset, vp8.tl0picidx_offset, vp8.tid_offset):
             assert offset == -1 or hdr.header_len < offset < vp8.header_offset
-    for detect in (_vp8_keyframe, _vp9_keyframe, _h264_keyframe, _av1_keyframe):
-        assert isinstance(detect(data, hdr), bool)
+    # The allocation-free inspector must read the descriptor exactly as the full parser.
+    flags = codecs.inspector("vp8", "video")(data, hdr)
+    assert bool(flags & codecs.KEYFRAME) == (vp8 is not None and vp8.keyframe)
+    if vp8 is not None and vp8.start_of_partition and vp8.partition_id == 0:
+        assert codecs.frame_offset(flags) == vp8.header_offset
+    if vp8 is not None and vp8.tid >= 0:
+        assert codecs.tid(flags) == vp8.tid
+    for name in ("vp9", "h264", "av1", "opus"):
+        flags = codecs.inspector(name, "audio" if name == "opus" else "video")(data, hdr)
+        if flags & codecs.FRAME_START:
+            assert hdr.header_len <= codecs.frame_offset(flags) <= hdr.payload_end
     return [(i, bytes(data[o : o + n])) for i, o, n in located]
 
 
@@ -535,7 +538,8 @@ def run_envelope(data: bytes, out: Outcome) -> bool:
         if hdr is None:
             continue
         packets += 1
-        judge.on_packet(packet, hdr)
+        kind = "audio" if judge.codec == "opus" else "video"
+        judge.on_packet(packet, hdr, codecs.inspector(judge.codec, kind)(packet, hdr))
         for at in range(hdr.header_len, min(hdr.payload_end, hdr.header_len + 16) + 1):
             _same_as_client(packet, at, hdr.payload_end)
     assert judge.frames_judged <= packets

@@ -24,6 +24,7 @@ from aiortc.codecs.vpx import Vp8Encoder
 from av import AudioFrame, CodecContext, VideoFrame
 
 from sfu.client.sframe import Sender, compose_kid, vp8_clear_prefix_len
+from sfu.media import codecs
 from sfu.media.envelope import (
     ESTABLISH_RUN,
     STATE_ENCRYPTED,
@@ -31,10 +32,16 @@ from sfu.media.envelope import (
     EnvelopeJudge,
     parse_sframe_header,
 )
-from sfu.media.rtp import parse_header
+from sfu.media.rtp import RtpHeader, parse_header
 
 CORPUS_FRAMES = 1000
 WIDTH, HEIGHT = 240, 176
+
+
+def look(judge: EnvelopeJudge, packet: bytes | bytearray, hdr: RtpHeader) -> None:
+    """Hand the judge a packet with its flags, as a producer does (codecs.py, once)."""
+    kind = "audio" if judge.codec == "opus" else "video"
+    judge.on_packet(packet, hdr, codecs.inspector(judge.codec, kind)(packet, hdr))  # type: ignore[arg-type]
 
 
 def rtp(seq: int, ts: int, payload: bytes, pt: int = 96) -> tuple[bytes, object]:
@@ -190,7 +197,7 @@ def judge(codec: str, frames: list[bytes] | tuple[bytes, ...]) -> EnvelopeJudge:
             payloads, ts = [frame], i * 960
         for payload in payloads:
             packet, hdr = rtp(seq, ts, payload)
-            result.on_packet(packet, hdr)  # type: ignore[arg-type]
+            look(result, packet, hdr)
             seq += 1
     return result
 
@@ -252,10 +259,10 @@ def vp8_frame(rng: random.Random, key: bool) -> bytes:
 def feed_vp8(judge: EnvelopeJudge, frames: list[bytes]) -> None:
     for i, frame in enumerate(frames):
         packet, hdr = rtp(i, i * 3000, bytes([0x10]) + frame)  # descriptor: S=1, PID=0
-        judge.on_packet(packet, hdr)  # type: ignore[arg-type]
+        look(judge, packet, hdr)
         # A second packet of the same frame is never judged again.
         packet, hdr = rtp(i + 10000, i * 3000, bytes([0x00]) + frame[:50])
-        judge.on_packet(packet, hdr)  # type: ignore[arg-type]
+        look(judge, packet, hdr)
 
 
 def test_parser_matches_the_client_header_encoder() -> None:
@@ -332,9 +339,9 @@ def test_opus_frames_with_and_without_envelope() -> None:
     for i in range(60):
         opus = bytes([0x78]) + os.urandom(80)
         packet, hdr = rtp(i, i * 960, sender.protect(opus, 0), pt=111)
-        encrypted.on_packet(packet, hdr)  # type: ignore[arg-type]
+        look(encrypted, packet, hdr)
         packet, hdr = rtp(i, i * 960, opus, pt=111)
-        plain.on_packet(packet, hdr)  # type: ignore[arg-type]
+        look(plain, packet, hdr)
     assert encrypted.state == STATE_ENCRYPTED
     assert plain.state == STATE_PLAINTEXT
     assert plain.frames_sframe == 0

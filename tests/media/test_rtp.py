@@ -10,7 +10,7 @@ import pytest
 from aiortc import rtp as artp
 from aiortc.rtcrtpparameters import RTCRtpHeaderExtensionParameters, RTCRtpParameters
 
-from sfu.media import rtp
+from sfu.media import codecs, rtp
 from sfu.media.rtp import RtpHeader
 
 URI_MID = "urn:ietf:params:rtp-hdrext:sdes:mid"
@@ -464,73 +464,6 @@ def test_dependency_descriptor_mandatory_fields() -> None:
 # --- VP8 payload descriptor (RFC 7741) ----------------------------------------------------
 
 
-def vp8_packet(descriptor: bytes, frame: bytes) -> tuple[bytes, RtpHeader]:
-    data = struct.pack("!BBHII", 0x80, 96, 1, 2, 3) + descriptor + frame
-    return data, parsed(data)
-
-
-KEYFRAME_START = bytes([0x50, 0x2A, 0x00, 0x9D, 0x01, 0x2A])  # P bit 0, then the start code
-DELTA_START = bytes([0x51, 0x2A, 0x00])
-
-
-def test_vp8_minimal_descriptor() -> None:
-    data, hdr = vp8_packet(b"\x10", KEYFRAME_START)
-    d = rtp.parse_vp8(data, hdr.header_len, hdr.payload_end)
-    assert d is not None
-    assert d.keyframe
-    assert d.start_of_partition
-    assert d.partition_id == 0
-    assert d.header_offset == 13
-    assert d.picture_id == -1
-    assert d.tid == -1
-    assert d.tl0picidx == -1
-    data, hdr = vp8_packet(b"\x10", DELTA_START)
-    d = rtp.parse_vp8(data, hdr.header_len, hdr.payload_end)
-    assert d is not None
-    assert not d.keyframe
-    # Not the start of partition 0: the byte after the descriptor is mid-frame data.
-    for first in (0x00, 0x11, 0x20):
-        data, hdr = vp8_packet(bytes([first]), KEYFRAME_START)
-        d = rtp.parse_vp8(data, hdr.header_len, hdr.payload_end)
-        assert d is not None
-        assert not d.keyframe
-    assert "keyframe=False" in repr(d)
-
-
-def test_vp8_full_descriptor_offsets() -> None:
-    # X, N, S; I with a 15-bit PictureID, L, T with Y, K.
-    desc = bytes([0xB0, 0xF0, 0x80 | 0x12, 0x34, 0x77, (2 << 6) | 0x20 | 0x0B])
-    data, hdr = vp8_packet(desc, KEYFRAME_START)
-    d = rtp.parse_vp8(data, hdr.header_len, hdr.payload_end)
-    assert d is not None
-    assert (d.picture_id, d.picture_id_bits, d.picture_id_offset) == (0x1234, 15, 14)
-    assert (d.tl0picidx, d.tl0picidx_offset) == (0x77, 16)
-    assert (d.tid, d.layer_sync, d.keyidx, d.tid_offset) == (2, True, 11, 17)
-    assert d.non_reference
-    assert d.header_offset == 18
-    assert d.keyframe
-
-
-def test_vp8_seven_bit_picture_id_and_k_without_t() -> None:
-    desc = bytes([0x90, 0x90, 0x55, 0x1F])  # X, S; I (7-bit), K only
-    data, hdr = vp8_packet(desc, DELTA_START)
-    d = rtp.parse_vp8(data, hdr.header_len, hdr.payload_end)
-    assert d is not None
-    assert (d.picture_id, d.picture_id_bits, d.tid, d.keyidx) == (0x55, 7, -1, 31)
-    assert d.header_offset == 16
-    assert not d.keyframe
-
-
-@pytest.mark.parametrize(
-    "desc",
-    [b"", b"\x90", b"\x90\x80", b"\x90\x80\x80\x01", b"\x90\x40", b"\x90\x20", b"\x90\x80\x80"],
-)
-def test_vp8_truncated_descriptors(desc: bytes) -> None:
-    data, hdr = vp8_packet(desc, b"")
-    assert rtp.parse_vp8(data, hdr.header_len, hdr.payload_end) is None
-    assert rtp.parse_vp8(data, 5, len(data) + 1) is None
-
-
 # --- RTX (RFC 4588) -------------------------------------------------------------------------
 
 
@@ -645,7 +578,7 @@ def exercise(data: bytes) -> None:
             assert out is not None
             assert rebuilt[out.header_len :] == data[hdr.header_len :]
     rtp.rewrite_header(buf, 1, 2, 3, 4)
-    rtp.parse_vp8(data, hdr.header_len, hdr.payload_end)
+    codecs.parse_vp8(data, hdr.header_len, hdr.payload_end)
     if rtp.unwrap_rtx(data, hdr) is not None:
         assert rtp.rtx_to_original(data, hdr, 5, 96) is not None
     rtx = rtp.build_rtx(data, hdr, 1, 2, 97)
