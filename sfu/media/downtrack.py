@@ -25,6 +25,7 @@ from sfu.media.rtp import (
     remap_extension_ids,
     rewrite_header,
 )
+from sfu.media.seqmap import SeqMap
 from sfu.media.stats import MediaStats
 
 if TYPE_CHECKING:
@@ -140,6 +141,7 @@ class DownTrack:
         "rtx_payload_type",
         "rtx_sent",
         "rtx_ssrc",
+        "seqmap",
         "sink",
         "started",
         "stats",
@@ -186,6 +188,8 @@ class DownTrack:
             last_ts=secrets.randbelow(1 << 31),
         )
         self.copy.owner = self
+        # Which source stream each stretch of our numbering came from (for NACKs).
+        self.seqmap: SeqMap[Producer] = SeqMap()
         self._rtx_seq = secrets.randbelow(1 << 15)
         self.nacks_received = 0
         self.nacks_served = 0
@@ -324,10 +328,11 @@ class DownTrack:
         if self.join is not None and not self.started and copy.packets == 0:
             self.join.first_frame(self.kind, self.stats)
         self.started = True
-        copy.seq_offset = (copy.last_seq + 1 - hdr.seq) & 0xFFFF
         elapsed = 0.0 if copy.last_at == 0.0 else self.clock() - copy.last_at
-        gap = max(1, int(elapsed * self.producer.codec.clock_rate))
-        copy.ts_offset = (copy.last_ts + gap - hdr.timestamp) & 0xFFFFFFFF
+        gap = int(elapsed * self.producer.codec.clock_rate)
+        copy.seq_offset, copy.ts_offset = self.seqmap.begin(
+            self.producer, hdr.ssrc, hdr.seq, hdr.timestamp, copy.last_seq, copy.last_ts, gap
+        )
 
     def _activate(self) -> None:
         """Started and sendable: from now on the router's loop sends this copy."""
@@ -372,7 +377,6 @@ class DownTrack:
         missing: list[int] = []
         if not self.started or self.closed or not self.sink.ready:
             return missing
-        producer = self.producer
         now = self.clock()
         sent = self.octets_sent
         # Resends help a subscriber that loses a little; one that loses much is congested,
@@ -388,16 +392,25 @@ class DownTrack:
         resent_at = self._resent_at
         guard = max(self.rtt, MIN_RTT)
         suppressed = self.stats.nacks_suppressed
+        seqmap = self.seqmap
+        current = seqmap.current
         for out_seq in seqs:
             slot = out_seq % RESENT_SLOTS
             if resent_seq[slot] == out_seq and now - resent_at[slot] < guard:
                 suppressed[0] += 1  # the first resend may still be on its way
                 continue
-            in_seq = (out_seq - self._seq_offset) & 0xFFFF
-            data = producer.get(in_seq)
-            if data is None:
+            segment = seqmap.lookup(out_seq)
+            if segment is None:
                 self.nack_misses += 1
-                missing.append(in_seq)
+                continue
+            producer = segment.source
+            in_seq = (out_seq - segment.seq_offset) & 0xFFFF
+            data = producer.get(in_seq)
+            if data is None or int.from_bytes(data[8:12]) != segment.ssrc:
+                # Gone from the ring, or a packet of a later stream that reuses the number.
+                self.nack_misses += 1
+                if segment is current:
+                    missing.append(in_seq)  # the publisher may still have it
                 continue
             if now - producer.arrived_at(in_seq) > NACK_MAX_AGE:
                 suppressed[1] += 1
@@ -408,7 +421,7 @@ class DownTrack:
             hdr = parse_header(data)
             if hdr is None:
                 continue
-            ts = (hdr.timestamp + self._ts_offset) & 0xFFFFFFFF
+            ts = (hdr.timestamp + segment.ts_offset) & 0xFFFFFFFF
             packet = self._rewrite(data, hdr, out_seq, ts)
             if packet is None:
                 continue
