@@ -52,6 +52,7 @@ class Server:
                 e2ee_grace_period=config.e2ee.grace_period,
                 integrity_sample_every=config.metrics.integrity_sample_every,
                 fastpath=rtc.fastpath,
+                keyframe_cache=rtc.keyframe_cache,
             ),
             _dtls_certificate(config),
         )

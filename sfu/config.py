@@ -249,6 +249,12 @@ class RtcConfig(_Section):
         description="Per subscriber and track: after its first keyframe request, at most one "
         "per this (doubling, up to 4x, while it keeps asking right after keyframes reached it).",
     )
+    keyframe_cache: bool = Field(
+        True,
+        description="Keep each video track's packets since its last keyframe (bounded: 600 "
+        "packets, 1 MiB) so that a new subscriber starts at once instead of after a keyframe "
+        "request's round trip.",
+    )
     fastpath: Literal["auto", "off"] = Field(
         "auto",
         description="Forward media with the native fan-out core: 'auto' uses it when it was "

@@ -275,6 +275,13 @@ class MediaCollector(Collector):
             {"": stats.twcc_feedback_sent},
         )
         yield _counter(
+            "sfu_keyframe_cache_hits",
+            "Subscriber video copies started on the track's cached packets since its last "
+            "keyframe (rtc.keyframe_cache) instead of waiting for a new keyframe.",
+            None,
+            {"": stats.keyframe_cache_hits},
+        )
+        yield _counter(
             "sfu_rtx_packets_sent",
             "Retransmissions sent to subscribers on their RTX streams (RFC 4588).",
             None,

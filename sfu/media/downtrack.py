@@ -262,25 +262,51 @@ class DownTrack:
 
     # -- per packet (until started; then the router sends) -----------------------------------
 
-    def forward(self, data: bytes, hdr: RtpHeader, keyframe: bool) -> None:
-        """A packet of the producer while this copy is not in its route."""
+    def forward(
+        self, data: bytes, hdr: RtpHeader, keyframe: bool, source: Producer | None = None
+    ) -> None:
+        """A packet of the producer (`source`) while this copy is not in its route."""
         sink = self.sink
         if self.closed or self._paused or not sink.ready:
             return
         if not self.started:
-            if not keyframe:
+            if keyframe:
+                self._start(hdr)
+            elif self._start_from_cache(data):
+                return
+            else:
                 # Video from mid-GOP would only show as decode errors; wait for a keyframe,
                 # which the producer asks for (throttled) so the wait is short.
                 self.keyframe_waits += 1
                 self.producer.request_keyframe()
                 return
-            self._start(hdr)
         if keyframe:
             self._keyframe_pending = False
         self._activate()
+        self._send(data, hdr)
+
+    def _send(self, data: bytes, hdr: RtpHeader) -> None:
         now = self.producer.last_packet_at
         if not self.producer.router.send_one(self.copy, data, hdr, now, self.kind):
             self.forward_rebuilt(data, hdr, now)
+
+    def _start_from_cache(self, data: bytes) -> bool:
+        """Start on the producer's keyframe cache (its packets since the last keyframe,
+        ending with `data`), without waiting for a keyframe request's round trip."""
+        gop = self.producer.cached_gop()
+        if not gop or gop[-1] is not data:
+            return False
+        first = parse_header(gop[0])
+        if first is None:
+            return False
+        self._start(first)
+        self._activate()
+        self.stats.keyframe_cache_hits += 1
+        for packet in tuple(gop):
+            hdr = parse_header(packet)
+            if hdr is not None:
+                self._send(packet, hdr)
+        return True
 
     def forward_rebuilt(self, data: bytes, hdr: RtpHeader, now: float) -> None:
         """The router could not rewrite this copy's extension ids in place: rebuild it."""

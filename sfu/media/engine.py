@@ -64,6 +64,8 @@ class MediaSettings:
     integrity_sample_every: int = 100
     # "auto": the native fan-out core when it is built, else pure Python; "off": Python.
     fastpath: str = "auto"
+    # Start new video copies on the packets since the last keyframe (no PLI round trip).
+    keyframe_cache: bool = True
 
 
 # How often the native core's counters are folded into `stats` while packets flow (the
@@ -288,6 +290,7 @@ class MediaEngine(asyncio.DatagramProtocol):
             envelope_totals=self._stats.e2ee_frames.setdefault(kind, [0, 0]),
             keyframe_totals=self._stats.keyframe_requests,
             router=self.router,
+            keyframe_cache=self.settings.keyframe_cache,
         )
         transport.producers.append(producer)
         transport.producers_by_mid[mid] = producer

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from sfu.media.codecs import KEYFRAME, inspector
+from sfu.media.codecs import KEYFRAME, inspector, vp8_keyframe_size
 from sfu.media.envelope import STATE_PLAINTEXT, EnvelopeJudge
 from sfu.media.nackgen import NackGenerator
 from sfu.media.router import Attention, Router
@@ -39,6 +39,13 @@ class Upstream(Protocol):
 DEFAULT_VIDEO_BUFFER = 500
 DEFAULT_AUDIO_BUFFER = 200
 DEFAULT_KEYFRAME_INTERVAL = 0.5
+# The keyframe cache (packets since the last keyframe, so that a new subscriber starts at once
+# instead of after a keyframe request's round trip) is dropped rather than grown past this:
+# a GOP that long (about 2 s of 3 Mbit/s video) is better started with a fresh keyframe.
+KEYFRAME_CACHE_PACKETS = 600
+KEYFRAME_CACHE_BYTES = 1 << 20
+# Layer bitrates are measured over windows at least this long (seconds).
+RATE_WINDOW = 0.5
 
 
 @dataclass(frozen=True)
@@ -61,16 +68,22 @@ class Producer:
     """Inbound track of one publisher transport. Everything here runs per packet."""
 
     __slots__ = (
+        "_gop",
+        "_gop_bytes",
+        "_gop_ts",
         "_inspect",
         "_keyframe_totals",
         "_last_keyframe_request",
         "_level_count",
         "_level_id",
         "_level_sum",
+        "_rate_at",
+        "_rate_bytes",
         "_ring",
         "_ring_at",
         "_ring_size",
         "_video",
+        "bitrate",
         "bytes_received",
         "clock",
         "closed",
@@ -80,7 +93,10 @@ class Producer:
         "e2ee_required",
         "envelope",
         "ext_ids",
+        "group",
+        "height",
         "id",
+        "keyframe_cache",
         "keyframe_interval",
         "keyframe_requests_sent",
         "keyframe_requests_throttled",
@@ -91,6 +107,7 @@ class Producer:
         "mid",
         "on_policy_violation",
         "packets_received",
+        "rid",
         "route",
         "router",
         "rtx_packets_received",
@@ -99,6 +116,7 @@ class Producer:
         "ssrc_changes",
         "upstream",
         "waiting",
+        "width",
     )
 
     def __init__(
@@ -118,8 +136,13 @@ class Producer:
         envelope_totals: list[int] | None = None,
         keyframe_totals: list[int] | None = None,
         router: Router | None = None,
+        rid: str | None = None,
+        keyframe_cache: bool = True,
     ) -> None:
         self.id = producer_id
+        # A simulcast layer's RTP stream id (RFC 8852), and the track it is a layer of.
+        self.rid = rid
+        self.group: object = None
         self.kind = kind
         self.mid = mid
         self.codec = codec
@@ -165,6 +188,18 @@ class Producer:
         self.keyframe_requests_sent = 0
         self.keyframe_requests_throttled = 0
         self.ssrc_changes = 0
+        # The picture size of the last keyframe, where the codec's clear bytes say (VP8).
+        self.width = 0
+        self.height = 0
+        # Received bits per second over the last RATE_WINDOW (sample_rate()).
+        self.bitrate = 0.0
+        self._rate_at = self.created_at
+        self._rate_bytes = 0
+        # Video packets since the last keyframe began (empty: no usable GOP).
+        self.keyframe_cache = keyframe_cache and kind == "video"
+        self._gop: list[bytes] = []
+        self._gop_bytes = 0
+        self._gop_ts = -1
 
     def on_rtp(
         self,
@@ -187,6 +222,7 @@ class Producer:
                     downtrack.resync()
                 self.refresh_attention()
                 self._ring = [None] * self._ring_size
+                self._gop = []
                 self.losses.reset()
             self.ssrc = hdr.ssrc
         self.packets_received += 1
@@ -207,20 +243,55 @@ class Producer:
             attention = self.router.fan_out(self.route, data, hdr, now)
         if attention:
             self.attend(attention, data, hdr, now)
+        if self.keyframe_cache:
+            self._cache(data, hdr, flags)
         if keyframe and self._video:
             self.keyframes_seen += 1
+            if self.codec.key == "vp8":
+                size = vp8_keyframe_size(data, hdr, flags)
+                if size is not None:
+                    self.width, self.height = size
             for downtrack in self.downtracks:
                 if downtrack.active:
                     downtrack.keyframe_forwarded()
         if self.waiting:
             for downtrack in tuple(self.waiting):
                 try:
-                    downtrack.forward(data, hdr, keyframe)
+                    downtrack.forward(data, hdr, keyframe, self)
                 except Exception:
                     downtrack.copy_failed()
         lost = self.losses.on_packet(hdr.seq, now)
         if lost is not None:
             self.upstream.send_nack(self, lost)
+
+    def _cache(self, data: bytes, hdr: RtpHeader, flags: int) -> None:
+        gop = self._gop
+        if flags & KEYFRAME and hdr.timestamp != self._gop_ts:
+            self._gop = [data]
+            self._gop_bytes = len(data)
+            self._gop_ts = hdr.timestamp
+        elif gop:
+            if len(gop) >= KEYFRAME_CACHE_PACKETS or self._gop_bytes > KEYFRAME_CACHE_BYTES:
+                gop.clear()  # too long a GOP: a new subscriber asks for a fresh keyframe
+                self._gop_bytes = 0
+            else:
+                gop.append(data)
+                self._gop_bytes += len(data)
+
+    def cached_gop(self) -> list[bytes]:
+        """The packets since the last keyframe began (oldest first), empty when there is no
+        complete run: a new copy can start on them without waiting for a keyframe."""
+        return self._gop
+
+    def sample_rate(self, now: float) -> float:
+        """The received bitrate, re-measured when RATE_WINDOW has passed (called by the
+        layer allocator's timer, never per packet)."""
+        elapsed = now - self._rate_at
+        if elapsed >= RATE_WINDOW:
+            self.bitrate = (self.bytes_received - self._rate_bytes) * 8 / elapsed
+            self._rate_at = now
+            self._rate_bytes = self.bytes_received
+        return self.bitrate
 
     def attend(self, attention: Attention, data: bytes, hdr: RtpHeader, now: float) -> None:
         """Copies the router's loop left to us: rebuild their extension block (the other
@@ -341,3 +412,4 @@ class Producer:
         self._ring = [None]
         self._ring_at = [0.0]
         self._ring_size = 1
+        self._gop = []

@@ -54,6 +54,7 @@ class MediaStats:
         "forward_latency",
         "integrity",
         "join_latency",
+        "keyframe_cache_hits",
         "keyframe_requests",
         "nacks_missed",
         "nacks_received",
@@ -79,6 +80,8 @@ class MediaStats:
         # Keyframe requests (PLI), summed over all tracks: [sent to publishers, throttled by
         # the per-track interval, suppressed by a subscriber's own budget].
         self.keyframe_requests = [0, 0, 0]
+        # Copies started on a producer's keyframe cache instead of waiting for a keyframe.
+        self.keyframe_cache_hits = 0
         self.rtx_sent = [0]
         # Sampled: receive to last send of one packet, in seconds.
         self.forward_latency = LatencyHistogram(FORWARD_BUCKETS)

@@ -44,9 +44,8 @@ def test_every_ready_subscriber_gets_each_packet_rewritten_with_the_payload_unto
     assert harness.engine.demux.errors == 0
 
 
-def test_nothing_reaches_subscribers_that_are_not_ready_paused_or_closed(
-    harness: EngineHarness,
-) -> None:
+def test_nothing_reaches_subscribers_that_are_not_ready_paused_or_closed() -> None:
+    harness = EngineHarness(keyframe_cache=False)  # resumed copies wait for a keyframe
     publisher, producer = harness.publisher()
     ready, _ = harness.subscriber(producer)
     unchecked, _ = harness.subscriber(producer, connect=False)  # no ICE, no keys
@@ -101,9 +100,8 @@ def test_srtp_counts_only_from_an_address_that_passed_a_check_and_with_its_keys(
     assert producer.packets_received == 1
 
 
-def test_video_waits_for_a_keyframe_and_asks_the_publisher_once_per_interval(
-    harness: EngineHarness,
-) -> None:
+def test_video_waits_for_a_keyframe_and_asks_the_publisher_once_per_interval() -> None:
+    harness = EngineHarness(keyframe_cache=False)
     publisher, producer = harness.publisher()
     early, early_track = harness.subscriber(producer)
     for seq in range(4):
@@ -128,6 +126,32 @@ def test_video_waits_for_a_keyframe_and_asks_the_publisher_once_per_interval(
     publisher.send_rtp(vp8_packet(7, 21000, keyframe=True))
     assert [header_of(p).seq for p in late.receive().rtp] == [late_track.last_out_seq]
     assert len(early.receive().rtp) == 1
+
+
+def test_a_late_subscriber_starts_at_once_from_the_keyframe_cache(
+    harness: EngineHarness,
+) -> None:
+    publisher, producer = harness.publisher()
+    early, _ = harness.subscriber(producer)
+    gop = [vp8_packet(10 + i, 3000 * i, keyframe=i == 0) for i in range(4)]
+    for packet in gop[:3]:
+        publisher.send_rtp(packet)
+    assert len(early.receive().rtp) == 3
+    late, late_track = harness.subscriber(producer)
+    publisher.send_rtp(gop[3])
+    # The late one gets the whole GOP so far, in order and numbered on from its start, and
+    # nobody asked the publisher for a keyframe.
+    received = late.receive().rtp
+    assert [payload_of(p) for p in received] == [payload_of(p) for p in gop]
+    seqs = [header_of(p).seq for p in received]
+    assert seqs == [(seqs[0] + i) & 0xFFFF for i in range(4)]
+    assert late_track.keyframe_waits == 0
+    assert publisher.receive().rtcp_of(Pli) == []
+    assert harness.engine.stats.keyframe_cache_hits == 1
+    # From then on it is an ordinary copy.
+    publisher.send_rtp(vp8_packet(14, 12000))
+    assert [header_of(p).seq for p in late.receive().rtp] == [(seqs[0] + 4) & 0xFFFF]
+    assert len(early.receive().rtp) == 2
 
 
 def test_audio_is_forwarded_from_its_first_packet(harness: EngineHarness) -> None:
