@@ -43,6 +43,9 @@
 #define MAX_PROTECT_SIZE (1500 - 144)
 #define MAX_LATENCY_SAMPLES 4096
 #define LATENCY_SAMPLE_EVERY 64
+/* Stamped packets a subscriber's Peer remembers (sfu/media/twcc.py LOG_SLOTS). */
+#define TWCC_LOG_SLOTS 8192
+#define TWCC_LOG_MASK (TWCC_LOG_SLOTS - 1)
 
 typedef int (*srtp_fn)(void *ctx, void *hdr, int *len);
 
@@ -153,6 +156,58 @@ static double monotonic_now(void)
     return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
 }
 
+/* Offset of the 2-byte value of the first extension element with `ext_id`, or -1: read
+ * exactly as sfu/media/twcc.py:transport_seq_slot reads it (the parity test holds both to
+ * the same bytes). */
+static int twcc_slot(const uint8_t *d, int size, int ext_id)
+{
+    if (size < 12 || !(d[0] & 0x10))
+        return -1;
+    int pos = 12 + 4 * (d[0] & 0x0F);
+    if (pos + 4 > size)
+        return -1;
+    int profile = d[pos] << 8 | d[pos + 1];
+    int end = pos + 4 + 4 * (d[pos + 2] << 8 | d[pos + 3]);
+    if (end > size)
+        return -1;
+    pos += 4;
+    if (profile == 0xBEDE) {
+        while (pos < end) {
+            uint8_t b = d[pos];
+            if (b == 0) {
+                pos++;
+                continue;
+            }
+            int found = b >> 4;
+            if (found == 0 || found == 15)
+                return -1;
+            int length = (b & 0x0F) + 1;
+            if (pos + 1 + length > end)
+                return -1;
+            if (found == ext_id)
+                return length == 2 ? pos + 1 : -1;
+            pos += 1 + length;
+        }
+    } else if ((profile & 0xFFF0) == 0x1000) {
+        while (pos < end) {
+            int found = d[pos];
+            if (found == 0) {
+                pos++;
+                continue;
+            }
+            if (pos + 2 > end)
+                return -1;
+            int length = d[pos + 1];
+            if (pos + 2 + length > end)
+                return -1;
+            if (found == ext_id)
+                return length == 2 ? pos + 2 : -1;
+            pos += 2 + length;
+        }
+    }
+    return -1;
+}
+
 /* ------------------------------------------------------------------------------------- */
 /* Peer: one client transport as the core sees it.                                       */
 
@@ -168,6 +223,16 @@ typedef struct {
     int python_only; /* a test tap wants every packet through Python */
     uint32_t cached_ssrc;
     PyObject *cached_route; /* borrowed from routes */
+    /* Transport-wide numbers toward this subscriber (sfu/media/twcc.py SendLog): the
+     * extension id (0: not negotiated), numbers handed out, and their log. */
+    int twcc_id;
+    unsigned long long twcc_stamped;
+    struct twcc_entry {
+        double at;
+        uint32_t ssrc;
+        uint16_t seq;
+        uint16_t size;
+    } *twcc_log;
 } Peer;
 
 static PyTypeObject PeerType;
@@ -213,6 +278,8 @@ static void Peer_dealloc(Peer *self)
 {
     PyObject_GC_UnTrack(self);
     Peer_clear(self);
+    PyMem_Free(self->twcc_log);
+    self->twcc_log = NULL;
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -302,7 +369,109 @@ static PyObject *Peer_close(Peer *self, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
+/* The number `ssrc`/`seq` went out with, if the log still has it, else -1. A key is
+ * logged at most once while it is in the ring, so the first match is the only one. */
+static long twcc_find(const Peer *p, uint32_t ssrc, uint16_t seq)
+{
+    unsigned long long n = p->twcc_stamped;
+    unsigned long long kept = n < TWCC_LOG_SLOTS ? n : TWCC_LOG_SLOTS;
+    for (unsigned long long k = 1; k <= kept; k++) {
+        const struct twcc_entry *e = &p->twcc_log[(n - k) & TWCC_LOG_MASK];
+        if (e->ssrc == ssrc && e->seq == seq)
+            return (long)((n - k) & 0xFFFF);
+    }
+    return -1;
+}
+
+/* SendLog.stamp: the next number (or, for a packet not newer than its stream's last, the
+ * number it went out with) into the packet's slot. Returns the number or -1. */
+static long twcc_stamp(Peer *p, uint8_t *buf, int len, double now, int newer)
+{
+    int at = p->twcc_id ? twcc_slot(buf, len, p->twcc_id) : -1;
+    if (at < 0 || p->twcc_log == NULL)
+        return -1;
+    uint32_t ssrc = (uint32_t)buf[8] << 24 | (uint32_t)buf[9] << 16 | (uint32_t)buf[10] << 8 | buf[11];
+    uint16_t seq = (uint16_t)(buf[2] << 8 | buf[3]);
+    long number = newer ? -1 : twcc_find(p, ssrc, seq);
+    if (number < 0) {
+        struct twcc_entry *e = &p->twcc_log[p->twcc_stamped & TWCC_LOG_MASK];
+        e->at = now;
+        e->ssrc = ssrc;
+        e->seq = seq;
+        e->size = (uint16_t)(len < 0xFFFF ? len : 0xFFFF);
+        number = (long)(p->twcc_stamped & 0xFFFF);
+        p->twcc_stamped++;
+    }
+    buf[at] = (uint8_t)(number >> 8);
+    buf[at + 1] = (uint8_t)number;
+    return number;
+}
+
+static PyObject *Peer_enable_twcc(Peer *self, PyObject *args)
+{
+    int ext_id;
+    if (!PyArg_ParseTuple(args, "i", &ext_id))
+        return NULL;
+    if (ext_id < 1 || ext_id > 255) {
+        PyErr_Format(PyExc_ValueError, "extension id %d is outside 1-255", ext_id);
+        return NULL;
+    }
+    if (self->twcc_log == NULL) {
+        self->twcc_log = PyMem_Calloc(TWCC_LOG_SLOTS, sizeof(struct twcc_entry));
+        if (self->twcc_log == NULL)
+            return PyErr_NoMemory();
+    }
+    self->twcc_id = ext_id;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Peer_stamp(Peer *self, PyObject *args)
+{
+    Py_buffer buf;
+    double now;
+    int newer;
+    if (!PyArg_ParseTuple(args, "w*dp", &buf, &now, &newer))
+        return NULL;
+    long number = twcc_stamp(self, buf.buf, (int)buf.len, now, newer);
+    PyBuffer_Release(&buf);
+    return PyLong_FromLong(number);
+}
+
+static PyObject *Peer_sent(Peer *self, PyObject *args)
+{
+    int base, count;
+    if (!PyArg_ParseTuple(args, "ii", &base, &count))
+        return NULL;
+    PyObject *out = PyList_New(count < 0 ? 0 : count);
+    if (out == NULL)
+        return NULL;
+    long long newest = (long long)self->twcc_stamped - 1;
+    for (int i = 0; i < count; i++) {
+        long long back = (newest - ((base + i) & 0xFFFF)) & 0xFFFF;
+        PyObject *item;
+        if (self->twcc_log == NULL || back > newest || back >= TWCC_LOG_SLOTS) {
+            item = Py_None;
+            Py_INCREF(item);
+        } else {
+            const struct twcc_entry *e = &self->twcc_log[(newest - back) & TWCC_LOG_MASK];
+            item = Py_BuildValue("(di)", e->at, (int)e->size);
+            if (item == NULL) {
+                Py_DECREF(out);
+                return NULL;
+            }
+        }
+        PyList_SET_ITEM(out, i, item);
+    }
+    return out;
+}
+
 static PyMethodDef Peer_methods[] = {
+    {"enable_twcc", (PyCFunction)Peer_enable_twcc, METH_VARARGS,
+     "enable_twcc(ext_id): stamp transport-wide numbers into that extension's slot."},
+    {"stamp", (PyCFunction)Peer_stamp, METH_VARARGS,
+     "stamp(packet: bytearray, now, newer) -> number written, or -1 without a slot."},
+    {"sent", (PyCFunction)Peer_sent, METH_VARARGS,
+     "sent(base_seq, count) -> [(send time, size) or None] per number."},
     {"set_address", (PyCFunction)Peer_set_address, METH_VARARGS,
      "Where copies to this client go: (host, port[, ...]) or None."},
     {"set_srtp", (PyCFunction)Peer_set_srtp, METH_VARARGS,
@@ -315,6 +484,10 @@ static PyMethodDef Peer_methods[] = {
 static PyMemberDef Peer_members[] = {
     {"owner", T_OBJECT_EX, offsetof(Peer, owner), 0, "the Transport"},
     {"python_only", T_INT, offsetof(Peer, python_only), 0, "hand every packet to Python"},
+    {"twcc_ext_id", T_INT, offsetof(Peer, twcc_id), READONLY,
+     "transport-cc extension id toward this client (0: none)"},
+    {"twcc_stamped", T_ULONGLONG, offsetof(Peer, twcc_stamped), READONLY,
+     "transport-wide numbers handed out"},
     {NULL}};
 
 static PyTypeObject PeerType = {
@@ -924,6 +1097,10 @@ static int fan_out(Core *self, Route *route, const uint8_t *plain, int len, cons
         }
         if (peer->tx != NULL && peer->addrlen > 0) {
             int size = len;
+            if (built && len <= MAX_PROTECT_SIZE && peer->twcc_id) {
+                uint16_t ahead = (uint16_t)(seq - copy->last_seq);
+                twcc_stamp(peer, out, len, now, ahead != 0 && ahead < 0x8000);
+            }
             if (!built || len > MAX_PROTECT_SIZE || self->protect(peer->tx, out, &size) != 0) {
                 self->counts[C_PROTECT_FAILURES]++;
             } else {

@@ -9,15 +9,22 @@ turns them into a send rate. Without this feedback Chrome never leaves its start
 
 `TwccRecorder.record` runs per packet: it writes one float into a preallocated array and
 touches no other object. Encoding runs on the 50 ms media timer, where allocation is fine.
-`parse_transport_feedback` decodes the packets again, for tests and for a per-subscriber
+`parse_transport_feedback` decodes the packets again, for tests and for the per-subscriber
 estimator.
+
+The other direction: toward subscribers the SFU is the sender. `SendLog` stamps the SFU's own
+transport-wide numbers into the 2-byte slot a copy carries (the publisher's element, renamed
+to the subscriber's id) and remembers when and how big each stamped packet was; the native
+core's `Peer` implements the same interface for the packets it sends itself.
+`FeedbackMatcher` pairs a subscriber's feedback with that log for the estimator
+(sfu/media/bwe.py).
 """
 
 from __future__ import annotations
 
 import struct
 from array import array
-from typing import Final, NamedTuple
+from typing import Final, NamedTuple, Protocol
 
 # Arrivals kept: one slot per transport-wide sequence number, the newest SLOTS numbers. At a
 # 50 ms feedback period that is room for 80k packets/s; beyond it the oldest unreported
@@ -275,27 +282,27 @@ class TransportFeedback(NamedTuple):
         return out
 
 
-def parse_transport_feedback(packet: bytes) -> TransportFeedback | None:
-    """Decode one RTPFB FMT 15 packet (it may be followed by more of a compound); None when
-    it is not one or is malformed. Never raises."""
-    if len(packet) < 20:
+def parse_transport_feedback(packet: bytes, start: int = 0) -> TransportFeedback | None:
+    """Decode one RTPFB FMT 15 packet beginning at `start` (it may be followed by more of a
+    compound); None when it is not one or is malformed. Never raises."""
+    if start < 0 or len(packet) - start < 20:
         return None
-    first, pt, words, sender, media, base, count, word = _HEADER.unpack_from(packet)
+    first, pt, words, sender, media, base, count, word = _HEADER.unpack_from(packet, start)
     if first >> 6 != 2 or first & 0x1F != FMT_TWCC or pt != PT_RTPFB:
         return None
-    end = (words + 1) * 4
+    end = start + (words + 1) * 4
     if end > len(packet):
         return None
     if first & 0x20:
         pad = packet[end - 1]
-        if pad == 0 or pad > end - 20:
+        if pad == 0 or pad > end - start - 20:
             return None
         end -= pad
-    if end < 20:
+    if end < start + 20:
         # The length field ends the packet before its own fixed fields, which would then be
         # read from whatever follows it in the compound.
         return None
-    pos = 20
+    pos = start + 20
     symbols: list[int] = []
     while len(symbols) < count:
         if pos + 2 > end:
@@ -325,3 +332,203 @@ def parse_transport_feedback(packet: bytes) -> TransportFeedback | None:
             deltas.append(_I16.unpack_from(packet, pos)[0])
             pos += 2
     return TransportFeedback(sender, media, base, word >> 8, word & 0xFF, symbols, deltas)
+
+
+# ---------------------------------------------------------------------------------------------
+# Toward subscribers: the SFU's own numbers, and what became of them.
+
+# Stamped packets remembered per subscriber transport: the newest LOG_SLOTS. Feedback comes
+# within a few hundred ms, and a resend (at most 1 s after its packet arrived, downtrack.py's
+# NACK_MAX_AGE) must find its first number here: both hold below 8192 packets/s toward one
+# subscriber (about 80 Mbit/s of full-size packets).
+LOG_SLOTS: Final = 8192
+LOG_MASK: Final = LOG_SLOTS - 1
+
+
+class TransportSeqLog(Protocol):
+    """A subscriber transport's transport-wide counter and send log: `SendLog` on the Python
+    path, the native core's `Peer` when it forwards (one counter for both paths)."""
+
+    @property
+    def twcc_ext_id(self) -> int: ...
+
+    @property
+    def twcc_stamped(self) -> int: ...
+
+    def enable_twcc(self, ext_id: int) -> None: ...
+
+    def stamp(self, packet: bytearray, now: float, newer: bool) -> int: ...
+
+    def sent(self, base_seq: int, count: int) -> list[tuple[float, int] | None]: ...
+
+
+def transport_seq_slot(packet: bytes | bytearray, ext_id: int) -> int:
+    """Where the 2-byte value of the first element with `ext_id` starts, or -1 (no such
+    element, another length, or a block that does not parse that far). The native core's
+    `twcc_slot` reads a packet exactly the same way; both must agree byte for byte."""
+    size = len(packet)
+    if size < 12 or not packet[0] & 0x10:
+        return -1
+    pos = 12 + 4 * (packet[0] & 0x0F)
+    if pos + 4 > size:
+        return -1
+    profile = packet[pos] << 8 | packet[pos + 1]
+    end = pos + 4 + 4 * (packet[pos + 2] << 8 | packet[pos + 3])
+    if end > size:
+        return -1
+    pos += 4
+    if profile == 0xBEDE:
+        while pos < end:
+            b = packet[pos]
+            if b == 0:
+                pos += 1
+                continue
+            found = b >> 4
+            if found == 0 or found == 15:
+                return -1
+            length = (b & 0x0F) + 1
+            if pos + 1 + length > end:
+                return -1
+            if found == ext_id:
+                return pos + 1 if length == 2 else -1
+            pos += 1 + length
+    elif profile & 0xFFF0 == 0x1000:
+        while pos < end:
+            found = packet[pos]
+            if found == 0:
+                pos += 1
+                continue
+            if pos + 2 > end:
+                return -1
+            length = packet[pos + 1]
+            if pos + 2 + length > end:
+                return -1
+            if found == ext_id:
+                return pos + 2 if length == 2 else -1
+            pos += 2 + length
+    return -1
+
+
+class SendLog:
+    """The Python path's transport-wide counter for one subscriber transport, and the send
+    time and size of each number it handed out (a ring of LOG_SLOTS, allocated when
+    transport-cc is enabled).
+
+    A packet that is not newer than what its stream last sent (a resend, or a duplicate of
+    one sent already) gets the number it first went out with, when the log still has it:
+    the bytes must stay identical, or one SRTP index would be protected over two different
+    headers, which AES-GCM must never see (the header is its associated data).
+    """
+
+    __slots__ = ("_at", "_key", "_size", "twcc_ext_id", "twcc_stamped")
+
+    def __init__(self) -> None:
+        self.twcc_ext_id = 0
+        # Numbers handed out so far; the next one is this modulo 2**16.
+        self.twcc_stamped = 0
+        self._at = array("d")
+        self._size = array("H")
+        self._key = array("q")  # SSRC << 16 | RTP sequence number; -1 for an unused slot
+
+    def enable_twcc(self, ext_id: int) -> None:
+        if not 0 < ext_id < 256:
+            raise ValueError(f"extension id {ext_id} is outside 1-255")
+        self.twcc_ext_id = ext_id
+        if not self._at:
+            self._at = array("d", [0.0]) * LOG_SLOTS
+            self._size = array("H", [0]) * LOG_SLOTS
+            self._key = array("q", [-1]) * LOG_SLOTS
+
+    def stamp(self, packet: bytearray, now: float, newer: bool) -> int:
+        """Write the next number (or, for a packet that is not `newer`, the one it went out
+        with before) into the packet's transport-cc slot; the number, or -1 without a slot."""
+        ext_id = self.twcc_ext_id
+        at = transport_seq_slot(packet, ext_id) if ext_id else -1
+        if at < 0:
+            return -1
+        key = (packet[8] << 40 | packet[9] << 32 | packet[10] << 24 | packet[11] << 16) | (
+            packet[2] << 8 | packet[3]
+        )
+        number = -1 if newer else self._find(key)
+        if number < 0:
+            stamped = self.twcc_stamped
+            slot = stamped & LOG_MASK
+            self._at[slot] = now
+            self._size[slot] = min(len(packet), 0xFFFF)
+            self._key[slot] = key
+            self.twcc_stamped = stamped + 1
+            number = stamped & 0xFFFF
+        packet[at] = number >> 8
+        packet[at + 1] = number & 0xFF
+        return number
+
+    def _find(self, key: int) -> int:
+        # A key is logged at most once while it is in the ring (a repeat reuses its entry).
+        try:
+            slot = self._key.index(key)
+        except ValueError:
+            return -1
+        newest = self.twcc_stamped - 1
+        return (newest - ((newest - slot) & LOG_MASK)) & 0xFFFF
+
+    def sent(self, base_seq: int, count: int) -> list[tuple[float, int] | None]:
+        """(send time, size) of numbers base_seq, base_seq + 1, ... (modulo 2**16); None for
+        a number not handed out, or no longer in the log."""
+        return [
+            _logged(self._at, self._size, self.twcc_stamped, (base_seq + i) & 0xFFFF)
+            for i in range(count)
+        ]
+
+
+def _logged(at: array[float], size: array[int], stamped: int, seq: int) -> tuple[float, int] | None:
+    newest = stamped - 1
+    back = (newest - seq) & 0xFFFF
+    if back > newest or back >= LOG_SLOTS:
+        return None
+    slot = (newest - back) & LOG_MASK
+    return at[slot], size[slot]
+
+
+# (send time, arrival time on the subscriber's clock or None if reported lost, size), seconds
+# and bytes, in transport-wide order.
+PacketResult = tuple[float, float | None, int]
+
+
+class FeedbackMatcher:
+    """Pairs one subscriber's feedback packets with its send log. Each number is reported
+    to the estimator once: a later feedback about it (libwebrtc reports a packet again when
+    it arrives after feedback called it lost) is left out, so the loss it first showed
+    stays counted, as a loss-based estimator of a sender would see it too. Statuses
+    "received without a time" (never sent by libwebrtc) are counted as neither."""
+
+    __slots__ = ("_highest", "lost", "received")
+
+    def __init__(self) -> None:
+        self._highest = -1  # newest number reported so far (16 bits), -1 before any
+        self.received = 0
+        self.lost = 0
+
+    def match(self, feedback: TransportFeedback, log: TransportSeqLog) -> list[PacketResult]:
+        count = len(feedback.symbols)
+        sent = log.sent(feedback.base_seq, count)
+        arrivals = feedback.arrivals_us()
+        out: list[PacketResult] = []
+        highest = self._highest
+        for i in range(count):
+            seq = (feedback.base_seq + i) & 0xFFFF
+            if highest >= 0 and not 0 < (seq - highest) & 0xFFFF < 0x8000:
+                continue  # reported before
+            entry = sent[i]
+            if entry is None:
+                continue  # not ours (a stale or confused report)
+            highest = seq
+            symbol = feedback.symbols[i]
+            arrival = arrivals[i]
+            if symbol == NOT_RECEIVED:
+                self.lost += 1
+                out.append((entry[0], None, entry[1]))
+            elif arrival is not None:
+                self.received += 1
+                out.append((entry[0], arrival / 1_000_000, entry[1]))
+        self._highest = highest
+        return out
