@@ -6,6 +6,11 @@
 // bits). Tokens come from the dev-mode endpoint POST /dev/token when the server has it, or are
 // pasted (from `sfu token`).
 //
+// Layout: with others in the call, the active speaker (or, while nobody else speaks, the last
+// one) fills a large spotlight tile above a row of small ones. The client watches each remote
+// <video> and tells the SFU its size, so the small tiles cost a thumbnail's bandwidth and only
+// the spotlight gets the full layer; a video the SFU pauses for lack of bandwidth says so.
+//
 // Test hooks: with `test=1` in the fragment the page also records the raw media keys it used
 // in window.blindfoldTest (tests scan the server's memory for them); `e2ee_api=streams` forces
 // the createEncodedStreams transform instead of RTCRtpScriptTransform.
@@ -42,6 +47,8 @@ const e2eeSupported = typeof RTCRtpScriptTransform === 'function'
 let localStream = null;
 /** The message of the last fatal error, shown when the call ends. @type {string|null} */
 let lastFatal = null;
+/** The remote participant shown large, or null (alone in the call). @type {string|null} */
+let spotlightId = null;
 /** Last events, for tests and debugging. @type {Record<string, any>[]} */
 const eventLog = [];
 
@@ -322,6 +329,8 @@ function showJoin() {
   localStream?.getTracks().forEach((t) => t.stop());
   localStream = null;
   for (const tile of document.querySelectorAll('.tile:not(.local)')) tile.remove();
+  spotlightId = null;
+  chooseSpotlight(null);
   $('local-video').srcObject = null;
   $('call-view').hidden = true;
   $('join-view').hidden = false;
@@ -342,10 +351,12 @@ function onEvent(event) {
     case 'joined':
       for (const p of event.participants) tileFor(p.id);
       renderPeers();
+      chooseSpotlight(null);
       break;
     case 'participant_joined':
       tileFor(event.participant.id);
       renderPeers();
+      chooseSpotlight(null);
       break;
     case 'participant_left':
       removeTile(event.participant);
@@ -355,7 +366,12 @@ function onEvent(event) {
       const tile = tileFor(event.participant);
       const video = tile.querySelector('video');
       if (video.srcObject !== event.stream) video.srcObject = event.stream;
-      if (event.kind === 'video') tile.querySelector('.placeholder').hidden = true;
+      if (event.kind === 'video') {
+        tile.querySelector('.placeholder').hidden = true;
+        // The tile decides the size (spotlight or thumbnail), so the SFU sends what it shows.
+        room?.observeVideoSize(event.trackId, video);
+        showVideoLayer(tile, room?.videoLayer(event.trackId) ?? null);
+      }
       video.play().catch(() => showNotice('Click anywhere on the page to hear the others.'));
       break;
     }
@@ -366,6 +382,7 @@ function onEvent(event) {
         removeTile(event.participant);
       } else if (event.kind === 'video') {
         const tile = document.querySelector(`.tile[data-participant="${CSS.escape(event.participant)}"]`);
+        if (tile) showVideoLayer(tile, null);
         const placeholder = tile?.querySelector('.placeholder');
         if (placeholder) {
           placeholder.hidden = false;
@@ -386,6 +403,11 @@ function onEvent(event) {
     case 'active_speaker':
       showSpeaker(event.speakers);
       break;
+    case 'video_layer': {
+      const tile = document.querySelector(`.tile:not(.local)[data-participant="${CSS.escape(event.participant)}"]`);
+      if (tile) showVideoLayer(tile, event);
+      break;
+    }
     case 'peer_verified':
     case 'peer_rejected':
     case 'decrypt_status':
@@ -422,6 +444,37 @@ function showSpeaker(speakers) {
     tile.classList.toggle('speaking', speakers[0] !== undefined
       && tile.getAttribute('data-participant') === speakers[0]);
   }
+  chooseSpotlight(speakers[0] ?? null);
+}
+
+/**
+ * Show one remote participant large: the one speaking now, else whoever was, else the first
+ * to arrive. We never spotlight ourselves (our own speech would hide the others).
+ * @param {string|null} speaker  the loudest participant, if any
+ */
+function chooseSpotlight(speaker) {
+  /** @param {string|null} id */
+  const remoteTile = (id) => (id === null ? null
+    : document.querySelector(`.tile:not(.local)[data-participant="${CSS.escape(id)}"]`));
+  const tile = remoteTile(speaker) ?? remoteTile(spotlightId)
+    ?? document.querySelector('.tile:not(.local)');
+  spotlightId = tile?.getAttribute('data-participant') ?? null;
+  for (const other of document.querySelectorAll('.tile')) other.classList.toggle('spotlight', other === tile);
+  $('grid').classList.toggle('has-spotlight', tile !== null);
+}
+
+/**
+ * The "paused" badge of a remote tile, from the SFU's latest video_layer report (null: none,
+ * the video flows). A video paused because we asked for none (size) needs no badge.
+ * @param {Element} tile
+ * @param {{paused: boolean, reason: string|null}|null} state
+ */
+function showVideoLayer(tile, state) {
+  const paused = state?.paused === true && state.reason !== 'size';
+  const badge = tile.querySelector('.video-paused');
+  badge.hidden = !paused;
+  badge.textContent = state?.reason === 'bandwidth' ? 'paused: low bandwidth' : 'video paused';
+  tile.classList.toggle('paused', paused);
 }
 
 /** @param {string} reason */
@@ -460,6 +513,8 @@ function removeTile(id) {
   const video = tile.querySelector('video');
   if (video) video.srcObject = null;
   tile.remove();
+  if (spotlightId === id) spotlightId = null;
+  chooseSpotlight(null);
 }
 
 /** @param {string} id */
@@ -646,6 +701,19 @@ window.blindfoldTest = {
   /** Raw media keys (hex) used so far; only with test=1 in the fragment. */
   keys: () => room?.keyLog ?? [],
   speakers: () => room?.speakers ?? [],
+  /** The remote participant in the large tile, or null. */
+  spotlight: () => spotlightId,
+  /** Per remote video track: the size asked of the SFU and its last video_layer report. */
+  videos: () => {
+    if (room === null) return {};
+    /** @type {Record<string, any>} */
+    const out = {};
+    for (const [id, track] of room.tracks) {
+      if (track.kind !== 'video' || track.participant === room.self?.id) continue;
+      out[id] = { participant: track.participant, size: room.videoSize(id), layer: room.videoLayer(id) };
+    }
+    return out;
+  },
   events: () => eventLog.slice(),
   sampleVideo,
   leave: () => onLeave(),

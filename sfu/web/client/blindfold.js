@@ -18,6 +18,12 @@
 //                                 onEvent: (event) => console.log(event.type, event) });
 //   room.setMuted('audio', true);
 //   await room.leave();
+//
+// Video is published as three simulcast layers (SIMULCAST_LAYERS, `simulcast: false` for one
+// encoding); the app tells the SFU how large it shows each remote video (setVideoSize, or
+// observeVideoSize on the <video> element) so that it forwards no bigger layer than that, and
+// hears back which layer it gets or why the video is paused (the `video_layer` event).
+// docs/client.md describes the API.
 
 import { KeyExchange } from '../e2ee/keyexchange.js';
 
@@ -30,6 +36,148 @@ const REQUEST_TIMEOUT_MS = 10000;
 /** Stats intervals (1 s each) of failures without a single good frame before a peer's media
  * counts as undecryptable: a joiner's first frames may legitimately arrive before its key. */
 const CANNOT_DECRYPT_AFTER = 2;
+/** How long a watched <video> must keep a new size before it is sent: a window being dragged
+ * or a layout animating would otherwise send a message per frame. */
+const VIDEO_SIZE_DEBOUNCE_MS = 250;
+/** The largest width or height setVideoSize accepts, as the server does (no camera comes near it). */
+const MAX_VIDEO_DIMENSION = 16384;
+
+/**
+ * The video encodings published by default, lowest first: the SFU reads the order of
+ * `a=simulcast:send` as lowest to highest. Each layer halves the one above in width and
+ * height; the bitrate ceilings give VP8 a clean picture at that size from a 1280x720 camera
+ * (320x180, 640x360, 1280x720), so a thumbnail costs a subscriber a tenth of the full layer.
+ * The scale is spelled out on every layer, so that a rid always names the same scale when
+ * a smaller camera leaves the lowest layers out (sendEncodings).
+ */
+export const SIMULCAST_LAYERS = Object.freeze([
+  Object.freeze({ rid: 'q', scaleResolutionDownBy: 4, maxBitrate: 150_000 }),
+  Object.freeze({ rid: 'h', scaleResolutionDownBy: 2, maxBitrate: 500_000 }),
+  Object.freeze({ rid: 'f', scaleResolutionDownBy: 1, maxBitrate: 1_500_000 }),
+]);
+
+/**
+ * How many simulcast layers Chromium encodes from a camera of this size: 3 from 960x540
+ * pixels up, 2 from 480x270, else 1 (compared by pixel count, so 640x480 gets 2). Beyond
+ * that it silently drops the top layers, the full-resolution one first; measured in
+ * Chromium 156.
+ * @param {number} width
+ * @param {number} height
+ * @returns {number}
+ */
+export function simulcastLayerLimit(width, height) {
+  const pixels = width * height;
+  if (pixels >= 960 * 540) return 3;
+  if (pixels >= 480 * 270) return 2;
+  return 1;
+}
+
+/**
+ * The `sendEncodings` for a new video transceiver, or undefined for the browser's single
+ * default encoding (audio, video with simulcast off, and a camera too small for two layers).
+ * @param {'audio'|'video'} kind
+ * @param {boolean|ReadonlyArray<RTCRtpEncodingParameters>} [simulcast]  true (the default):
+ *   SIMULCAST_LAYERS; false: one encoding; or the layers themselves, lowest first
+ * @param {{width?: number, height?: number}} [size]  the camera's size (track.getSettings()),
+ *   when known: the lowest layers are left out so that the browser keeps the full-resolution
+ *   one (see simulcastLayerLimit)
+ * @returns {RTCRtpEncodingParameters[]|undefined}
+ */
+export function sendEncodings(kind, simulcast = true, size = {}) {
+  if (kind !== 'video' || simulcast === false) return undefined;
+  const layers = simulcast === true ? SIMULCAST_LAYERS : simulcast;
+  if (!Array.isArray(layers) || layers.length === 0) {
+    throw new BlindfoldError('invalid_option', 'simulcast must be true, false or a non-empty list of layers');
+  }
+  const rids = new Set();
+  for (const layer of layers) {
+    // RFC 8851 allows more, but browsers and the SFU's SDP parser agree on these.
+    if (typeof layer?.rid !== 'string' || !/^[A-Za-z0-9]{1,16}$/.test(layer.rid) || rids.has(layer.rid)) {
+      throw new BlindfoldError('invalid_option', `every simulcast layer needs its own rid of 1-16 letters and digits (got ${JSON.stringify(layer?.rid)})`);
+    }
+    rids.add(layer.rid);
+  }
+  let kept = layers;
+  if (Number.isFinite(size.width) && Number.isFinite(size.height)) {
+    const limit = simulcastLayerLimit(/** @type {number} */ (size.width), /** @type {number} */ (size.height));
+    if (limit === 1) return undefined;
+    kept = layers.slice(Math.max(0, layers.length - limit));
+  }
+  // Copies: the browser may keep what it is given, and the defaults are frozen.
+  return kept.map((layer) => ({ ...layer }));
+}
+
+/**
+ * Whether the answer to our publish offer accepted simulcast for the section `mid`
+ * (`a=simulcast:recv` there). Without it the browser sends only the first encoding.
+ * @param {string} sdp
+ * @param {string} mid
+ * @returns {boolean}
+ */
+export function simulcastAccepted(sdp, mid) {
+  for (const section of sdp.split(/\r?\nm=/).slice(1)) {
+    if (/^a=mid:(\S+)/m.exec(section)?.[1] !== mid) continue;
+    return /^a=simulcast:\s*recv\s/m.test(section);
+  }
+  return false;
+}
+
+/**
+ * The room-protocol message asking the SFU to forward no larger video than `width` x
+ * `height` for a track; (0, 0) says the app shows no video for it.
+ * @param {string} trackId
+ * @param {number} width
+ * @param {number} height
+ * @returns {{type: 'video_size', track: string, width: number, height: number}}
+ */
+export function videoSizeMessage(trackId, width, height) {
+  if (typeof trackId !== 'string' || trackId === '') {
+    throw new BlindfoldError('invalid_argument', 'setVideoSize needs a track id');
+  }
+  const valid = (/** @type {unknown} */ v) => Number.isInteger(v) && /** @type {number} */ (v) >= 0
+    && /** @type {number} */ (v) <= MAX_VIDEO_DIMENSION;
+  if (!valid(width) || !valid(height)) {
+    throw new BlindfoldError('invalid_argument', `width and height must be whole numbers from 0 to ${MAX_VIDEO_DIMENSION} (got ${width} x ${height})`);
+  }
+  // One zero would ask for a picture with no area: the server could only guess what was meant.
+  if ((width === 0) !== (height === 0)) {
+    throw new BlindfoldError('invalid_argument', `width and height must both be 0 (no video) or both positive (got ${width} x ${height})`);
+  }
+  return { type: 'video_size', track: trackId, width, height };
+}
+
+/**
+ * The state of one subscribed video as the server's `video_layer` message gives it, or null
+ * when the message is malformed (it is then ignored).
+ * @param {any} message
+ * @returns {VideoLayerState|null}
+ */
+export function parseVideoLayer(message) {
+  if (typeof message?.track !== 'string' || typeof message.paused !== 'boolean') return null;
+  const reason = message.reason === 'bandwidth' || message.reason === 'size' ? message.reason : null;
+  const raw = message.layer;
+  let layer = null;
+  if (raw !== null && raw !== undefined) {
+    if (typeof raw !== 'object' || typeof raw.rid !== 'string') return null;
+    layer = {
+      rid: raw.rid,
+      width: Number.isInteger(raw.width) ? raw.width : null,
+      height: Number.isInteger(raw.height) ? raw.height : null,
+    };
+  }
+  return { trackId: message.track, paused: message.paused, reason, layer };
+}
+
+/**
+ * @typedef {Object} VideoLayerState
+ * @property {string} trackId
+ * @property {boolean} paused  the SFU forwards none of this video
+ * @property {'bandwidth'|'size'|null} reason  why it is paused (or was capped): our link is too
+ *   slow for even the lowest layer, or we asked for no video (size 0 x 0)
+ * @property {{rid: string, width: number|null, height: number|null}|null} layer  the layer
+ *   forwarded, when one is
+ */
+
 /** Error codes the server answers a publish_offer with. */
 const PUBLISH_ERRORS = new Set([
   'invalid_sdp', 'no_publish_grant', 'no_usable_media', 'bundle_required', 'too_many_tracks',
@@ -70,6 +218,9 @@ export const ERROR_MESSAGES = Object.freeze({
  *   binds the keys to it, so every participant must use the same one
  * @property {string} [name]  display name shown to the others
  * @property {MediaStream} [media]  local camera/microphone to publish (video must be VP8-able)
+ * @property {boolean|RTCRtpEncodingParameters[]} [simulcast]  publish video as the three
+ *   layers of SIMULCAST_LAYERS (true, the default), as one encoding (false), or as the given
+ *   layers, lowest first. Every layer's frames are end-to-end encrypted
  * @property {(event: RoomEvent) => void} [onEvent]  every event the room emits
  * @property {URL|string} [workerUrl]  the E2EE worker; default: ../e2ee/worker.js next to this file
  * @property {'auto'|'script'|'streams'} [transformApi]  RTCRtpScriptTransform ('script'),
@@ -88,6 +239,8 @@ export const ERROR_MESSAGES = Object.freeze({
  * - `track_removed` {participant, kind, trackId}
  * - `track_muted` {participant, trackId, muted}
  * - `active_speaker` {speakers}: participant ids, loudest first (may include our own id)
+ * - `video_layer` {participant, trackId, paused, reason, layer}: the SFU paused or resumed a
+ *   video we receive, or changed its layer (see VideoLayerState)
  * - `peer_verified` {participant}: proved the passphrase and got our key
  * - `peer_rejected` {participant, reason}: cannot be verified (probably another passphrase)
  * - `decrypt_status` {participant, status, counts}: status is `ok`, `cannot-decrypt` or `waiting`
@@ -252,6 +405,15 @@ export class BlindfoldRoom {
     this.pendingPublish = null;
     /** @private @type {Record<string, string>} kind -> our SFU track id */ this.ownTracks = {};
     /** @private @type {Record<string, boolean>} */ this.muted = { audio: false, video: false };
+    /** @private @type {Map<string, {width: number, height: number}>} track id -> wanted size */
+    this.videoSizes = new Map();
+    /** @private @type {Map<string, () => void>} track id -> stop watching its <video> */
+    this.sizeWatchers = new Map();
+    /** @private False once the server said it does not know `video_size` (an older SFU). */
+    this.videoSizeSupported = true;
+    /** Layer and pause state of received videos, by track id, as the SFU last reported it.
+     * @type {Map<string, VideoLayerState>} */
+    this.videoLayers = new Map();
     /** @private @type {KeyExchange|null} */ this.kx = null;
     /** @private @type {Worker|null} */ this.worker = null;
     /** @private */ this.workerStats = null;
@@ -311,6 +473,104 @@ export class BlindfoldRoom {
   }
 
   /**
+   * Tell the SFU how large we show a remote video, in pixels: it forwards the smallest
+   * simulcast layer at least that large (as far as our bandwidth allows), and nothing for
+   * (0, 0). Until this is called for a track, the SFU forwards the best layer our link
+   * carries. Sent only when the size changes; resent after a reconnect.
+   * @param {string} trackId  the SFU track id (the `trackId` of the `track` event)
+   * @param {number} width
+   * @param {number} height
+   */
+  setVideoSize(trackId, width, height) {
+    const message = videoSizeMessage(trackId, width, height);
+    const track = this.tracks.get(trackId);
+    if (track === undefined || track.participant === this.self?.id) {
+      throw new BlindfoldError('unknown_track', `no remote track ${trackId} in this room`);
+    }
+    if (track.kind !== 'video') throw new BlindfoldError('invalid_argument', `track ${trackId} is not video`);
+    const last = this.videoSizes.get(trackId);
+    if (last !== undefined && last.width === width && last.height === height) return;
+    this.videoSizes.set(trackId, { width, height });
+    if (this.videoSizeSupported) this.send(message);
+  }
+
+  /**
+   * Keep the SFU told how large `element` is drawn, as setVideoSize would, until the returned
+   * function is called or the track ends. The size is the element's content box in device
+   * pixels (CSS pixels times `pixelDensity`), once it has held still for `debounceMs`; an
+   * element not rendered (display: none, removed) counts as (0, 0).
+   * @param {string} trackId
+   * @param {Element} element  usually the <video> showing the track
+   * @param {{debounceMs?: number, pixelDensity?: number}} [options]  pixelDensity defaults to
+   *   the screen's devicePixelRatio, so a sharp screen gets a sharp picture
+   * @returns {() => void}  stops watching (the last size sent stays in force)
+   */
+  observeVideoSize(trackId, element, options = {}) {
+    this.sizeWatchers.get(trackId)?.();
+    if (typeof ResizeObserver !== 'function') return () => {};
+    const debounceMs = options.debounceMs ?? VIDEO_SIZE_DEBOUNCE_MS;
+    /** @type {ReturnType<typeof setTimeout>|null} */
+    let timer = null;
+    let stopped = false;
+    const measure = () => {
+      timer = null;
+      if (stopped || !this.tracks.has(trackId)) return;
+      const density = options.pixelDensity ?? globalThis.devicePixelRatio ?? 1;
+      const box = element.getBoundingClientRect();
+      // Client rects include padding and borders; the video is drawn inside them, but a few
+      // pixels either way never change the layer.
+      let width = Math.round(box.width * density);
+      let height = Math.round(box.height * density);
+      if (width === 0 || height === 0 || !element.isConnected) width = height = 0;
+      width = Math.min(width, MAX_VIDEO_DIMENSION);
+      height = Math.min(height, MAX_VIDEO_DIMENSION);
+      try {
+        this.setVideoSize(trackId, width, height);
+      } catch (err) {
+        this.clientError('video_size', err);
+      }
+    };
+    const schedule = () => {
+      // An observation already queued when stop() ran must not send a size after it.
+      if (stopped) return;
+      if (timer !== null) clearTimeout(timer);
+      timer = setTimeout(measure, debounceMs);
+    };
+    const observer = new ResizeObserver(schedule);
+    observer.observe(element);
+    const stop = () => {
+      stopped = true;
+      observer.disconnect();
+      if (timer !== null) clearTimeout(timer);
+      timer = null;
+      if (this.sizeWatchers.get(trackId) === stop) this.sizeWatchers.delete(trackId);
+    };
+    this.sizeWatchers.set(trackId, stop);
+    return stop;
+  }
+
+  /**
+   * The size last asked for a received video (setVideoSize or observeVideoSize), or null
+   * when none was: the SFU then forwards the best layer our link carries.
+   * @param {string} trackId
+   * @returns {{width: number, height: number}|null}
+   */
+  videoSize(trackId) {
+    const size = this.videoSizes.get(trackId);
+    return size === undefined ? null : { ...size };
+  }
+
+  /**
+   * What the SFU last reported about a received video (its `video_layer` message), or null
+   * before any report: then it forwards the best layer our link carries.
+   * @param {string} trackId
+   * @returns {VideoLayerState|null}
+   */
+  videoLayer(trackId) {
+    return this.videoLayers.get(trackId) ?? null;
+  }
+
+  /**
    * Leave the room: the others are told at once and rotate their keys.
    * @returns {Promise<void>}
    */
@@ -360,6 +620,7 @@ export class BlindfoldRoom {
   /**
    * Inbound and outbound RTP statistics (from getStats) with the participant each inbound
    * stream belongs to, plus the E2EE worker's frame counters.
+   * One outbound entry per simulcast layer (`rid`) of the video.
    * @returns {Promise<{inbound: Record<string, any>[], outbound: Record<string, any>[], e2ee: any, peers: ReturnType<BlindfoldRoom['peerStatus']>}>}
    */
   async getStats() {
@@ -383,6 +644,8 @@ export class BlindfoldRoom {
           bytesReceived: s.bytesReceived ?? 0,
           framesReceived: s.framesReceived ?? null,
           framesDecoded: s.framesDecoded ?? null,
+          frameWidth: s.frameWidth ?? null,
+          frameHeight: s.frameHeight ?? null,
           keyFramesDecoded: s.keyFramesDecoded ?? null,
           pliCount: s.pliCount ?? null,
           audioLevel: s.audioLevel ?? null,
@@ -397,10 +660,15 @@ export class BlindfoldRoom {
         if (s.type !== 'outbound-rtp') return;
         outbound.push({
           kind: s.kind,
+          rid: s.rid ?? null,
           codec: report.get(s.codecId)?.mimeType ?? null,
           packetsSent: s.packetsSent ?? 0,
           bytesSent: s.bytesSent ?? 0,
           framesEncoded: s.framesEncoded ?? null,
+          frameWidth: s.frameWidth ?? null,
+          frameHeight: s.frameHeight ?? null,
+          active: s.active ?? null,
+          qualityLimitationReason: s.qualityLimitationReason ?? null,
         });
       });
     }
@@ -508,6 +776,12 @@ export class BlindfoldRoom {
         // Relay messages sent while we were away are lost: announce again so every peer
         // re-sends its current key.
         await this.kx?.resync();
+        // Sizes set while the socket was down were not sent; the rest are harmless repeats.
+        if (this.videoSizeSupported) {
+          for (const [trackId, size] of this.videoSizes) {
+            this.send(videoSizeMessage(trackId, size.width, size.height));
+          }
+        }
         if (this.publisher?.signalingState === 'have-local-offer') {
           // Our offer (or its answer) was lost with the old socket.
           this.send({ type: 'publish_offer', sdp: this.publisher.localDescription?.sdp });
@@ -621,10 +895,26 @@ export class BlindfoldRoom {
         this.speakers = Array.isArray(message.speakers) ? message.speakers : [];
         this.emit({ type: 'active_speaker', speakers: this.speakers });
         break;
+      case 'video_layer': {
+        const state = parseVideoLayer(message);
+        if (state === null) break;
+        const track = this.tracks.get(state.trackId);
+        // A report racing the track's end would resurrect state nobody clears.
+        if (track === undefined) break;
+        this.videoLayers.set(state.trackId, state);
+        this.emit({ type: 'video_layer', participant: track.participant, ...state });
+        break;
+      }
       case 'subscription_failed':
         this.emit({ type: 'error', code: message.code, message: ERROR_MESSAGES[message.code] ?? message.message, fatal: false, track: message.track });
         break;
       case 'error':
+        if (message.code === 'unknown_type' && /video_size/.test(String(message.message))) {
+          // An SFU without per-subscriber layers: it forwards what it has, which is what
+          // no size cap means. Nothing for the app to act on, so no error event.
+          this.videoSizeSupported = false;
+          break;
+        }
         if (this.pendingPublish !== null && PUBLISH_ERRORS.has(message.code)) {
           this.pendingPublish.reject(new BlindfoldError(message.code, message.message));
           this.pendingPublish = null;
@@ -698,6 +988,9 @@ export class BlindfoldRoom {
   trackUnpublished(trackId) {
     const track = this.tracks.get(trackId);
     this.tracks.delete(trackId);
+    this.sizeWatchers.get(trackId)?.();
+    this.videoSizes.delete(trackId);
+    this.videoLayers.delete(trackId);
     if (track === undefined || track.participant === this.self?.id) return;
     const stream = this.streams.get(track.participant);
     const receiver = this.receiverOf(trackId);
@@ -876,16 +1169,56 @@ export class BlindfoldRoom {
         this.emit({ type: 'error', code: 'transport_closed', message: 'The connection for your camera and microphone failed.', fatal: false });
       }
     };
+    /** @type {{transceiver: RTCRtpTransceiver, layers: RTCRtpEncodingParameters[]}[]} */
+    const layered = [];
     for (const track of stream.getTracks()) {
-      const transceiver = pc.addTransceiver(track, { direction: 'sendonly', streams: [stream] });
       const kind = /** @type {'audio'|'video'} */ (track.kind);
+      const encodings = sendEncodings(kind, this.options.simulcast ?? true, track.getSettings?.() ?? {});
+      /** @type {RTCRtpTransceiverInit} */
+      const init = { direction: 'sendonly', streams: [stream] };
+      if (encodings !== undefined) init.sendEncodings = encodings;
+      let transceiver;
+      try {
+        transceiver = pc.addTransceiver(track, init);
+      } catch (err) {
+        // A browser without simulcast still makes a good call with one encoding.
+        if (encodings === undefined) throw err;
+        console.warn('blindfold: this browser refused simulcast layers; publishing one encoding', err);
+        transceiver = pc.addTransceiver(track, { direction: 'sendonly', streams: [stream] });
+      }
+      if (encodings !== undefined && encodings.length > 1) layered.push({ transceiver, layers: encodings });
       preferCodec(transceiver, kind);
+      // One transform per sender sees the frames of all its layers, and every frame takes the
+      // next value of the one shared SFrame counter: nothing here is per SSRC.
       this.attachTransform(transceiver.sender, { operation: 'encrypt', kind });
       track.enabled = !this.muted[kind];
     }
     await pc.setLocalDescription(await pc.createOffer());
     const answer = await this.request(pc.localDescription?.sdp ?? '');
     await pc.setRemoteDescription({ type: 'answer', sdp: answer.sdp });
+    for (const { transceiver, layers } of layered) {
+      if (transceiver.mid === null || simulcastAccepted(answer.sdp, transceiver.mid)) continue;
+      await this.singleEncoding(transceiver.sender, layers).catch((err) => this.clientError('simulcast', err));
+    }
+  }
+
+  /**
+   * The SFU refused simulcast, so the browser sends only the first (lowest) layer: lift
+   * that encoding to the top layer's size and bitrate, or everyone would get a thumbnail.
+   * @private
+   * @param {RTCRtpSender} sender
+   * @param {RTCRtpEncodingParameters[]} layers  what was asked for, lowest first
+   */
+  async singleEncoding(sender, layers) {
+    const parameters = sender.getParameters();
+    const [first] = parameters.encodings;
+    if (first === undefined) return;
+    const top = layers[layers.length - 1];
+    first.scaleResolutionDownBy = top.scaleResolutionDownBy ?? 1;
+    if (top.maxBitrate !== undefined) first.maxBitrate = top.maxBitrate;
+    else delete first.maxBitrate;
+    first.active = true;
+    await sender.setParameters(parameters);
   }
 
   /**
