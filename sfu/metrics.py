@@ -275,6 +275,26 @@ class MediaCollector(Collector):
             {"": stats.twcc_feedback_sent},
         )
         yield _counter(
+            "sfu_transport_feedback_received",
+            "Transport-wide congestion control feedback packets (RTCP RTPFB FMT 15) received "
+            "from subscribers, about the transport-wide numbers the SFU stamps on their media.",
+            None,
+            {"": stats.twcc_feedback_received},
+        )
+        yield _counter(
+            "sfu_transport_feedback_reported_packets",
+            "Packets the SFU stamped toward subscribers, as their feedback first reported them: "
+            "received or lost.",
+            "result",
+            {"received": stats.twcc_reported[0], "lost": stats.twcc_reported[1]},
+        )
+        yield _histogram(
+            "sfu_subscriber_bandwidth_estimate_bps",
+            "Send-side bandwidth estimates toward subscribers (bit/s, sfu/media/bwe.py), one "
+            "observation per subscriber transport per second while it sends feedback.",
+            stats.bwe_estimates,
+        )
+        yield _counter(
             "sfu_keyframe_cache_hits",
             "Subscriber video copies started on the track's cached packets since its last "
             "keyframe (rtc.keyframe_cache) instead of waiting for a new keyframe.",

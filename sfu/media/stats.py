@@ -22,6 +22,19 @@ FORWARD_BUCKETS = (
     0.01,
 )
 JOIN_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+# Subscriber bandwidth estimates (bit/s): sfu/media/bwe.py keeps them in 30k-20M.
+BWE_BUCKETS = (
+    50_000.0,
+    100_000.0,
+    250_000.0,
+    500_000.0,
+    1_000_000.0,
+    1_500_000.0,
+    2_500_000.0,
+    5_000_000.0,
+    10_000_000.0,
+    20_000_000.0,
+)
 FORWARD_SAMPLE_EVERY = 64
 
 
@@ -44,6 +57,7 @@ class MediaStats:
     """Plain-int counters shared by all transports of one engine (exported per scrape)."""
 
     __slots__ = (
+        "bwe_estimates",
         "by_kind",
         "dtls_failed",
         "dtls_ok",
@@ -71,7 +85,9 @@ class MediaStats:
         "rtp_unroutable",
         "rtx_sent",
         "srtp_failures",
+        "twcc_feedback_received",
         "twcc_feedback_sent",
+        "twcc_reported",
     )
 
     def __init__(self) -> None:
@@ -107,6 +123,11 @@ class MediaStats:
         # other subscribers still get theirs (sfu_forward_errors_total).
         self.forward_errors = 0
         self.twcc_feedback_sent = 0
+        # Transport-wide feedback from subscribers: packets received, and the stamped
+        # packets they reported [received, lost]; one estimate per subscriber per second.
+        self.twcc_feedback_received = 0
+        self.twcc_reported = [0, 0]
+        self.bwe_estimates = LatencyHistogram(BWE_BUCKETS)
         self.pli_received = 0
         self.rtcp_in = 0
         self.rtcp_malformed = 0

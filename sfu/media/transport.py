@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from sfu.media.bwe import BandwidthEstimator
 from sfu.media.dtls import DtlsServer, DtlsState, Fingerprint
 from sfu.media.ice import Address, IceLiteSession
 from sfu.media.rtcp import (
@@ -23,15 +24,23 @@ from sfu.media.rtcp import (
     Pli,
     ReceiverReport,
     SenderReport,
+    TransportCC,
     build_bye,
     build_nack,
     build_pli,
     parse_rtcp,
 )
 from sfu.media.rtp import RtpHeader, parse_header, read_sdes_extension, read_transport_seq
-from sfu.media.srtp import SrtpSession
+from sfu.media.srtp import MAX_PROTECT_SIZE, SrtpSession
 from sfu.media.stats import FORWARD_SAMPLE_EVERY, MediaStats
-from sfu.media.twcc import TwccRecorder
+from sfu.media.twcc import (
+    FeedbackMatcher,
+    SendLog,
+    TransportSeqLog,
+    TwccRecorder,
+    parse_transport_feedback,
+    transport_seq_slot,
+)
 
 if TYPE_CHECKING:
     from sfu.media.downtrack import DownTrack
@@ -45,6 +54,9 @@ Sendto = Callable[[bytes, Address], None]
 
 # Retired SSRCs remembered per transport; a publisher restarts a handful of times at most.
 MAX_RETIRED_SSRCS = 32
+# A subscriber's estimate goes into the histogram at most this often (seconds), so that the
+# histogram counts subscriber-seconds whatever each one's feedback rate.
+BWE_OBSERVE_INTERVAL = 1.0
 
 
 class TransportState(enum.Enum):
@@ -57,10 +69,13 @@ class TransportState(enum.Enum):
 class Transport:
     __slots__ = (
         "_addr",
+        "_bwe_observed_at",
+        "_feedback",
         "_packet_tap",
         "_sample",
         "_sendto",
         "_srtp",
+        "bwe",
         "close_reason",
         "closed_by_client",
         "created_at",
@@ -79,6 +94,7 @@ class Transport:
         "role",
         "rtcp_ssrc",
         "rtx_by_ssrc",
+        "send_log",
         "state",
         "stats",
         "twcc",
@@ -127,6 +143,12 @@ class Transport:
         self.twcc_ext_id = 0
         self.twcc: TwccRecorder | None = None
         self.downtracks_by_ssrc: dict[int, DownTrack] = {}
+        # Transport-cc toward a subscriber (enable_bwe): the counter and send log (the
+        # native Peer, or a SendLog), the matcher and the estimate; None until negotiated.
+        self.send_log: TransportSeqLog | None = None
+        self._feedback: FeedbackMatcher | None = None
+        self.bwe: BandwidthEstimator | None = None
+        self._bwe_observed_at = -BWE_OBSERVE_INTERVAL
         self.on_connected: Callable[[Transport], None] | None = None
         self.on_closed: Callable[[Transport], None] | None = None
         # Test hook: sees every decrypted RTP packet this transport receives (None in service).
@@ -181,6 +203,10 @@ class Transport:
         srtp, addr = self._srtp, self._addr
         if srtp is None or addr is None:
             return
+        log = self.send_log
+        if log is not None and len(packet) <= MAX_PROTECT_SIZE:
+            # The native core stamps what it sends itself the same way, on the same log.
+            packet = self._stamp(packet, log)
         protected = srtp.protect_rtp(packet if type(packet) is bytes else bytes(packet))
         if protected is None:
             self.stats.srtp_failures += 1
@@ -188,6 +214,57 @@ class Transport:
         self._sendto(protected, addr)
         self.stats.rtp_out += 1
         self.stats.rtp_bytes_out += len(protected)
+
+    def _stamp(self, packet: bytes | bytearray, log: TransportSeqLog) -> bytes | bytearray:
+        """This transport's next transport-wide number into the packet's transport-cc slot
+        (header only). A packet not newer than its stream's last (a resend) keeps the number
+        it went out with, as the native loop decides from the same record."""
+        if type(packet) is bytes:
+            if transport_seq_slot(packet, log.twcc_ext_id) < 0:
+                return packet
+            packet = bytearray(packet)
+        assert isinstance(packet, bytearray)
+        ssrc = int.from_bytes(packet[8:12])
+        downtrack = self.downtracks_by_ssrc.get(ssrc)
+        newer = True
+        if downtrack is not None and downtrack.ssrc == ssrc:
+            ahead = ((packet[2] << 8 | packet[3]) - downtrack.copy.last_seq) & 0xFFFF
+            newer = 0 < ahead < 0x8000
+        log.stamp(packet, time.monotonic(), newer)
+        return packet
+
+    def enable_bwe(self, ext_id: int) -> None:
+        """The subscriber negotiated transport-cc under `ext_id`: stamp our own transport-wide
+        numbers on what it is sent, and estimate its bandwidth from its feedback."""
+        log: TransportSeqLog = self.peer if self.peer is not None else SendLog()
+        log.enable_twcc(ext_id)
+        self.send_log = log
+        if self.bwe is None:
+            self.bwe = BandwidthEstimator()
+            self._feedback = FeedbackMatcher()
+
+    def _on_transport_feedback(self, plain: bytes, packet: TransportCC) -> None:
+        self.stats.twcc_feedback_received += 1
+        bwe, matcher, log = self.bwe, self._feedback, self.send_log
+        if bwe is None or matcher is None or log is None:
+            return
+        # The fixed FCI fields start 12 bytes into the RTCP packet.
+        feedback = parse_transport_feedback(plain, packet.offset - 12)
+        if feedback is None:
+            self.stats.rtcp_malformed += 1
+            return
+        lost, received = matcher.lost, matcher.received
+        results = matcher.match(feedback, log)
+        reported = self.stats.twcc_reported
+        reported[0] += matcher.received - received
+        reported[1] += matcher.lost - lost
+        if not results:
+            return
+        now = time.monotonic()
+        estimate = bwe.on_feedback(results, now)
+        if now - self._bwe_observed_at >= BWE_OBSERVE_INTERVAL:
+            self._bwe_observed_at = now
+            self.stats.bwe_estimates.observe(estimate)
 
     def send_rtcp(self, packet: bytes) -> None:
         srtp, addr = self._srtp, self._addr
@@ -463,6 +540,10 @@ class Transport:
                     downtrack = self.downtracks_by_ssrc.get(block.ssrc)
                     if downtrack is not None:
                         downtrack.on_report(block.fraction_lost, block.lsr, block.dlsr)
+                        if self.bwe is not None:
+                            self.bwe.rtt = downtrack.rtt
+            elif isinstance(packet, TransportCC):
+                self._on_transport_feedback(plain, packet)
 
     def _on_nack(self, nack: Nack) -> None:
         downtrack = self.downtracks_by_ssrc.get(nack.media_ssrc)

@@ -3,9 +3,11 @@
 Parity: one scripted session (audio and video with header extensions, an extension map that
 renames, drops and needs a two-byte rebuild, RTP padding, keyframe waits, publisher RTX
 repairs, subscriber NACKs answered with and without RTX, sender reports, transport-cc
-feedback, a publisher restart on a new SSRC, junk) goes through the engine once per path,
-with every source of randomness seeded the same way; every datagram that leaves, with its
-destination and in order, must be the same byte for byte.
+feedback both ways, the SFU's own transport-wide numbers stamped toward subscribers (in the
+loop, on rebuilt copies, RTX and plain resends), a publisher restart on a new SSRC, junk)
+goes through the engine once per path, with every source of randomness seeded the same way;
+every datagram that leaves, with its destination and in order, must be the same byte for
+byte.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import pytest
 from sfu.media import transport as transport_module
 from sfu.media.fastpath import probe
 from sfu.media.rtcp import build_nack, build_pli
-from sfu.media.rtp import build_rtx
+from sfu.media.rtp import build_rtx, read_transport_seq
+from sfu.media.twcc import TwccRecorder
 from tests.conftest import IN_CI, run_cli
 from tests.engine.harness import (
     AUDIO_SSRC,
@@ -116,14 +119,39 @@ def script(h: EngineHarness) -> None:
     pub.transport.mid_ext_id = 1
     pub.transport.enable_twcc(3)
     subscribers = []
-    # Ids kept (RTX negotiated), renamed and dropped in place, and one that needs the
-    # two-byte form (a rebuild the loop leaves to Python).
-    for ext_map, rtx in (({1: 1, 3: 3}, 97), ({1: 5, 3: 0}, None), ({1: 1, 3: 200}, None)):
+    # Ids kept (RTX negotiated), renamed and dropped in place, one that needs the two-byte
+    # form (a rebuild the loop leaves to Python), and transport-cc renamed without RTX (plain
+    # resends). Where the subscriber has transport-cc, the SFU stamps its own numbers.
+    stamping = {0: 3, 2: 200, 3: 4}
+    for ext_map, rtx in (
+        ({1: 1, 3: 3}, 97),
+        ({1: 5, 3: 0}, None),
+        ({1: 1, 3: 200}, None),
+        ({1: 0, 3: 4}, None),
+    ):
         client = h.client("whep")
         downtrack = h.add_downtrack(
             client, video, rtx_payload_type=rtx, ext_map=ext_map, payload_type=100
         )
+        if len(subscribers) in stamping:
+            client.transport.enable_bwe(stamping[len(subscribers)])
         subscribers.append((client, downtrack))
+    recorders = {i: TwccRecorder() for i in stamping}
+
+    def feedback() -> None:
+        """Stamping subscribers report what reached them, as a browser would."""
+        for i, ext_id in stamping.items():
+            client = subscribers[i][0]
+            for plain in client.receive().rtp:
+                number = read_transport_seq(plain, header_of(plain), ext_id)
+                if number >= 0:
+                    recorders[i].record(number, h.clock())
+            packets = recorders[i].build_feedback(
+                client.rtcp_ssrc, subscribers[i][1].ssrc, h.clock()
+            )
+            for packet in packets or ():
+                client.send_rtcp(packet)
+
     listener = h.client("whep")
     h.add_downtrack(listener, audio, ext_map={2: 4})
     late = h.client("whep", connect=False)
@@ -156,16 +184,19 @@ def script(h: EngineHarness) -> None:
         if seq == 20:
             send_video(100, key=True)  # out of order and far ahead; dropped by nobody
     h.advance(0.06)  # transport-cc feedback for what arrived so far
+    feedback()
     # The publisher repairs 12 with RTX (RFC 4588); 13 stays lost.
     rtx = build_rtx(sent[12], header_of(sent[12]), VIDEO_RTX_SSRC, 1, VP8.rtx_payload_type or 97)
     pub.send_rtp(rtx)
     # Subscribers ask for packets again: by their own sequence numbers.
-    for client, downtrack in subscribers[:2]:
+    for client, downtrack in (*subscribers[:2], subscribers[3]):
         assert client.srtp is not None
         wanted = [(s + downtrack._seq_offset) & 0xFFFF for s in (5, 6, 12, 13)]
         client.send_rtcp(build_nack(client.rtcp_ssrc, downtrack.ssrc, wanted))
         client.send_rtcp(build_pli(client.rtcp_ssrc, downtrack.ssrc))
-    h.advance(1.1)  # sender reports, feedback, the policy check
+    h.advance(0.5)
+    feedback()
+    h.advance(0.6)  # sender reports, feedback, the policy check
     # The publisher's encoder restarts on a new SSRC, announced only by MID.
     for seq in range(500, 520):
         packet = rtp_packet(
@@ -180,9 +211,21 @@ def script(h: EngineHarness) -> None:
         pub.send_rtp(packet)
     pub.send(b"\xff junk that is no protocol")
     pub.send(mid_extension(1, "0"))
-    h.advance(1.1)
+    h.advance(0.2)
+    feedback()
+    h.advance(0.9)
     # The whole sequence reached subscribers, and at least one copy needed the rebuild.
     assert subscribers[2][1].packets_sent > 0
+    for i in stamping:
+        transport = subscribers[i][0].transport
+        assert transport.send_log is not None
+        assert transport.send_log.twcc_stamped > 20
+        assert transport.bwe is not None
+        assert transport.bwe.updates > 0
+    # A plain resend went out byte for byte as the first send (same SRTP index, same
+    # header, transport-wide number included): the client's replay check drops it.
+    resent = subscribers[3][0].datagrams()
+    assert len(resent) > len(set(resent))
 
 
 def test_native_and_python_paths_send_the_same_datagrams() -> None:

@@ -1,12 +1,14 @@
 """Transport-wide congestion control feedback (draft-holmer-rmcat-transport-wide-cc-
 extensions-01): chunk encodings against the draft's examples, the recorder (wrap-around,
 reordering, duplicates, late packets, loss, gaps), packet round trips, and a real aiortc
-publisher that negotiates it and receives it."""
+publisher that negotiates it and receives it, with a subscriber that gets the SFU's own
+numbers and whose feedback moves its estimate."""
 
 from __future__ import annotations
 
 import random
 import struct
+import time
 from typing import Any
 
 import pytest
@@ -393,8 +395,8 @@ async def test_a_real_publisher_negotiates_transport_cc_and_gets_feedback(
         twcc = session.transport.twcc
         assert twcc is not None
 
-        # A subscriber offering transport-cc too is answered without it: the publisher's
-        # numbers describe the publisher's hop, and the SFU stamps none of its own.
+        # A subscriber offering transport-cc is answered with it: the SFU stamps its own
+        # numbers there (the publisher's describe the publisher's hop only).
         sub.addTransceiver("video", direction="recvonly")
         await sub.setLocalDescription(await sub.createOffer())
         status, _, body, _ = await post_offer(
@@ -403,9 +405,13 @@ async def test_a_real_publisher_negotiates_transport_cc_and_gets_feedback(
             {**SDP, **bearer(token(sfu, "room1", "sub", subscribe=True))},
         )
         assert status == 201, body
-        assert "transport-cc" not in body
-        assert "transport-wide-cc" not in body
+        sub_video = parse_sdp(body).media[0]
+        assert f"{TCC_ID} {EXT_TRANSPORT_CC}" in sub_video.values("extmap")
+        assert f"{pt} transport-cc" in sub_video.values("rtcp-fb")
         await sub.setRemoteDescription(RTCSessionDescription(body, "answer"))
+        sub_session = next(s for s in sfu.rooms.sessions.values() if s.kind == "whep")
+        bwe = sub_session.transport.bwe
+        assert bwe is not None
 
         stats = sfu.engine.stats
         await wait_for(
@@ -433,12 +439,24 @@ async def test_a_real_publisher_negotiates_transport_cc_and_gets_feedback(
         assert {65535, 0, 1}.issubset(covered)
         assert sum(s != NOT_RECEIVED for fb in fbs for s in fb.symbols) > 100
 
-        # What the subscriber receives carries no transport-wide number.
+        # What the subscriber receives carries the SFU's own numbers, from 0, one per packet
+        # sent to it: never the publisher's (which started at 65500).
         await wait_for(lambda: len(received.get(-id(sub_dtls), [])) > 20, what="media at sub")
+        numbers = []
         for data in received[-id(sub_dtls)]:
             hdr = parse_header(data)
             assert hdr is not None
-            assert read_transport_seq(data, hdr, TCC_ID) == -1
+            numbers.append(read_transport_seq(data, hdr, TCC_ID))
+        assert numbers == list(range(len(numbers)))
+        # aiortc sends no transport-wide feedback of its own: report what arrived as a
+        # browser would, on its SRTCP session, and the SFU's estimate for it moves.
+        recorder = TwccRecorder()
+        for number in numbers:
+            recorder.record(number, time.monotonic())
+        for packet in recorder.build_feedback(1234, 0, time.monotonic()) or ():
+            await sub_dtls._send_rtp(packet)
+        await wait_for(lambda: bwe.updates > 0, what="the subscriber's estimate updated")
+        assert stats.twcc_reported[0] >= len(numbers)
 
         # As an operator scrapes it.
         import aiohttp
