@@ -42,6 +42,8 @@ from sfu.media.producer import TrackCodec
 HOP_BY_HOP_EXTENSIONS = frozenset({EXT_TRANSPORT_CC, EXT_ABS_SEND_TIME})
 NOT_NEGOTIATED_WITH_PUBLISHERS = frozenset({EXT_ABS_SEND_TIME})
 # Identify a stream on the publisher's transport; subscribers are told SSRCs instead.
+# (A subscriber that negotiates transport-cc gets the publisher's element renamed to its own
+# id, but never its value: the SFU stamps its own numbers there, see subscriber_transport_cc.)
 NOT_FORWARDED_EXTENSIONS = HOP_BY_HOP_EXTENSIONS | {EXT_MID, EXT_RID, EXT_REPAIRED_RID}
 SUPPORTED_NAMES = "Opus, VP8, VP9, H.264, AV1"
 
@@ -213,6 +215,9 @@ class SubscribedTrack:
     codec: Codec  # the subscriber's entry for the publisher's codec
     ext_map: dict[int, int]  # publisher id -> subscriber id
     ext_lines: list[str]
+    # The subscriber's transport-cc id when it negotiated it (the SFU then stamps its own
+    # transport-wide numbers and estimates its bandwidth), else 0.
+    transport_cc: int = 0
 
 
 class Track(Protocol):
@@ -284,6 +289,13 @@ def plan_subscriber(offer: SessionDescription, published: Sequence[Track]) -> li
             for uri, sub_id in sub_ext.items()
             if uri in track.ext_ids and uri not in NOT_FORWARDED_EXTENSIONS
         ]
+        transport_cc = subscriber_transport_cc(sub_ext, match)
+        if transport_cc:
+            ext_lines.append(f"a=extmap:{transport_cc} {EXT_TRANSPORT_CC}")
+            publisher_id = track.ext_ids.get(EXT_TRANSPORT_CC)
+            if publisher_id is not None:
+                # The publisher's element is the slot the SFU's own number goes into.
+                ext_map[publisher_id] = transport_cc
         used.add(index)
         plan.append(
             SubscribedTrack(
@@ -291,9 +303,10 @@ def plan_subscriber(offer: SessionDescription, published: Sequence[Track]) -> li
                 track_index=index,
                 payload_type=match.payload_type,
                 rtx_payload_type=rtx.payload_type if rtx else None,
-                codec=_with_fb(match, media_fb(match)),
+                codec=_with_fb(match, media_fb(match) + (["transport-cc"] if transport_cc else [])),
                 ext_map=ext_map,
                 ext_lines=ext_lines,
+                transport_cc=transport_cc,
             )
         )
     if not any(isinstance(p, SubscribedTrack) for p in plan):
@@ -305,6 +318,21 @@ def plan_subscriber(offer: SessionDescription, published: Sequence[Track]) -> li
         )
     _check_bundle(offer, [p.section for p in plan if isinstance(p, SubscribedTrack)])
     return plan
+
+
+def subscriber_transport_cc(ext_ids: dict[str, int], codec: Codec) -> int:
+    """The subscriber's transport-cc extension id if it offers (or answers) both the
+    extension and `a=rtcp-fb:<pt> transport-cc` for the codec it gets, else 0.
+
+    With it the SFU is the sender of a transport-wide sequence (draft-holmer-rmcat-
+    transport-wide-cc-extensions-01): it stamps its own numbers into the 2-byte slot each
+    forwarded packet carries (the publisher's element, renamed in place) and estimates the
+    subscriber's bandwidth from the feedback (sfu/media/bwe.py). Ids above 14 work too: the
+    copy is then rebuilt in the two-byte form, as for any such id."""
+    ext_id = ext_ids.get(EXT_TRANSPORT_CC, 0)
+    if not 0 < ext_id < 256 or not any(f.lower() == "transport-cc" for f in codec.rtcp_fb):
+        return 0
+    return ext_id
 
 
 def subscriber_section_lines(

@@ -417,6 +417,6 @@ def usable_codecs(m: MediaSection) -> list[Codec]:
 
 def media_fb(codec: Codec) -> list[str]:
     """rtcp-fb the SFU honours itself in both directions: NACK (served from cache), PLI/FIR;
-    not REMB. transport-cc is added for publishers only (negotiation.plan_publisher)."""
+    not REMB. transport-cc is added where it is negotiated (negotiation.py)."""
     keep = {"nack", "nack pli", "ccm fir"}
     return [fb for fb in codec.rtcp_fb if fb.lower() in keep]

@@ -12,6 +12,12 @@ offers each track with the publisher's own payload type and extension ids, so fo
 no payload-type rewrite; a client that cannot decode the codec rejects the section (port 0 in
 its answer) and is told so; such a section stays rejected.
 
+Transport-cc is offered on every section under one id for the whole transport (the first
+publisher's own id when it fits the one-byte form, so Chrome's copies need no rename): a
+client that answers it gets the SFU's own transport-wide numbers in each copy's slot, and its
+feedback drives a bandwidth estimate (`Transport.bwe`). A later track whose publisher uses
+that id for another extension goes without that extension.
+
 A new section's down-track stays paused until the client's answer arrives: before that the
 client does not know the SSRC and could mis-route the packets by payload type.
 """
@@ -21,10 +27,12 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass, field
 
-from sfu.control.negotiation import NOT_FORWARDED_EXTENSIONS
+from sfu.control.negotiation import NOT_FORWARDED_EXTENSIONS, subscriber_transport_cc
 from sfu.control.sdp import (
+    EXT_TRANSPORT_CC,
     Codec,
     LocalTransport,
+    MediaSection,
     SdpError,
     candidate_lines,
     codec_lines,
@@ -33,6 +41,7 @@ from sfu.control.sdp import (
 )
 from sfu.media.downtrack import DownTrack
 from sfu.media.producer import Producer
+from sfu.media.transport import Transport
 
 SUBSCRIBER_FEEDBACK = ["nack", "nack pli", "ccm fir"]
 
@@ -75,9 +84,12 @@ class SubscriberOffers:
     # Whether the client can take a new track on a retired section (browsers can; aiortc's
     # receivers are one-shot and cannot). Without it, sections are appended as before.
     recycle: bool = False
+    # The transport-cc id offered on every section (chosen with the first track; 0 before).
+    transport_cc: int = 0
 
     def add(self, producer: Producer, stream: str, downtrack: DownTrack) -> OfferedTrack:
         downtrack.paused = True
+        self._map_transport_cc(producer, downtrack)
         for index, old in enumerate(self.sections if self.recycle else ()):
             if old.free and old.kind == producer.kind:
                 track = OfferedTrack(old.mid, producer.kind, producer, stream, downtrack)
@@ -89,6 +101,28 @@ class SubscriberOffers:
             self.sections.append(track)
         self.dirty = True
         return track
+
+    def _map_transport_cc(self, producer: Producer, downtrack: DownTrack) -> None:
+        """Point the publisher's transport-cc element at the transport's id (the slot the
+        SFU's number goes into) and drop an extension of this track that uses that id."""
+        publisher_id = producer.ext_ids.get(EXT_TRANSPORT_CC, 0)
+        forwarded = {
+            i for uri, i in producer.ext_ids.items() if uri not in NOT_FORWARDED_EXTENSIONS
+        }
+        if not self.transport_cc:
+            free = [i for i in range(1, 15) if i not in forwarded]
+            self.transport_cc = publisher_id if 0 < publisher_id < 15 else (free or [0])[0]
+        if not self.transport_cc:
+            return  # every one-byte id is taken by this track's extensions: offer none
+        table = list(downtrack.copy.ext_map)
+        table += [0] * (256 - len(table))
+        for i in forwarded:
+            if i == self.transport_cc:
+                table[i] = 0
+        if publisher_id:
+            table[publisher_id] = self.transport_cc
+        identity = all(i < len(table) and table[i] == i for i in producer.ext_ids.values())
+        downtrack.copy.set_ext_map(table, identity)
 
     def end(self, producer: Producer) -> OfferedTrack | None:
         for track in self.sections:
@@ -148,7 +182,7 @@ class SubscriberOffers:
             codec.clock_rate,
             codec.channels,
             codec.fmtp,
-            list(SUBSCRIBER_FEEDBACK) if track.kind == "video" else [],
+            (list(SUBSCRIBER_FEEDBACK) if track.kind == "video" else []) + ["transport-cc"],
         )
         codecs = [media]
         rtx_pt = track.downtrack.rtx_payload_type
@@ -189,8 +223,10 @@ class SubscriberOffers:
             "a=end-of-candidates",
         ]
         for uri, ext_id in track.producer.ext_ids.items():
-            if uri not in NOT_FORWARDED_EXTENSIONS:
+            if uri not in NOT_FORWARDED_EXTENSIONS and ext_id != self.transport_cc:
                 lines.append(f"a=extmap:{ext_id} {uri}")
+        if self.transport_cc:
+            lines.append(f"a=extmap:{self.transport_cc} {EXT_TRANSPORT_CC}")
         lines += codec_lines(codecs)
         lines += ["a=sendonly", f"a=msid:{track.stream} {track_id}"]
         ssrcs = [downtrack.ssrc]
@@ -238,6 +274,8 @@ class SubscriberOffers:
             if answer.setup(section) == "passive":
                 raise SdpError("the answer chose a=setup:passive; the SFU is the DTLS server")
             accepted_ids = set(section.extmaps().values())
+            if not self._answers_transport_cc(section, track):
+                accepted_ids.discard(self.transport_cc)
             track.downtrack.restrict_extensions(accepted_ids)
             if track.downtrack.rtx_payload_type not in payload_types:
                 track.downtrack.disable_rtx()
@@ -247,3 +285,18 @@ class SubscriberOffers:
                 started.append(track)
         self.awaiting_answer = False
         return started, rejected
+
+    def _answers_transport_cc(self, section: MediaSection, track: OfferedTrack) -> bool:
+        """Whether the client kept transport-cc for this section (extension and feedback);
+        the first time it does, the transport starts stamping and estimating."""
+        codec = next(
+            (c for c in section.codecs() if c.payload_type == track.producer.codec.payload_type),
+            None,
+        )
+        ext_id = 0 if codec is None else subscriber_transport_cc(section.extmaps(), codec)
+        if not ext_id or ext_id != self.transport_cc:
+            return False
+        sink = track.downtrack.sink
+        if isinstance(sink, Transport) and sink.bwe is None:
+            sink.enable_bwe(ext_id)
+        return True

@@ -19,6 +19,7 @@ from sfu.control.admission import Refused, request_ip
 from sfu.control.auth import AuthError, Grants, verify_token
 from sfu.control.keys import ADMISSION_KEY, CONFIG_KEY, ENGINE_KEY, LIFECYCLE_KEY, ROOMS_KEY
 from sfu.control.negotiation import (
+    SubscribedTrack,
     plan_publisher,
     plan_subscriber,
     render_answer,
@@ -329,6 +330,12 @@ def _subscribe(
             downtrack.producer.request_keyframe()
 
     session.transport.on_connected = on_connected
+    # BUNDLE: one transport-cc id serves the transport; every section answers the same.
+    transport_cc = next(
+        (i.transport_cc for i in plan if isinstance(i, SubscribedTrack) and i.transport_cc), 0
+    )
+    if transport_cc:
+        session.transport.enable_bwe(transport_cc)
     answer = render_answer(offer, _local(engine, session.transport), sections, secrets.randbits(62))
     log.info(
         "whep session %s subscribes to %r (%d tracks)", session.id, stream, len(session.downtracks)

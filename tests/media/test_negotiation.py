@@ -11,7 +11,14 @@ from sfu.control.negotiation import (
     plan_subscriber,
     render_answer,
 )
-from sfu.control.sdp import EXT_DEPENDENCY_DESCRIPTOR, LocalTransport, parse_sdp
+from sfu.control.sdp import (
+    EXT_DEPENDENCY_DESCRIPTOR,
+    LocalTransport,
+    parse_sdp,
+)
+from sfu.control.sdp import (
+    EXT_TRANSPORT_CC as TCC,
+)
 
 FP = "sha-256 " + ":".join(["AB"] * 32)
 LOCAL = LocalTransport("srvufrag", "serverpassword0123456789", FP, [("203.0.113.7", 7882)])
@@ -178,6 +185,7 @@ def test_subscriber_gets_publishers_codec_under_its_own_ids() -> None:
             "a=extmap:1 urn:ietf:params:rtp-hdrext:ssrc-audio-level",
             "a=extmap:9 urn:ietf:params:rtp-hdrext:ssrc-audio-level",
         )
+        .replace(f"a=extmap:3 {TCC}", f"a=extmap:5 {TCC}")
     )
     plan = plan_subscriber(parse_sdp(sub_offer), published)
     video = next(p for p in plan if isinstance(p, SubscribedTrack) and p.section.kind == "video")
@@ -185,10 +193,32 @@ def test_subscriber_gets_publishers_codec_under_its_own_ids() -> None:
     assert (video.codec.name, video.payload_type, video.rtx_payload_type) == ("H264", 102, 103)
     pub_video = next(t for t in published if t.kind == "video")
     # Publisher id 12 (dependency descriptor) becomes the subscriber's 7; orientation keeps 13;
-    # MID and transport-wide ids are not forwarded.
-    assert video.ext_map == {12: 7, 13: 13}
+    # MID is not forwarded. The publisher's transport-cc element (3) becomes the slot for the
+    # SFU's own numbers under the subscriber's id (5).
+    assert video.ext_map == {12: 7, 13: 13, 3: 5}
     assert pub_video.ext_ids[EXT_DEPENDENCY_DESCRIPTOR] == 12
-    assert audio.ext_map == {1: 9}
+    assert audio.ext_map == {1: 9, 3: 5}
+    for track in (video, audio):
+        assert track.transport_cc == 5
+        assert "transport-cc" in track.codec.rtcp_fb
+        assert f"a=extmap:5 {TCC}" in track.ext_lines
+
+
+def test_subscriber_without_transport_cc_gets_none() -> None:
+    """aiortc offers neither the extension nor the feedback: nothing is stamped for it, and
+    the publisher's element is dropped from its copies as before."""
+    published = plan_publisher(parse_sdp(offer("vp8-first"))).tracks
+    sub_offer = offer("vp8-first", direction="recvonly").replace(f"a=extmap:3 {TCC}\r\n", "")
+    plan = plan_subscriber(parse_sdp(sub_offer), published)
+    for track in (p for p in plan if isinstance(p, SubscribedTrack)):
+        assert track.transport_cc == 0
+        assert 3 not in track.ext_map
+        assert "transport-cc" not in track.codec.rtcp_fb
+        assert not any(TCC in line for line in track.ext_lines)
+    # The extension without the feedback is not enough either.
+    no_fb = offer("vp8-first", direction="recvonly").replace("transport-cc\r\n", "x-none\r\n")
+    plan = plan_subscriber(parse_sdp(no_fb), published)
+    assert all(p.transport_cc == 0 for p in plan if isinstance(p, SubscribedTrack))
 
 
 def test_subscriber_lacking_the_codec_profile_gets_a_clear_406() -> None:

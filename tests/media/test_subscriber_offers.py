@@ -14,6 +14,7 @@ from sfu.control.subscriber import SubscriberOffers
 from sfu.media.downtrack import DownTrack
 from sfu.media.producer import Producer, TrackCodec
 from sfu.media.rtcp import Bye, parse_rtcp
+from tests.engine.harness import EngineHarness
 from tests.media.test_downtrack import Sink, Upstream
 
 VP8 = TrackCodec("VP8", 90000, payload_type=96, rtx_payload_type=97)
@@ -190,3 +191,64 @@ async def test_a_track_added_while_an_offer_is_outstanding_waits_for_the_next_an
     offer = await exchange(s.offers, client)
     assert sections(offer) == [("0", 9, "sendonly"), ("1", 9, "sendonly")]
     assert not dave_copy.paused
+
+
+# -- transport-cc toward room subscribers ----------------------------------------------------
+
+TCC = "http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01"
+LEVEL = "urn:ietf:params:rtp-hdrext:ssrc-audio-level"
+MID = "urn:ietf:params:rtp-hdrext:sdes:mid"
+
+
+def browser_answer(offer: str, keep_transport_cc: bool = True) -> str:
+    """What a browser answers to the SFU's offer: every section received, extensions and
+    feedback kept (or transport-cc left out, as aiortc does)."""
+    lines = []
+    for line in offer.split("\r\n"):
+        if not keep_transport_cc and ("transport-cc" in line or TCC in line):
+            continue
+        lines.append(
+            line.replace("a=sendonly", "a=recvonly").replace("a=setup:actpass", "a=setup:active")
+        )
+    return "\r\n".join(lines)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_transport_cc_is_offered_once_per_transport_and_enabled_by_the_answer(keep: bool) -> None:
+    h = EngineHarness()
+    pub = h.client("whip")
+    # Chrome's ids: transport-cc 3, MID 4. A second publisher (Firefox-like) uses 3 for the
+    # audio level: that track goes without its audio level rather than clash.
+    video = h.add_producer(pub, kind="video", mid="0", ext_ids={TCC: 3, MID: 4})
+    other = h.client("whip")
+    audio = h.add_producer(
+        other, codec=OPUS, kind="audio", mid="0", ssrc=0x444, ext_ids={LEVEL: 3, MID: 1}
+    )
+    sub = h.client("whep", connect=False)
+    offers = SubscriberOffers(LOCAL)
+    video_down = h.add_downtrack(sub, video)
+    audio_down = h.add_downtrack(sub, audio, ext_map={3: 3})
+    offers.add(video, "alice", video_down)
+    offers.add(audio, "bob", audio_down)
+    offer = offers.next_offer()
+    assert offer is not None
+    assert offers.transport_cc == 3  # the first publisher's own id
+    parsed = parse_sdp(offer)
+    for m in parsed.media:
+        assert m.extmaps().get(TCC) == 3
+        assert "transport-cc" in m.codecs()[0].rtcp_fb
+    assert LEVEL not in parsed.media[1].extmaps()
+    assert audio_down.copy.ext_map[3] == 0  # its audio level is not sent under the same id
+    assert video_down.copy.ext_map[3] == 3  # the slot the SFU's numbers go into
+    assert sub.transport.bwe is None  # nothing until the client answers
+    offers.apply_answer(browser_answer(offer, keep))
+    if keep:
+        assert sub.transport.bwe is not None
+        assert sub.transport.bwe.estimate_bps == 1_000_000
+        assert sub.transport.send_log is not None
+        assert sub.transport.send_log.twcc_ext_id == 3
+        assert video_down.copy.ext_map[3] == 3
+    else:
+        # Without transport-cc the publisher's numbers must not reach the subscriber either.
+        assert sub.transport.bwe is None
+        assert video_down.copy.ext_map[3] == 0
