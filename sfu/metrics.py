@@ -294,6 +294,25 @@ class MediaCollector(Collector):
             "observation per subscriber transport per second while it sends feedback.",
             stats.bwe_estimates,
         )
+        switches = CounterMetricFamily(
+            "sfu_simulcast_layer_switches",
+            "Simulcast layer switches of subscriptions, by direction (up, down) and reason: "
+            "bandwidth (the subscriber's estimate), size (the size it shows the video at), "
+            "publisher (the publisher stopped sending that layer).",
+            labels=["direction", "reason"],
+        )
+        for direction in ("up", "down"):
+            for reason in ("bandwidth", "size", "publisher"):
+                switches.add_metric(
+                    [direction, reason], stats.layer_switches.get((direction, reason), 0)
+                )
+        yield switches
+        yield GaugeMetricFamily(
+            "sfu_simulcast_paused_subscriptions",
+            "Subscriptions to simulcast video whose video is paused now: no layer fits the "
+            "subscriber's bandwidth, or it shows the video at 0 x 0 (audio continues).",
+            value=stats.video_paused,
+        )
         yield _counter(
             "sfu_keyframe_cache_hits",
             "Subscriber video copies started on the track's cached packets since its last "

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sfu.media.downtrack import DownTrack, JoinTimer
-from sfu.media.producer import Producer
+from sfu.media.simulcast import AnyProducer
 from sfu.media.transport import Transport
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ class MediaSession:
     release_drain: Callable[[], None]
     id: str = field(default_factory=lambda: secrets.token_urlsafe(12))
     created_at: float = field(default_factory=time.monotonic)
-    producers: list[Producer] = field(default_factory=list)
+    producers: list[AnyProducer] = field(default_factory=list)
     downtracks: list[DownTrack] = field(default_factory=list)
     etag: str = field(default_factory=lambda: f'"{secrets.token_hex(8)}"')
 
@@ -80,6 +80,8 @@ class Participant:
     offers: SubscriberOffers | None = None
     subscribe_all: bool = True
     wanted: set[str] = field(default_factory=set)
+    # Track id -> the (width, height) its video is shown at (`video_size`), for simulcast.
+    video_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
     muted: dict[str, bool] = field(default_factory=dict)
     release_drain: Callable[[], None] = lambda: None
     join: JoinTimer = field(default_factory=JoinTimer)

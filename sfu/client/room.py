@@ -184,6 +184,13 @@ class RoomClient:
         await self.publisher.setRemoteDescription(RTCSessionDescription(answer["sdp"], "answer"))
         return transceivers
 
+    async def set_video_size(self, track: str, width: int, height: int) -> None:
+        """Tell the SFU the size this participant shows `track` at: it then forwards no
+        simulcast layer larger than needed (0, 0: no video for it). aiortc cannot send
+        simulcast itself (one encoding per sender), but receives simulcast tracks as one
+        ordinary stream."""
+        await self.send({"type": "video_size", "track": track, "width": width, "height": height})
+
     async def relay(self, payload: str, to: str | None = None) -> None:
         message: dict[str, Any] = {"type": "relay", "payload": payload}
         if to is not None:

@@ -46,6 +46,8 @@ NOT_NEGOTIATED_WITH_PUBLISHERS = frozenset({EXT_ABS_SEND_TIME})
 # id, but never its value: the SFU stamps its own numbers there, see subscriber_transport_cc.)
 NOT_FORWARDED_EXTENSIONS = HOP_BY_HOP_EXTENSIONS | {EXT_MID, EXT_RID, EXT_REPAIRED_RID}
 SUPPORTED_NAMES = "Opus, VP8, VP9, H.264, AV1"
+# Simulcast layers accepted per video track (RFC 8853); more are left out of the answer.
+MAX_SIMULCAST_LAYERS = 3
 
 
 class NegotiationError(ApiError):
@@ -60,6 +62,9 @@ class PublishedTrack:
     ext_ids: dict[str, int]
     ssrc: int | None
     rtx_ssrc: int | None
+    # Simulcast layers by RID, lowest first (the order of the offer's a=simulcast:send);
+    # empty: one stream.
+    rids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,9 @@ def plan_publisher(offer: SessionDescription) -> PublisherPlan:
             if uri not in NOT_NEGOTIATED_WITH_PUBLISHERS
         }
         ssrc, rtx_ssrc = _declared_ssrcs(m)
+        rids = _simulcast_rids(m, ext_ids)
+        if rids:
+            ssrc = rtx_ssrc = None  # each layer's SSRC is learnt from its RID extension
         mid = m.mid or ""
         tracks.append(
             PublishedTrack(
@@ -139,6 +147,7 @@ def plan_publisher(offer: SessionDescription) -> PublisherPlan:
                 ext_ids=ext_ids,
                 ssrc=ssrc,
                 rtx_ssrc=rtx_ssrc if rtx else None,
+                rids=rids,
             )
         )
         answer_codecs = [_with_fb(primary, _publisher_fb(primary, ext_ids))]
@@ -146,6 +155,9 @@ def plan_publisher(offer: SessionDescription) -> PublisherPlan:
             answer_codecs.append(_with_fb(rtx, []))
         lines = [f"a=extmap:{i} {uri}" for uri, i in ext_ids.items()]
         lines += codec_lines(answer_codecs)
+        if rids:
+            lines += [f"a=rid:{rid} recv" for rid in rids]
+            lines.append("a=simulcast:recv " + ";".join(rids))
         sections.append((m, [*lines, "a=recvonly"]))
     if not tracks:
         reason = "; ".join(unusable) or "no sendonly/sendrecv audio or video section"
@@ -156,6 +168,17 @@ def plan_publisher(offer: SessionDescription) -> PublisherPlan:
         )
     _check_bundle(offer, [m for m, lines in sections if lines is not None])
     return PublisherPlan(tracks, sections)
+
+
+def _simulcast_rids(m: MediaSection, ext_ids: dict[str, int]) -> tuple[str, ...]:
+    """The simulcast layers the SFU accepts for this section: video only, at most
+    MAX_SIMULCAST_LAYERS, and only when the RID header extension is negotiated (without it
+    the layers' SSRCs could not be told apart). Declined, a browser sends its first
+    encoding only."""
+    if m.kind != "video" or EXT_RID not in ext_ids:
+        return ()
+    rids = m.simulcast_send()
+    return tuple(rids[:MAX_SIMULCAST_LAYERS]) if len(rids) > 1 else ()
 
 
 def _publisher_fb(codec: Codec, ext_ids: dict[str, int]) -> list[str]:

@@ -210,6 +210,24 @@ class MediaSection:
             if len(v.split()) >= 2 and v.split()[1] == direction
         ]
 
+    def simulcast_send(self) -> list[str]:
+        """The RIDs of `a=simulcast:send` (RFC 8853 section 5.1), in the offer's order, each
+        layer's first alternative, a paused mark (`~`) dropped; only RIDs that also have an
+        `a=rid:<id> send` line (section 5.2 requires it). Empty without simulcast."""
+        declared = set(self.rids("send"))
+        for value in self.values("simulcast"):
+            parts = value.split()
+            for direction, layers in zip(parts[::2], parts[1::2], strict=False):
+                if direction != "send":
+                    continue
+                rids = []
+                for layer in layers.split(";"):
+                    first = layer.split(",")[0].removeprefix("~")
+                    if first in declared and first not in rids:
+                        rids.append(first)
+                return rids
+        return []
+
 
 @dataclass
 class SessionDescription:

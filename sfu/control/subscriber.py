@@ -40,7 +40,7 @@ from sfu.control.sdp import (
     render,
 )
 from sfu.media.downtrack import DownTrack
-from sfu.media.producer import Producer
+from sfu.media.simulcast import AnyProducer
 from sfu.media.transport import Transport
 
 SUBSCRIBER_FEEDBACK = ["nack", "nack pli", "ccm fir"]
@@ -50,7 +50,7 @@ SUBSCRIBER_FEEDBACK = ["nack", "nack pli", "ccm fir"]
 class OfferedTrack:
     mid: str
     kind: str
-    producer: Producer
+    producer: AnyProducer
     stream: str
     downtrack: DownTrack
     ended: bool = False
@@ -87,7 +87,7 @@ class SubscriberOffers:
     # The transport-cc id offered on every section (chosen with the first track; 0 before).
     transport_cc: int = 0
 
-    def add(self, producer: Producer, stream: str, downtrack: DownTrack) -> OfferedTrack:
+    def add(self, producer: AnyProducer, stream: str, downtrack: DownTrack) -> OfferedTrack:
         downtrack.paused = True
         self._map_transport_cc(producer, downtrack)
         for index, old in enumerate(self.sections if self.recycle else ()):
@@ -102,7 +102,7 @@ class SubscriberOffers:
         self.dirty = True
         return track
 
-    def _map_transport_cc(self, producer: Producer, downtrack: DownTrack) -> None:
+    def _map_transport_cc(self, producer: AnyProducer, downtrack: DownTrack) -> None:
         """Point the publisher's transport-cc element at the transport's id (the slot the
         SFU's number goes into) and drop an extension of this track that uses that id."""
         publisher_id = producer.ext_ids.get(EXT_TRANSPORT_CC, 0)
@@ -124,7 +124,7 @@ class SubscriberOffers:
         identity = all(i < len(table) and table[i] == i for i in producer.ext_ids.values())
         downtrack.copy.set_ext_map(table, identity)
 
-    def end(self, producer: Producer) -> OfferedTrack | None:
+    def end(self, producer: AnyProducer) -> OfferedTrack | None:
         for track in self.sections:
             if track.producer is producer and not track.ended:
                 track.ended = True

@@ -33,6 +33,8 @@ from sfu.logs import log_context
 from sfu.media.downtrack import JoinTimer
 from sfu.media.dtls import Fingerprint
 from sfu.media.engine import MediaEngine
+from sfu.media.layers import MAX_VIDEO_DIMENSION
+from sfu.media.simulcast import SimulcastDownTrack
 from sfu.media.transport import Transport
 from sfu.names import room_name_problem
 from sfu.rooms import LimitExceeded, MediaSession, Rooms
@@ -284,6 +286,26 @@ def _publish(
     return _created(request, session, answer)
 
 
+def _video_size_query(request: web.Request) -> tuple[int, int] | None:
+    """`?video_width=W&video_height=H`: the size the player shows the video at, which caps
+    the simulcast layer sent (docs/protocol.md); absent: the largest that fits."""
+    width, height = request.query.get("video_width"), request.query.get("video_height")
+    if width is None and height is None:
+        return None
+    try:
+        size = (int(width or ""), int(height or ""))
+    except ValueError:
+        size = (-1, -1)
+    if not all(0 <= v <= MAX_VIDEO_DIMENSION for v in size):
+        raise Problem(
+            400,
+            "invalid_video_size",
+            f"video_width and video_height must both be integers 0-{MAX_VIDEO_DIMENSION} "
+            "(0 x 0: no video)",
+        )
+    return size
+
+
 def _subscribe(
     request: web.Request, grants: Grants, room: str, stream: str, offer: SessionDescription
 ) -> web.Response:
@@ -295,6 +317,7 @@ def _subscribe(
             404, "stream_not_found", f"no stream {stream!r} is being published in {room!r}"
         )
     plan = plan_subscriber(offer, publication.producers)
+    size = _video_size_query(request)
     session = _open_session(request, "whep", grants, room, stream, offer)
     rooms.add(session)
     cname = secrets.token_hex(8)
@@ -316,6 +339,8 @@ def _subscribe(
             ext_map=item.ext_map,
             join=join,
         )
+        if size is not None and isinstance(downtrack, SimulcastDownTrack):
+            downtrack.max_width, downtrack.max_height = size
         session.downtracks.append(downtrack)
         sections.append(
             (

@@ -258,7 +258,13 @@ class DownTrack:
         self._paused = value
         if value and self.active:
             self._deactivate()
-        self.producer.refresh_attention()
+        for producer in self.sources():
+            producer.refresh_attention()
+
+    def sources(self) -> tuple[Producer, ...]:
+        """The producers that hand this copy packets (a simulcast copy: two while it
+        switches layers)."""
+        return (self.producer,)
 
     # -- per packet (until started; then the router sends) -----------------------------------
 

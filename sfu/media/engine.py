@@ -32,6 +32,7 @@ from sfu.media.ice import Address, IceLiteAgent
 from sfu.media.producer import Producer, TrackCodec
 from sfu.media.router import Router
 from sfu.media.rtp import id_map_list
+from sfu.media.simulcast import SimulcastDownTrack, SimulcastProducer, allocate_transport
 from sfu.media.stats import MediaStats
 from sfu.media.stun import StunError, parse
 from sfu.media.transport import Transport, TransportState
@@ -40,6 +41,9 @@ log = logging.getLogger(__name__)
 
 TIMER_INTERVAL = 0.05
 SENDER_REPORT_INTERVAL = 1.0
+# How often each subscriber's simulcast layers are chosen again (simulcast.py, layers.py):
+# often enough to follow the estimate within a second, rarely enough to cost nothing.
+LAYER_INTERVAL = 0.25
 _ERROR_LOG_INTERVAL = 10.0
 # The media socket's receive buffer. Everything for every session arrives on one socket, junk
 # included: the kernel's default (208 KiB) holds 90-250 datagrams, which a 2000/s junk flood
@@ -102,6 +106,7 @@ class MediaEngine(asyncio.DatagramProtocol):
         self.agent = IceLiteAgent(consent_timeout=settings.consent_timeout)
         self._stats = MediaStats()
         self._fastpath = fastpath.load(settings.fastpath)
+        self._next_layers = 0.0
         self.router: Router = (
             Router(self._stats, settings.integrity_sample_every)
             if self._fastpath is None
@@ -273,9 +278,51 @@ class MediaEngine(asyncio.DatagramProtocol):
         ext_ids: dict[str, int],
         ssrc: int | None,
         rtx_ssrc: int | None,
+        rids: Sequence[str] = (),
+    ) -> Producer | SimulcastProducer:
+        """A published track: one producer, or with `rids` (simulcast) one producer per
+        layer grouped in a SimulcastProducer; each layer's SSRC is learnt from its RID."""
+        producer_id = f"{transport.id}:{mid}"
+        if rids:
+            track = SimulcastProducer(
+                producer_id,
+                mid,
+                codec,
+                ext_ids,
+                rids,
+                lambda layer_id, rid: self._new_producer(
+                    transport, layer_id, kind, mid, codec, ext_ids, None, None, rid
+                ),
+            )
+            transport.producers.append(track)
+            transport.producers_by_mid[mid] = track
+            return track
+        producer = self._new_producer(
+            transport, producer_id, kind, mid, codec, ext_ids, ssrc, rtx_ssrc
+        )
+        transport.producers.append(producer)
+        transport.producers_by_mid[mid] = producer
+        if ssrc is not None:
+            transport.producers_by_ssrc[ssrc] = producer
+            transport.routes_changed()
+        if rtx_ssrc is not None:
+            transport.rtx_by_ssrc[rtx_ssrc] = producer
+        return producer
+
+    def _new_producer(
+        self,
+        transport: Transport,
+        producer_id: str,
+        kind: str,
+        mid: str,
+        codec: TrackCodec,
+        ext_ids: dict[str, int],
+        ssrc: int | None,
+        rtx_ssrc: int | None,
+        rid: str | None = None,
     ) -> Producer:
-        producer = Producer(
-            f"{transport.id}:{mid}",
+        return Producer(
+            producer_id,
             kind,
             mid,
             codec,
@@ -291,20 +338,13 @@ class MediaEngine(asyncio.DatagramProtocol):
             keyframe_totals=self._stats.keyframe_requests,
             router=self.router,
             keyframe_cache=self.settings.keyframe_cache,
+            rid=rid,
         )
-        transport.producers.append(producer)
-        transport.producers_by_mid[mid] = producer
-        if ssrc is not None:
-            transport.producers_by_ssrc[ssrc] = producer
-            transport.routes_changed()
-        if rtx_ssrc is not None:
-            transport.rtx_by_ssrc[rtx_ssrc] = producer
-        return producer
 
     def add_downtrack(
         self,
         transport: Transport,
-        producer: Producer,
+        producer: Producer | SimulcastProducer,
         *,
         payload_type: int,
         rtx_payload_type: int | None,
@@ -317,8 +357,11 @@ class MediaEngine(asyncio.DatagramProtocol):
                 raise ValueError(f"payload type {pt} is outside 0-127")
         ssrc = self._new_ssrc(transport)
         rtx_ssrc = self._new_ssrc(transport) if rtx_payload_type is not None else None
-        downtrack = DownTrack(
-            producer,
+        kind: type[DownTrack] = DownTrack
+        if isinstance(producer, SimulcastProducer):
+            kind = SimulcastDownTrack
+        downtrack = kind(
+            producer,  # type: ignore[arg-type]
             transport,
             ssrc=ssrc,
             payload_type=payload_type,
@@ -502,6 +545,28 @@ class MediaEngine(asyncio.DatagramProtocol):
 
     # -- timers ------------------------------------------------------------------------------
 
+    def allocate_layers(self, now: float) -> None:
+        """Measure every simulcast layer, then choose each subscriber's layers within its
+        bandwidth estimate and the sizes it asked for."""
+        subscribers: list[tuple[Transport, list[SimulcastDownTrack]]] = []
+        for transport in self.transports.values():
+            if transport.state is not TransportState.CONNECTED:
+                continue
+            for track in transport.producers:
+                if isinstance(track, SimulcastProducer):
+                    track.sample(now)
+            copies = [
+                d
+                for d in dict.fromkeys(transport.downtracks_by_ssrc.values())
+                if isinstance(d, SimulcastDownTrack) and not d.closed
+            ]
+            if copies:
+                subscribers.append((transport, copies))
+        for transport, copies in subscribers:
+            bwe = getattr(transport, "bwe", None)
+            estimate: float | None = None if bwe is None else bwe.estimate_bps
+            allocate_transport(copies, estimate, now)
+
     async def _run_timers(self) -> None:
         next_reports = time.monotonic() + SENDER_REPORT_INTERVAL
         while True:
@@ -516,6 +581,9 @@ class MediaEngine(asyncio.DatagramProtocol):
 
     def tick(self, now: float, *, send_reports: bool) -> None:
         self._fold_native()
+        if now >= self._next_layers:
+            self._next_layers = now + LAYER_INTERVAL
+            self.allocate_layers(now)
         for session in self.agent.expire(now):
             transport = self._by_ufrag.get(session.local_ufrag)
             if transport is not None:

@@ -193,7 +193,7 @@ class Producer:
         self.height = 0
         # Received bits per second over the last RATE_WINDOW (sample_rate()).
         self.bitrate = 0.0
-        self._rate_at = self.created_at
+        self._rate_at: float | None = None  # the first sample starts the first window
         self._rate_bytes = 0
         # Video packets since the last keyframe began (empty: no usable GOP).
         self.keyframe_cache = keyframe_cache and kind == "video"
@@ -278,6 +278,15 @@ class Producer:
                 gop.append(data)
                 self._gop_bytes += len(data)
 
+    @property
+    def rids(self) -> list[str]:
+        return []  # one stream, not simulcast layers
+
+    def layer(self, rid: str | None) -> Producer | None:
+        """The stream a packet with this RID belongs to: this one (RIDs name layers of
+        simulcast tracks only)."""
+        return self
+
     def cached_gop(self) -> list[bytes]:
         """The packets since the last keyframe began (oldest first), empty when there is no
         complete run: a new copy can start on them without waiting for a keyframe."""
@@ -286,6 +295,9 @@ class Producer:
     def sample_rate(self, now: float) -> float:
         """The received bitrate, re-measured when RATE_WINDOW has passed (called by the
         layer allocator's timer, never per packet)."""
+        if self._rate_at is None:
+            self._rate_at, self._rate_bytes = now, self.bytes_received
+            return self.bitrate
         elapsed = now - self._rate_at
         if elapsed >= RATE_WINDOW:
             self.bitrate = (self.bytes_received - self._rate_bytes) * 8 / elapsed

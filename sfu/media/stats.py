@@ -70,6 +70,7 @@ class MediaStats:
         "join_latency",
         "keyframe_cache_hits",
         "keyframe_requests",
+        "layer_switches",
         "nacks_missed",
         "nacks_received",
         "nacks_served",
@@ -88,6 +89,7 @@ class MediaStats:
         "twcc_feedback_received",
         "twcc_feedback_sent",
         "twcc_reported",
+        "video_paused",
     )
 
     def __init__(self) -> None:
@@ -98,6 +100,10 @@ class MediaStats:
         self.keyframe_requests = [0, 0, 0]
         # Copies started on a producer's keyframe cache instead of waiting for a keyframe.
         self.keyframe_cache_hits = 0
+        # Simulcast: layer switches by (direction, reason), and subscriptions whose video is
+        # paused now because no layer fits (or the subscriber asked for none).
+        self.layer_switches: dict[tuple[str, str], int] = {}
+        self.video_paused = 0
         self.rtx_sent = [0]
         # Sampled: receive to last send of one packet, in seconds.
         self.forward_latency = LatencyHistogram(FORWARD_BUCKETS)
@@ -138,3 +144,7 @@ class MediaStats:
         self.rtp_out = 0
         self.rtp_unroutable = 0
         self.srtp_failures = 0
+
+    def count_switch(self, direction: str, reason: str) -> None:
+        key = (direction, reason)
+        self.layer_switches[key] = self.layer_switches.get(key, 0) + 1

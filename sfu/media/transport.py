@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from sfu.media.downtrack import DownTrack
     from sfu.media.producer import Producer
     from sfu.media.router import Attention
+    from sfu.media.simulcast import SimulcastProducer
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,9 @@ class Transport:
         "producers",
         "producers_by_mid",
         "producers_by_ssrc",
+        "repaired_rid_ext_id",
         "retired_ssrcs",
+        "rid_ext_id",
         "role",
         "rtcp_ssrc",
         "rtx_by_ssrc",
@@ -131,14 +134,19 @@ class Transport:
         self._srtp: SrtpSession | None = None
         self.rtcp_ssrc = secrets.randbits(32) or 1
         self._sample = FORWARD_SAMPLE_EVERY
-        self.producers: list[Producer] = []
+        # Published tracks (a simulcast track is one entry; its layers route by SSRC).
+        self.producers: list[Producer | SimulcastProducer] = []
         self.producers_by_ssrc: dict[int, Producer] = {}
         self.rtx_by_ssrc: dict[int, Producer] = {}
         # SSRCs a track moved away from (a publisher restart), oldest first: a late or
         # replayed packet of the old stream must not switch the track back to it.
         self.retired_ssrcs: dict[int, None] = {}
-        self.producers_by_mid: dict[str, Producer] = {}
+        self.producers_by_mid: dict[str, Producer | SimulcastProducer] = {}
         self.mid_ext_id: int | None = None
+        # Simulcast: the RID and repaired-RID extension ids (RFC 8852), which name the layer
+        # an undeclared SSRC (or its RTX stream) belongs to.
+        self.rid_ext_id: int | None = None
+        self.repaired_rid_ext_id: int | None = None
         # Transport-wide congestion control (publishers): 0 until negotiated.
         self.twcc_ext_id = 0
         self.twcc: TwccRecorder | None = None
@@ -373,7 +381,7 @@ class Transport:
     def _became_ready(self) -> None:
         """Copies to this subscriber can start now: their producers look at each packet
         until they have (see Producer.refresh_attention)."""
-        for producer in {d.producer for d in self.downtracks_by_ssrc.values()}:
+        for producer in {p for d in self.downtracks_by_ssrc.values() for p in d.sources()}:
             producer.refresh_attention()
 
     # -- SRTP / SRTCP ------------------------------------------------------------------------
@@ -468,13 +476,16 @@ class Transport:
     def _bind_ssrc(self, data: bytes, hdr: RtpHeader) -> Producer | None:
         """First packet of an SSRC the SDP did not declare: find its track by MID (RFC 8843)."""
         ssrc, payload_type = hdr.ssrc, hdr.payload_type
-        producer: Producer | None = None
+        track: Producer | SimulcastProducer | None = None
         if self.mid_ext_id is not None:
             mid = read_sdes_extension(data, hdr, self.mid_ext_id)
             if mid is not None:
-                producer = self.producers_by_mid.get(mid)
-        if producer is None and len(self.producers) == 1:
-            producer = self.producers[0]
+                track = self.producers_by_mid.get(mid)
+        if track is None and len(self.producers) == 1:
+            track = self.producers[0]
+        if track is None:
+            return None
+        producer = track.layer(self._rid(track, data, hdr) if track.rids else None)
         if producer is None:
             return None
         if payload_type == producer.codec.rtx_payload_type:
@@ -494,6 +505,16 @@ class Transport:
         else:
             return None
         return producer
+
+    def _rid(self, track: Producer | SimulcastProducer, data: bytes, hdr: RtpHeader) -> str | None:
+        """The simulcast layer a new SSRC belongs to: named by its RID, or for an RTX stream
+        by the repaired RID (RFC 8852 section 3.2)."""
+        rid: str | None = None
+        if hdr.payload_type == track.codec.rtx_payload_type and self.repaired_rid_ext_id:
+            rid = read_sdes_extension(data, hdr, self.repaired_rid_ext_id)
+        if rid is None and self.rid_ext_id is not None:
+            rid = read_sdes_extension(data, hdr, self.rid_ext_id)
+        return rid
 
     def _retire_ssrc(self, ssrc: int) -> None:
         """A track moved to a new SSRC: the old one routes nowhere and keeps no SRTP state."""
@@ -567,13 +588,14 @@ class Transport:
             if report is not None:
                 self.send_rtcp(report)
 
-    def remove_producer(self, producer: Producer) -> None:
+    def remove_producer(self, producer: Producer | SimulcastProducer) -> None:
         """Forget one track the publisher stopped (a re-offer without it) while the others
         go on: kept here, every stop and restart left a closed track and its packet ring in
         a transport that lives as long as the call."""
         self.producers = [p for p in self.producers if p is not producer]
+        streams = set(getattr(producer, "layers", ())) | {producer}
         for table in (self.producers_by_ssrc, self.rtx_by_ssrc):
-            for ssrc in [s for s, p in table.items() if p is producer]:
+            for ssrc in [s for s, p in table.items() if p in streams]:
                 del table[ssrc]
         self.routes_changed()
         if self.producers_by_mid.get(producer.mid) is producer:

@@ -155,7 +155,8 @@ def test_publisher_audio_keeps_opus_fmtp_and_drops_pcmu() -> None:
     assert "a=fmtp:111 minptime=10;useinbandfec=1" in body
 
 
-def test_simulcast_offer_is_answered_without_simulcast() -> None:
+def test_simulcast_without_the_rid_extension_is_answered_without_simulcast() -> None:
+    # Without RIDs in the packets the layers' SSRCs could not be told apart.
     rids = "a=rid:h send\r\na=rid:l send\r\na=simulcast:send h;l\r\n"
     sdp = parse_sdp(offer("vp8-first", extra_video=rids))
     # The parser keeps what it does not act on.
@@ -164,6 +165,28 @@ def test_simulcast_offer_is_answered_without_simulcast() -> None:
     answer = render_answer(sdp, LOCAL, plan_publisher(sdp).answer_sections, 1)
     assert "a=simulcast" not in answer
     assert "a=rid" not in answer
+
+
+def test_simulcast_layers_are_accepted_lowest_first_up_to_three() -> None:
+    rids = (
+        "a=extmap:10 urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id\r\n"
+        "a=extmap:11 urn:ietf:params:rtp-hdrext:sdes:repaired-rtp-stream-id\r\n"
+        "a=rid:q send\r\na=rid:h send\r\na=rid:f send max-width=1280\r\na=rid:x send\r\n"
+        "a=simulcast:send q;~h,z;f;x\r\n"
+    )
+    sdp = parse_sdp(offer("vp8-first", extra_video=rids))
+    plan = plan_publisher(sdp)
+    video = next(t for t in plan.tracks if t.kind == "video")
+    # Paused (~) layers are accepted, alternatives beyond the first and a fourth are not.
+    assert video.rids == ("q", "h", "f")
+    assert (video.ssrc, video.rtx_ssrc) == (None, None)  # learnt from each layer's RID
+    body = section_of(render_answer(sdp, LOCAL, plan.answer_sections, 1), "video")
+    assert "a=rid:q recv\r\na=rid:h recv\r\na=rid:f recv\r\n" in body
+    assert "a=simulcast:recv q;h;f\r\n" in body
+    assert "a=extmap:10 urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id" in body
+    assert "a=extmap:11 urn:ietf:params:rtp-hdrext:sdes:repaired-rtp-stream-id" in body
+    audio = next(t for t in plan.tracks if t.kind == "audio")
+    assert audio.rids == ()
 
 
 def test_video_with_no_forwardable_codec_is_rejected_but_audio_kept() -> None:

@@ -377,3 +377,27 @@ async def test_subscribing_to_a_chosen_set_of_tracks(sfu: Server) -> None:
     finally:
         await alice.leave()
         await bob.leave()
+
+
+async def test_video_size_is_checked_and_kept_per_track(sfu: Server) -> None:
+    alice = client(sfu, "alice")
+    bob = client(sfu, "bob")
+    try:
+        await alice.connect()
+        await alice.publish([ColourTrack()])
+        await bob.connect()
+        session = sfu.hub.participants[alice.participant_id].publication
+        assert session is not None
+        video = session.producers[0]
+        await bob.set_video_size(video.id, 320, 180)
+        await bob.send({"type": "ping", "ts": 1})
+        await bob.next_event("pong")  # no error came before it
+        assert sfu.hub.participants[bob.participant_id].video_sizes == {video.id: (320, 180)}
+        await bob.send({"type": "video_size", "track": "nope", "width": 1, "height": 1})
+        assert (await bob.next_event("error"))["code"] == "unknown_track"
+        for bad in ({"width": -1, "height": 2}, {"width": True, "height": 2}, {"width": 9}):
+            await bob.send({"type": "video_size", "track": video.id, **bad})
+            assert (await bob.next_event("error"))["code"] == "invalid_message"
+    finally:
+        await alice.leave()
+        await bob.leave()

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import functools
 import logging
 import secrets
 import time
@@ -34,7 +35,7 @@ from sfu.control.subscriber import SubscriberOffers
 from sfu.logs import log_context
 from sfu.media.dtls import Fingerprint
 from sfu.media.engine import MediaEngine
-from sfu.media.producer import Producer
+from sfu.media.simulcast import AnyProducer, SimulcastDownTrack
 from sfu.media.speaker import SpeakerDetector
 from sfu.media.transport import Transport
 from sfu.names import room_name_problem
@@ -105,8 +106,8 @@ class RoomHub:
         """(room, identity) of every participant, for the metrics (`RoomsView`)."""
         return [(p.room, p.identity) for p in self.participants.values()]
 
-    def _audio_producers(self, room: Room) -> dict[str, list[Producer]]:
-        out: dict[str, list[Producer]] = {}
+    def _audio_producers(self, room: Room) -> dict[str, list[AnyProducer]]:
+        out: dict[str, list[AnyProducer]] = {}
         for session in room.publications.values():
             owner = self._owner_id(session)
             out[owner] = [p for p in session.producers if p.kind == "audio" and not p.closed]
@@ -119,7 +120,7 @@ class RoomHub:
                 return participant.id
         return session.id
 
-    def _track_info(self, session: MediaSession, producer: Producer) -> dict[str, Any]:
+    def _track_info(self, session: MediaSession, producer: AnyProducer) -> dict[str, Any]:
         owner = self._owner_id(session)
         participant = self.participants.get(owner)
         muted = participant.muted.get(producer.id, False) if participant else False
@@ -184,7 +185,7 @@ class RoomHub:
             self._broadcast(room, {"type": "participant_left", "participant": session.id})
 
     def tracks_published(
-        self, room: Room, session: MediaSession, producers: list[Producer]
+        self, room: Room, session: MediaSession, producers: list[AnyProducer]
     ) -> None:
         owner = self._owner_id(session)
         for producer in producers:
@@ -196,7 +197,7 @@ class RoomHub:
                 self._sync_subscriptions(member)
 
     def tracks_unpublished(
-        self, room: Room, session: MediaSession, producers: list[Producer]
+        self, room: Room, session: MediaSession, producers: list[AnyProducer]
     ) -> None:
         for producer in producers:
             self._broadcast(room, {"type": "track_unpublished", "track": producer.id})
@@ -206,7 +207,7 @@ class RoomHub:
 
     # -- subscriptions -----------------------------------------------------------------------
 
-    def _available(self, member: Participant) -> list[tuple[MediaSession, Producer]]:
+    def _available(self, member: Participant) -> list[tuple[MediaSession, AnyProducer]]:
         room = self.rooms.get(member.room)
         if room is None:
             return []
@@ -239,6 +240,11 @@ class RoomHub:
                 ext_map=ext,
                 join=member.join,
             )
+            if isinstance(downtrack, SimulcastDownTrack):
+                size = member.video_sizes.get(producer.id)
+                if size is not None:
+                    downtrack.max_width, downtrack.max_height = size
+                downtrack.on_layer = functools.partial(self._video_layer, member)
             member.offers.add(producer, session.stream, downtrack)
         if not member.subscribe_all:
             for track in member.offers.live():
@@ -535,6 +541,33 @@ class RoomHub:
             participant.subscribe_all = True
             participant.wanted = set()
         self._sync_subscriptions(participant)
+
+    def video_size(self, participant: Participant, track_id: str, width: int, height: int) -> None:
+        """The size the participant shows a track at: caps its simulcast layer (0 x 0: no
+        video). Kept for later subscriptions to the same track too."""
+        if not any(track_id == producer.id for _, producer in self._available(participant)):
+            raise ProtocolError("unknown_track", f"{track_id!r} is not a track you can receive")
+        participant.video_sizes[track_id] = (width, height)
+        for offered in participant.offers.live() if participant.offers is not None else ():
+            downtrack = offered.downtrack
+            if offered.producer.id == track_id and isinstance(downtrack, SimulcastDownTrack):
+                downtrack.max_width, downtrack.max_height = width, height
+
+    def _video_layer(self, member: Participant, downtrack: SimulcastDownTrack) -> None:
+        """Tell a subscriber which layer of a simulcast track it now gets, or that its video
+        is paused (no layer fits its bandwidth, or it asked for none)."""
+        layer = None if downtrack.suspended else downtrack.producer
+        member.send(
+            {
+                "type": "video_layer",
+                "track": downtrack.track.id,
+                "paused": downtrack.suspended,
+                "reason": downtrack.reason,
+                "layer": None
+                if layer is None
+                else {"rid": layer.rid, "width": layer.width, "height": layer.height},
+            }
+        )
 
     def mute(self, participant: Participant, track_id: object, muted: bool) -> None:
         session = participant.publication

@@ -20,6 +20,7 @@ from sfu.control.negotiation import require_dtls_offer
 from sfu.control.rooms.errors import ProtocolError
 from sfu.control.sdp import SdpError, parse_sdp
 from sfu.logs import log_context
+from sfu.media.layers import MAX_VIDEO_DIMENSION
 from sfu.rooms import Participant
 
 if TYPE_CHECKING:
@@ -141,6 +142,40 @@ class Mute:
         return cls(data.get("track"), muted)
 
 
+VIDEO_SIZE_USAGE = (
+    "video_size needs track (a track id) and width and height (integers "
+    f"0-{MAX_VIDEO_DIMENSION}; 0 x 0: no video for that track)"
+)
+
+
+@dataclass(frozen=True)
+class VideoSize:
+    """The largest size the subscriber renders a track at: the SFU forwards no simulcast
+    layer larger than needed (0 x 0: no video)."""
+
+    track: str
+    width: int
+    height: int
+
+    @classmethod
+    def parse(cls, data: dict[str, object]) -> VideoSize:
+        track = data.get("track")
+        if not isinstance(track, str):
+            raise ProtocolError("invalid_message", VIDEO_SIZE_USAGE)
+        return cls(track, _dimension(data.get("width")), _dimension(data.get("height")))
+
+
+def _dimension(value: object) -> int:
+    # bool is an int in Python, not a size in JSON.
+    if (
+        not isinstance(value, int)
+        or isinstance(value, bool)
+        or not 0 <= value <= MAX_VIDEO_DIMENSION
+    ):
+        raise ProtocolError("invalid_message", VIDEO_SIZE_USAGE)
+    return value
+
+
 @dataclass(frozen=True)
 class Relay:
     to: str | None  # None: everyone else in the room
@@ -208,6 +243,11 @@ def _mute(hub: RoomHub, participant: Participant, msg: Mute) -> bool:
     return False
 
 
+def _video_size(hub: RoomHub, participant: Participant, msg: VideoSize) -> bool:
+    hub.video_size(participant, msg.track, msg.width, msg.height)
+    return False
+
+
 def _relay(hub: RoomHub, participant: Participant, msg: Relay) -> bool:
     hub.relay(participant, msg.to, msg.payload)
     return False
@@ -252,6 +292,7 @@ HANDLERS: Mapping[str, Handler] = MappingProxyType(
         "subscribe_answer": Route(SubscribeAnswer.parse, _subscribe_answer),
         "subscribe": Route(Subscribe.parse, _subscribe),
         "mute": Route(Mute.parse, _mute),
+        "video_size": Route(VideoSize.parse, _video_size),
         "relay": Route(Relay.parse, _relay),
         "ping": Route(Ping.parse, _ping),
         "ice_candidate": Route(IceCandidate.parse, _ice_candidate),

@@ -1,0 +1,139 @@
+"""Which simulcast layer each of one subscriber's video subscriptions gets.
+
+Pure and synchronous: it sees, per subscription, the layers' measured rates, sizes and
+whether the publisher is sending them, the size the subscriber renders the track at, and the
+subscriber's bandwidth estimate; it returns a layer (or none) per subscription and why.
+
+The rules (docs/architecture.md, "Simulcast"):
+
+1. Size: never more than the subscriber shows. The cap is the smallest layer at least as
+   large as the requested size in both dimensions (or the largest, when none is); a request of
+   0 x 0 means no video at all. Layers without a known size (no VP8 keyframe seen yet, other
+   codecs) are ranked by position: a request up to 320 x 180 gets the lowest layer, up to
+   640 x 360 the middle one.
+2. Bandwidth: USABLE_SHARE of the estimate is shared out. First every subscription, the
+   largest requested size first, gets its lowest sending layer, or is paused when even that
+   does not fit; then, in the same order, each moves to the highest layer up to its cap that
+   the rest of the budget pays for. Moving above the layer it has (or is switching to)
+   needs UP_HEADROOM more than the layer's rate, so that an estimate hovering at one layer's
+   rate does not switch it up and down; and a subscription that recently had to move down
+   for bandwidth (`hold_up`) does not move up at all until the hold ends.
+3. Without an estimate (the subscriber did not negotiate transport-cc, or no feedback yet),
+   size alone decides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+# The largest width or height a subscriber may ask for: more than any camera or screen a
+# browser captures, and a bound that keeps the value a small int.
+MAX_VIDEO_DIMENSION = 16384
+USABLE_SHARE = 0.9
+UP_HEADROOM = 1.2
+# A sending layer whose rate has not been measured yet counts as at least this (bits/s).
+MIN_LAYER_RATE = 30_000.0
+# Without known sizes: the largest request (pixels) each position serves.
+RANK_AREAS = (320 * 180, 640 * 360)
+
+
+@dataclass(frozen=True)
+class LayerDemand:
+    rates: Sequence[float]  # bits/s per layer, lowest first
+    sizes: Sequence[tuple[int, int]]  # (0, 0): not known
+    active: Sequence[bool]  # the publisher is sending it
+    max_width: int | None  # None: no limit; 0 x 0: no video
+    max_height: int | None
+    current: int | None  # the layer it forwards or switches to; None: paused
+    hold_up: bool = False
+
+
+Choice = tuple[int | None, str]
+
+
+def size_cap(demand: LayerDemand, sending: Sequence[int]) -> int:
+    """The highest layer (index) the requested size calls for, among `sending`."""
+    if demand.max_width is None or demand.max_height is None:
+        return sending[-1]
+    want_w, want_h = demand.max_width, demand.max_height
+    if all(demand.sizes[i] != (0, 0) for i in sending):
+        for i in sending:
+            width, height = demand.sizes[i]
+            if width >= want_w and height >= want_h:
+                return i
+        return sending[-1]
+    area = want_w * want_h
+    for rank, limit in enumerate(RANK_AREAS):
+        if area <= limit and rank < len(sending):
+            return sending[rank]
+    return sending[-1]
+
+
+def allocate(demands: Sequence[LayerDemand], estimate: float | None) -> list[Choice]:
+    """A (layer index or None, reason) per demand; reasons: "size", "bandwidth",
+    "publisher" (the layer it had stopped), "start" (nothing is being sent yet)."""
+    choices: list[Choice] = [(None, "size")] * len(demands)
+    caps: dict[int, tuple[list[int], int]] = {}
+    for n, demand in enumerate(demands):
+        if demand.max_width == 0 and demand.max_height == 0:
+            continue  # the subscriber shows no video for it
+        sending = [i for i, on in enumerate(demand.active) if on]
+        if not sending:
+            # Nothing arrives yet (or the publisher paused every layer): stay, or start low.
+            choices[n] = (demand.current if demand.current is not None else 0, "start")
+            continue
+        caps[n] = (sending, size_cap(demand, sending))
+    if estimate is None:
+        for n, (sending, cap) in caps.items():
+            choices[n] = (cap, _reason(demands[n], cap, cap, sending))
+        return choices
+
+    def rate(demand: LayerDemand, i: int) -> float:
+        return max(demand.rates[i], MIN_LAYER_RATE)
+
+    budget = estimate * USABLE_SHARE
+    order = sorted(caps, key=lambda n: -_area(demands[n]))
+    picked: dict[int, int] = {}
+    for n in order:
+        low = caps[n][0][0]
+        cost = rate(demands[n], low)
+        if cost <= budget:
+            picked[n] = low
+            budget -= cost
+    for n in order:
+        if n not in picked:
+            continue
+        demand = demands[n]
+        sending, cap = caps[n]
+        have = picked[n]
+        for i in sending:
+            if i <= have or i > cap:
+                continue
+            above = demand.current is None or i > demand.current
+            if above and demand.hold_up:
+                break
+            extra = rate(demand, i) * (UP_HEADROOM if above else 1.0) - rate(demand, have)
+            if extra > budget:
+                break
+            budget -= rate(demand, i) - rate(demand, have)
+            have = i
+        picked[n] = have
+    for n, (sending, cap) in caps.items():
+        index = picked.get(n)
+        choices[n] = (index, _reason(demands[n], index, cap, sending))
+    return choices
+
+
+def _reason(demand: LayerDemand, index: int | None, cap: int, sending: Sequence[int]) -> str:
+    if index is None or index < cap:
+        return "bandwidth"
+    if demand.current is not None and demand.current not in sending:
+        return "publisher"
+    return "size" if cap < sending[-1] else "bandwidth"
+
+
+def _area(demand: LayerDemand) -> float:
+    if demand.max_width is None or demand.max_height is None:
+        return float("inf")
+    return float(demand.max_width * demand.max_height)

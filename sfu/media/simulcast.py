@@ -1,0 +1,420 @@
+"""Simulcast (RFC 8853): one published video track sent as up to three layers, and a
+subscriber's copy that forwards one layer at a time.
+
+Each layer is an ordinary `Producer` (its own SSRC learnt from the RID header extension, its
+own NACK ring, keyframe cache and route), so the router's loop and the native core forward a
+layer exactly as any track. A `SimulcastProducer` groups the layers for the control plane,
+which sees one track. A `SimulcastDownTrack` is one `Copy` record that sits in the route of
+the layer it currently forwards; switching layers moves the record to another route at a
+keyframe of the new layer, with the sequence map (seqmap.py) keeping the subscriber's
+numbering and clock continuous. Layer choice never reads the encrypted frame: keyframes come
+from the payload descriptor (codecs.py), sizes from the clear prefix of VP8 keyframes, rates
+from byte counts (docs/architecture.md, "Simulcast").
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, TypeAlias
+
+from sfu.media.downtrack import DownTrack, PacketSink
+from sfu.media.envelope import STATE_ENCRYPTED, STATE_PLAINTEXT, STATE_UNKNOWN
+from sfu.media.layers import LayerDemand, allocate
+from sfu.media.producer import Producer, TrackCodec
+from sfu.media.rtp import RtpHeader
+from sfu.media.stats import MediaStats
+
+if TYPE_CHECKING:
+    from sfu.media.downtrack import JoinTimer
+
+# A layer that sent nothing for this long is taken as paused by the publisher (browsers stop
+# their top layers when their own estimate is low) and is not chosen.
+LAYER_IDLE = 1.5
+
+# Why a subscription's layer changed (sfu_simulcast_layer_switches_total{reason}).
+REASON_BANDWIDTH = "bandwidth"
+REASON_SIZE = "size"
+REASON_PUBLISHER = "publisher"
+REASON_START = "start"
+
+
+class EnvelopeSummary:
+    """The E2EE verdict of a simulcast track: plaintext if any layer is judged so,
+    encrypted if some layer is and none plaintext."""
+
+    __slots__ = ("_layers",)
+
+    def __init__(self, layers: Sequence[Producer]) -> None:
+        self._layers = layers
+
+    @property
+    def state(self) -> str:
+        states = {layer.envelope.state for layer in self._layers}
+        if STATE_PLAINTEXT in states:
+            return STATE_PLAINTEXT
+        if STATE_ENCRYPTED in states:
+            return STATE_ENCRYPTED
+        return STATE_UNKNOWN
+
+
+class SimulcastProducer:
+    """One published video track made of layers (lowest first), as the control plane sees
+    it: the same members it reads of a `Producer`."""
+
+    kind = "video"
+
+    def __init__(
+        self,
+        producer_id: str,
+        mid: str,
+        codec: TrackCodec,
+        ext_ids: dict[str, int],
+        rids: Sequence[str],
+        make_layer: Callable[[str, str], Producer],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.id = producer_id
+        self.mid = mid
+        self.codec = codec
+        self.ext_ids = ext_ids
+        self.clock = clock
+        self.layers = [make_layer(f"{producer_id}:{rid}", rid) for rid in rids]
+        for layer in self.layers:
+            layer.group = self
+            layer.on_policy_violation = self._layer_violation
+        self.by_rid = {layer.rid: layer for layer in self.layers}
+        self.downtracks: list[SimulcastDownTrack] = []
+        self.envelope = EnvelopeSummary(self.layers)
+        self.on_policy_violation: Callable[[SimulcastProducer, str], None] | None = None
+        self.closed = False
+        self._e2ee_required = False
+
+    # -- what the control plane reads of any track -------------------------------------------
+
+    @property
+    def ssrc(self) -> int | None:
+        return next((layer.ssrc for layer in self.layers if layer.ssrc is not None), None)
+
+    @property
+    def rtx_ssrc(self) -> int | None:
+        return None
+
+    @property
+    def rids(self) -> list[str]:
+        return [layer.rid or "" for layer in self.layers]
+
+    @property
+    def e2ee_required(self) -> bool:
+        return self._e2ee_required
+
+    @e2ee_required.setter
+    def e2ee_required(self, value: bool) -> None:
+        self._e2ee_required = value
+        for layer in self.layers:
+            layer.e2ee_required = value
+
+    def layer(self, rid: str | None) -> Producer | None:
+        return self.by_rid.get(rid) if rid is not None else None
+
+    def _layer_violation(self, layer: Producer, reason: str) -> None:
+        if self.on_policy_violation is not None:
+            self.on_policy_violation(self, f"layer {layer.rid}: {reason}")
+
+    def check_policy(self, now: float, grace: float) -> None:
+        for layer in self.layers:
+            layer.check_policy(now, grace)
+
+    def take_levels(self) -> tuple[int, int]:
+        return 0, 0  # video carries no audio level
+
+    def request_keyframe(self) -> bool:
+        return any([layer.request_keyframe() for layer in self.layers])
+
+    def attach(self, downtrack: DownTrack) -> None:
+        """A new subscriber's copy: it waits on its first layer (the lowest) until the
+        allocator's next round chooses."""
+        if isinstance(downtrack, SimulcastDownTrack):
+            self.downtracks.append(downtrack)
+        downtrack.producer.attach(downtrack)
+
+    def close(self) -> None:
+        self.closed = True
+        for layer in self.layers:
+            layer.close()
+        self.downtracks.clear()
+
+    # -- layer state, read by the allocator ---------------------------------------------------
+
+    def active(self, layer: Producer, now: float) -> bool:
+        return layer.ssrc is not None and now - layer.last_packet_at < LAYER_IDLE
+
+    def sample(self, now: float) -> None:
+        for layer in self.layers:
+            layer.sample_rate(now)
+
+
+class SimulcastDownTrack(DownTrack):
+    """A subscriber's copy of a simulcast track: one outgoing stream, fed by one layer at a
+    time. `self.producer` is the layer it forwards (or starts on); `target` the layer it
+    switches to at that layer's next keyframe; `suspended` when no layer fits (its video is
+    paused, audio unaffected)."""
+
+    __slots__ = (
+        "max_height",
+        "max_width",
+        "on_layer",
+        "reason",
+        "suspended",
+        "switches",
+        "target",
+        "track",
+        "up_at",
+        "up_failures",
+        "up_hold_until",
+    )
+
+    def __init__(
+        self,
+        track: SimulcastProducer,
+        sink: PacketSink,
+        *,
+        ssrc: int,
+        payload_type: int,
+        ext_map: list[int],
+        rtx_ssrc: int | None = None,
+        rtx_payload_type: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wallclock: Callable[[], float] = time.time,
+        stats: MediaStats | None = None,
+        join: JoinTimer | None = None,
+        keyframe_interval: float = 2.0,
+    ) -> None:
+        super().__init__(
+            track.layers[0],
+            sink,
+            ssrc=ssrc,
+            payload_type=payload_type,
+            ext_map=ext_map,
+            rtx_ssrc=rtx_ssrc,
+            rtx_payload_type=rtx_payload_type,
+            clock=clock,
+            wallclock=wallclock,
+            stats=stats,
+            join=join,
+            keyframe_interval=keyframe_interval,
+        )
+        self.track = track
+        self.target: Producer | None = None
+        self.suspended = False
+        self.reason: str | None = None
+        # The size the subscriber renders this track at (None: no limit; 0 x 0: no video),
+        # set by signaling.
+        self.max_width: int | None = None
+        self.max_height: int | None = None
+        # No switch up before this (after a switch down for bandwidth, so a link at its
+        # limit is not probed with a keyframe every allocation round).
+        self.up_hold_until = 0.0
+        # When it last moved up for bandwidth, and how many such moves in a row had to be
+        # undone soon after: each doubles the hold (a link at its limit is probed ever less).
+        self.up_at = -1e9
+        self.up_failures = 0
+        self.switches = 0
+        # Called when the layer or the paused state changes (the room protocol tells the
+        # subscriber, `video_layer`).
+        self.on_layer: Callable[[SimulcastDownTrack], None] | None = None
+
+    @property
+    def layer(self) -> Producer | None:
+        """The layer this copy forwards now (None: not started, or paused)."""
+        return None if self.suspended or not self.started else self.producer
+
+    def resync(self) -> None:
+        if not self.suspended:
+            super().resync()
+
+    def sources(self) -> tuple[Producer, ...]:
+        if self.target is not None:
+            return (self.producer, self.target)
+        return (self.producer,)
+
+    # -- per packet (only while not in a route, or switching) --------------------------------
+
+    def forward(
+        self, data: bytes, hdr: RtpHeader, keyframe: bool, source: Producer | None = None
+    ) -> None:
+        if self.suspended:
+            return
+        target = self.target
+        if source is not None and source is target:
+            if self.closed or self.paused or not self.sink.ready:
+                return
+            if not keyframe:
+                target.request_keyframe()  # throttled per layer
+                return
+            self._switch(target, hdr)
+            super().forward(data, hdr, keyframe, source)
+            return
+        if source is None or source is self.producer:
+            super().forward(data, hdr, keyframe, source)
+
+    def _switch(self, layer: Producer, hdr: RtpHeader) -> None:
+        """Move the record from the current layer's route to `layer`'s, at its keyframe
+        `hdr`; the sequence map continues our numbering and clock."""
+        old = self.producer
+        direction = (
+            "up" if self.track.layers.index(layer) > self.track.layers.index(old) else "down"
+        )
+        self._leave(old)
+        self.target = None
+        if self in layer.waiting:
+            layer.waiting.remove(self)
+        self.producer = layer
+        layer.downtracks.append(self)
+        was_started = self.started
+        self.started = False
+        if was_started:
+            self._start(hdr)
+        self.switches += 1
+        self.stats.count_switch(direction, self.reason or REASON_BANDWIDTH)
+        if self.on_layer is not None:
+            self.on_layer(self)
+
+    def _leave(self, layer: Producer) -> None:
+        if self.active:
+            self.active = False
+            layer.route.remove(self.copy)
+        if self in layer.waiting:
+            layer.waiting.remove(self)
+        if self in layer.downtracks:
+            layer.downtracks.remove(self)
+        layer.refresh_attention()
+
+    # -- decisions (the allocator's timer) ----------------------------------------------------
+
+    def choose(self, layer: Producer | None, reason: str, now: float) -> None:
+        """Forward `layer` from now on (at its next keyframe), or nothing (None: video
+        paused). A change of target cancels a pending switch."""
+        self.reason = reason
+        if layer is None:
+            if not self.suspended:
+                self._suspend()
+                if self.on_layer is not None:
+                    self.on_layer(self)
+            return
+        if self.suspended:
+            self._resume(layer)
+            if self.on_layer is not None:
+                self.on_layer(self)
+            return
+        if layer is self.producer:
+            self._cancel_target()
+            return
+        if layer is self.target:
+            return
+        self._cancel_target()
+        if not self.started:
+            # Nothing sent yet: simply wait on the other layer instead.
+            self._leave(self.producer)
+            self.producer = layer
+            layer.downtracks.append(self)
+            layer.waiting.append(self)
+            layer.refresh_attention()
+            return
+        self.target = layer
+        layer.waiting.append(self)
+        layer.refresh_attention()
+        layer.request_keyframe()
+
+    def _cancel_target(self) -> None:
+        target = self.target
+        if target is not None:
+            self.target = None
+            if self in target.waiting:
+                target.waiting.remove(self)
+            target.refresh_attention()
+
+    def _suspend(self) -> None:
+        self._cancel_target()
+        self._leave(self.producer)
+        self.producer.downtracks.append(self)  # still its layer for NACKs and teardown
+        self.suspended = True
+        self.stats.video_paused += 1
+        # Resumed later at a keyframe, re-based by the sequence map.
+        self.started = False
+
+    def _resume(self, layer: Producer) -> None:
+        self.suspended = False
+        self.stats.video_paused -= 1
+        self._leave(self.producer)
+        self.producer = layer
+        layer.downtracks.append(self)
+        layer.waiting.append(self)
+        layer.refresh_attention()
+
+    def demand(self, now: float) -> LayerDemand:
+        layers = self.track.layers
+        return LayerDemand(
+            rates=[layer.bitrate for layer in layers],
+            sizes=[(layer.width, layer.height) for layer in layers],
+            active=[self.track.active(layer, now) for layer in layers],
+            max_width=self.max_width,
+            max_height=self.max_height,
+            current=None if self.suspended else layers.index(self.target or self.producer),
+            hold_up=now < self.up_hold_until,
+        )
+
+    # -- teardown -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._cancel_target()
+        if self.suspended:
+            self.suspended = False
+            self.stats.video_paused -= 1
+        if self in self.track.downtracks:
+            self.track.downtracks.remove(self)
+        self.on_layer = None
+        super().close()
+
+    def on_producer_closed(self) -> None:
+        super().on_producer_closed()
+        if self.suspended:
+            self.suspended = False
+            self.stats.video_paused -= 1
+
+
+# How long a subscription stays off higher layers after it had to move down for bandwidth:
+# UP_HOLD, doubled for each move up that had to be undone within UP_TRIAL, at most
+# UP_HOLD_MAX. A move up that lasts UP_TRIAL is forgiven.
+UP_HOLD = 4.0
+UP_HOLD_MAX = 60.0
+UP_TRIAL = 20.0
+
+
+def allocate_transport(
+    downtracks: Sequence[SimulcastDownTrack], estimate: float | None, now: float
+) -> None:
+    """Choose a layer for each simulcast copy to one subscriber, within its estimate."""
+    if not downtracks:
+        return
+    demands = [d.demand(now) for d in downtracks]
+    choices = allocate(demands, estimate)
+    for downtrack, demand, (index, reason) in zip(downtracks, demands, choices, strict=True):
+        layers = downtrack.track.layers
+        layer = None if index is None else layers[index]
+        current = demand.current
+        if current is not None and now - downtrack.up_at >= UP_TRIAL:
+            downtrack.up_failures = 0
+        if reason == REASON_BANDWIDTH and current is not None:
+            if index is None or index < current:
+                if now - downtrack.up_at < UP_TRIAL:
+                    downtrack.up_failures += 1
+                hold = UP_HOLD * 2 ** min(downtrack.up_failures, 8)
+                downtrack.up_hold_until = now + min(hold, UP_HOLD_MAX)
+            elif index > current:
+                downtrack.up_at = now
+        downtrack.choose(layer, reason, now)
+
+
+# A published track as the control plane holds it: one stream, or simulcast layers.
+AnyProducer: TypeAlias = Producer | SimulcastProducer
