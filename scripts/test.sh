@@ -18,11 +18,12 @@ for cmd in podman buildah runc debootstrap; do
 done
 
 # The loss test (tests/netns) drops UDP with iptables' statistic match inside a network
-# namespace it creates with `ip netns`; this kernel has no netem (docs/testing.md).
-for cmd in ip iptables; do
+# namespace it creates with `ip netns`; this kernel has no netem (docs/testing.md). The
+# simulcast browser test rate-limits a veth between two namespaces with `tc` (iproute2).
+for cmd in ip tc iptables; do
     command -v "$cmd" >/dev/null 2>&1 && continue
     apt_install iproute2 iptables ||
-        say "ip/iptables missing: the loss test will be skipped (and fails under CI=true)"
+        say "ip/tc/iptables missing: the loss and simulcast tests will be skipped (and fail under CI=true)"
     break
 done
 
