@@ -314,6 +314,19 @@ class MediaCollector(Collector):
             value=stats.video_paused,
         )
         yield _counter(
+            "sfu_bandwidth_probes",
+            "Bandwidth probes toward subscribers (padding on top of their media, to see whether "
+            "a higher simulcast layer would get through), by how they ended.",
+            "result",
+            {"succeeded": stats.probes[1], "failed": stats.probes[2]},
+        )
+        yield _counter(
+            "sfu_probe_padding_bytes",
+            "Padding bytes sent to subscribers by bandwidth probes (RTX padding-only packets).",
+            None,
+            {"": stats.probes[3]},
+        )
+        yield _counter(
             "sfu_keyframe_cache_hits",
             "Subscriber video copies started on the track's cached packets since its last "
             "keyframe (rtc.keyframe_cache) instead of waiting for a new keyframe.",

@@ -24,18 +24,17 @@ Two estimators, and the estimate is the smaller, within [MIN_BPS, MAX_BPS]:
   LOSS_MIN_SECONDS: above 10 % lost, the estimate becomes estimate x (1 - 0.5 x loss);
   below 2 % the loss-based cap rises 5 % per window; in between, hold.
 
-Why the increase is not capped at 1.5x the acknowledged rate, as a probing sender's would
-be: the SFU sends far less than the estimate whenever it has picked a lower layer, and
-such a cap would pin the estimate to that layer for ever. The estimate grows while there is
-no overuse and little loss; switching a subscriber up to a higher layer then acts as the
-probe, and if it congests the path, overuse drops the estimate to 0.85x what actually got
-through, a few hundred milliseconds later.
+The increase is capped at ACKED_CAP (1.5) times the acknowledged rate, as in GCC: sending
+200 kbit/s without congestion says nothing about whether 2 Mbit/s would get through. An SFU
+forwards whatever layer it picked, usually well below what the path could carry, so the
+estimate is raised beyond that cap only by a probe (probe.py): padding sent on top of the
+media at the rate a higher layer needs; when it gets through without overuse or loss,
+`on_probe` lifts the estimate to the rate that was acknowledged during the probe.
 
-Start value: START_BPS = 1 Mbit/s. Before any feedback the layer selection has only this to
-go by; 1 Mbit/s fits a typical middle simulcast layer (about 0.5 Mbit/s) plus audio on
-nearly any connection, without sending the top layer (1.5-2.5 Mbit/s) into a path nobody has
-measured yet. A subscriber whose packets carry no transport-cc slot (its publishers do not
-send transport-cc: aiortc, for one) gets no numbers and sends no feedback, so its estimate
+Start value: START_BPS = 300 kbit/s (GCC's own start), enough for a lowest simulcast layer
+plus audio on nearly any connection; higher layers wait for a probe to show room for them.
+A subscriber whose packets carry no transport-cc slot (its publishers do not send
+transport-cc: aiortc, for one) gets no numbers and sends no feedback, so its estimate
 stays at START_BPS.
 
 Everything is synchronous and pure: `on_feedback` takes a batch of per-packet results and
@@ -44,6 +43,7 @@ the current time (an injectable clock by default) and allocates nothing per pack
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from array import array
@@ -52,7 +52,9 @@ from typing import Final
 
 from sfu.media.twcc import PacketResult
 
-START_BPS: Final = 1_000_000.0
+log = logging.getLogger(__name__)
+
+START_BPS: Final = 300_000.0
 MIN_BPS: Final = 30_000.0
 MAX_BPS: Final = 20_000_000.0
 
@@ -79,6 +81,8 @@ MAX_DELTA_SECONDS: Final = 3.0
 # Rate control.
 BETA: Final = 0.85
 INCREASE_PER_SECOND: Final = 1.08
+# Increases stop at this multiple of the acknowledged rate (probes go beyond it).
+ACKED_CAP: Final = 1.5
 ACK_WINDOW: Final = 0.5  # seconds of arrivals the acknowledged rate is measured over
 ACK_MIN_SPAN: Final = 0.1  # a shorter span says nothing reliable about a rate
 PACKET_BITS: Final = 1200 * 8  # the additive step: one full packet per response time
@@ -90,6 +94,9 @@ LOSS_LOW: Final = 0.02
 LOSS_INCREASE: Final = 1.05
 LOSS_MIN_PACKETS: Final = 20
 LOSS_MIN_SECONDS: Final = 0.2
+# After a loss-based decrease, the next one waits a round trip plus this (libwebrtc's rule):
+# the losses right after a cut still belong to the rate before it.
+LOSS_DECREASE_HOLD: Final = 0.3
 
 # Per-feedback aggregates kept for the acknowledged rate (feedback comes every 50-100 ms).
 _ACK_SLOTS: Final = 32
@@ -115,6 +122,7 @@ class BandwidthEstimator:
         "_group_first_send",
         "_group_last_send",
         "_last_update",
+        "_loss_cut_at",
         "_loss_lost",
         "_loss_since",
         "_loss_total",
@@ -201,6 +209,7 @@ class BandwidthEstimator:
         self._loss_lost = 0
         self._loss_total = 0
         self._loss_since: float | None = None
+        self._loss_cut_at = -1e9
 
     # -- input -------------------------------------------------------------------------------
 
@@ -384,6 +393,12 @@ class BandwidthEstimator:
         self._last_update = now
         if signal == OVERUSE:
             base = self.acked_bps if self.acked_bps is not None else self.estimate_bps
+            log.debug(
+                "bwe: overuse (trend %.1f ms over threshold %.1f), acknowledged %.0f bit/s",
+                self.trend,
+                self.threshold_ms,
+                base,
+            )
             decreased = BETA * base
             self._note_capacity(base)
             # Never an increase by way of a decrease (the acknowledged rate can exceed the
@@ -405,8 +420,10 @@ class BandwidthEstimator:
         else:
             increased = current * math.pow(INCREASE_PER_SECOND, elapsed)
         # Limited by loss, the delay-based estimate waits for the loss-based one rather than
-        # running ahead unchecked.
+        # running ahead unchecked; and it claims no more than ACKED_CAP x what got through.
         ceiling = max(self.loss_bps, current)
+        if self.acked_bps is not None:
+            ceiling = min(ceiling, max(ACKED_CAP * self.acked_bps, current))
         self.delay_bps = min(increased, ceiling, self.max_bps)
 
     def _note_capacity(self, rate: float) -> None:
@@ -431,6 +448,20 @@ class BandwidthEstimator:
         self._loss_lost = self._loss_total = 0
         self._loss_since = now
         if loss > LOSS_HIGH:
+            if now - self._loss_cut_at < self.rtt + LOSS_DECREASE_HOLD:
+                return
+            self._loss_cut_at = now
             self.loss_bps = max(self.estimate_bps * (1.0 - 0.5 * loss), self.min_bps)
         elif loss < LOSS_LOW:
             self.loss_bps = min(max(self.loss_bps, self.estimate_bps) * LOSS_INCREASE, self.max_bps)
+
+    # -- probes ------------------------------------------------------------------------------
+
+    def on_probe(self, bps: float) -> float:
+        """A probe at `bps` got through without overuse or loss: the path carries at least
+        that much, whatever the cap on increases says."""
+        bps = min(max(bps, self.min_bps), self.max_bps)
+        self.delay_bps = max(self.delay_bps, bps)
+        self.loss_bps = max(self.loss_bps, bps)
+        self.estimate_bps = min(max(min(self.delay_bps, self.loss_bps), self.min_bps), self.max_bps)
+        return self.estimate_bps

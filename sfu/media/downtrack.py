@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import struct
 import time
 from array import array
 from collections.abc import Callable
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
     from sfu.media.producer import Producer
 
 log = logging.getLogger(__name__)
+
+_PADDING_HEADER = struct.Struct("!BBHII")
 
 NTP_EPOCH_OFFSET = 2208988800  # seconds from 1900-01-01 (NTP) to 1970-01-01 (Unix)
 
@@ -322,6 +325,22 @@ class DownTrack:
         packet = self._rewrite(data, hdr, seq, ts)
         if packet is not None:
             self.producer.router.send_built(copy, packet, hdr, now, self.kind)
+
+    def padding_packet(self, size: int, twcc_ext_id: int) -> bytes | None:
+        """A padding-only packet of `size` bytes (at most 255 of padding) on this copy's RTX
+        stream, with an empty transport-cc element for the transport to number: bytes for a
+        bandwidth probe that no decoder ever sees (RFC 4588 section 4 allows them). None
+        without an RTX stream, or before the copy started."""
+        if self.rtx_payload_type is None or self.rtx_ssrc is None or not self.started:
+            return None
+        size = min(max(size, 1), 255)
+        self._rtx_seq = (self._rtx_seq + 1) & 0xFFFF
+        # V=2, P (padding), X (one-byte extension block with the transport-cc element).
+        header = _PADDING_HEADER.pack(
+            0xB0, self.rtx_payload_type, self._rtx_seq, self.copy.last_ts, self.rtx_ssrc
+        )
+        block = bytes([0xBE, 0xDE, 0x00, 0x01, twcc_ext_id << 4 | 1, 0, 0, 0])
+        return header + block + bytes(size - 1) + bytes([size])
 
     def keyframe_forwarded(self) -> None:
         self._keyframe_pending = False

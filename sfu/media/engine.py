@@ -107,6 +107,7 @@ class MediaEngine(asyncio.DatagramProtocol):
         self._stats = MediaStats()
         self._fastpath = fastpath.load(settings.fastpath)
         self._next_layers = 0.0
+        self._last_tick = 0.0
         self.router: Router = (
             Router(self._stats, settings.integrity_sample_every)
             if self._fastpath is None
@@ -563,9 +564,23 @@ class MediaEngine(asyncio.DatagramProtocol):
             if copies:
                 subscribers.append((transport, copies))
         for transport, copies in subscribers:
-            bwe = getattr(transport, "bwe", None)
-            estimate: float | None = None if bwe is None else bwe.estimate_bps
-            allocate_transport(copies, estimate, now)
+            bwe = transport.bwe
+            wanted = allocate_transport(copies, None if bwe is None else bwe.estimate_bps, now)
+            prober = transport.prober
+            if wanted is not None and bwe is not None and prober is not None:
+                prober.want(wanted, bwe, now)
+
+    def _run_probes(self, now: float, elapsed: float) -> None:
+        """Padding for the bandwidth probes under way (probe.py), every timer tick."""
+        for transport in self.transports.values():
+            prober, bwe = transport.prober, transport.bwe
+            if (
+                prober is not None
+                and prober.active
+                and bwe is not None
+                and transport.state is TransportState.CONNECTED
+            ):
+                prober.tick(bwe, now, elapsed, transport.send_padding)
 
     async def _run_timers(self) -> None:
         next_reports = time.monotonic() + SENDER_REPORT_INTERVAL
@@ -584,6 +599,8 @@ class MediaEngine(asyncio.DatagramProtocol):
         if now >= self._next_layers:
             self._next_layers = now + LAYER_INTERVAL
             self.allocate_layers(now)
+        self._run_probes(now, now - self._last_tick if self._last_tick else TIMER_INTERVAL)
+        self._last_tick = now
         for session in self.agent.expire(now):
             transport = self._by_ufrag.get(session.local_ufrag)
             if transport is not None:

@@ -11,15 +11,17 @@ The rules (docs/architecture.md, "Simulcast"):
    0 x 0 means no video at all. Layers without a known size (no VP8 keyframe seen yet, other
    codecs) are ranked by position: a request up to 320 x 180 gets the lowest layer, up to
    640 x 360 the middle one.
-2. Bandwidth: USABLE_SHARE of the estimate is shared out. First every subscription, the
-   largest requested size first, gets its lowest sending layer, or is paused when even that
-   does not fit; then, in the same order, each moves to the highest layer up to its cap that
-   the rest of the budget pays for. Moving above the layer it has (or is switching to)
+2. Bandwidth: first every subscription, the largest requested size first, gets its lowest
+   sending layer; one already flowing is paused only when what is left of the estimate is
+   below PAUSE_BELOW of that layer's rate, a paused one resumes only with UP_HEADROOM. Then,
+   in the same order, each moves to the highest layer up to its cap that the rest of
+   USABLE_SHARE of the estimate pays for. Moving above the layer it has (or is switching to)
    needs UP_HEADROOM more than the layer's rate, so that an estimate hovering at one layer's
    rate does not switch it up and down; and a subscription that recently had to move down
    for bandwidth (`hold_up`) does not move up at all until the hold ends.
-3. Without an estimate (the subscriber did not negotiate transport-cc, or no feedback yet),
-   size alone decides.
+3. Without an estimate (the subscriber did not negotiate transport-cc), size alone decides.
+4. `allocate_with_target` also says which estimate would allow the cheapest step that
+   bandwidth holds back: the rate a probe (probe.py) should try.
 """
 
 from __future__ import annotations
@@ -32,8 +34,15 @@ from dataclasses import dataclass
 MAX_VIDEO_DIMENSION = 16384
 USABLE_SHARE = 0.9
 UP_HEADROOM = 1.2
+# A flowing subscription is paused only when the estimate left for it falls below this share
+# of its lowest layer's rate (resuming needs UP_HEADROOM): no pause on a dip.
+PAUSE_BELOW = 0.75
 # A sending layer whose rate has not been measured yet counts as at least this (bits/s).
 MIN_LAYER_RATE = 30_000.0
+# What a layer not measured yet (its first RATE_WINDOW) is assumed to cost, by its position
+# from the top: browsers' usual caps for the top three layers. Assuming less would send a
+# new subscriber straight to the top layer of a publisher that just started.
+DEFAULT_RATES_FROM_TOP = (1_500_000.0, 500_000.0, 150_000.0)
 # Without known sizes: the largest request (pixels) each position serves.
 RANK_AREAS = (320 * 180, 640 * 360)
 
@@ -50,6 +59,12 @@ class LayerDemand:
 
 
 Choice = tuple[int | None, str]
+
+
+def default_rate(index: int, layers: int) -> float:
+    """The assumed rate of layer `index` (lowest first) of `layers`, until measured."""
+    from_top = layers - 1 - index
+    return DEFAULT_RATES_FROM_TOP[min(from_top, len(DEFAULT_RATES_FROM_TOP) - 1)]
 
 
 def size_cap(demand: LayerDemand, sending: Sequence[int]) -> int:
@@ -73,6 +88,21 @@ def size_cap(demand: LayerDemand, sending: Sequence[int]) -> int:
 def allocate(demands: Sequence[LayerDemand], estimate: float | None) -> list[Choice]:
     """A (layer index or None, reason) per demand; reasons: "size", "bandwidth",
     "publisher" (the layer it had stopped), "start" (nothing is being sent yet)."""
+    return _allocate(demands, estimate)[0]
+
+
+def allocate_with_target(
+    demands: Sequence[LayerDemand], estimate: float | None
+) -> tuple[list[Choice], float | None]:
+    """`allocate`, and the estimate at which it would move some subscription one step up
+    (or resume a paused one) when only bandwidth stops it: what a probe should show the
+    path carries. None when nothing is held back by bandwidth."""
+    return _allocate(demands, estimate)
+
+
+def _allocate(
+    demands: Sequence[LayerDemand], estimate: float | None
+) -> tuple[list[Choice], float | None]:
     choices: list[Choice] = [(None, "size")] * len(demands)
     caps: dict[int, tuple[list[int], int]] = {}
     for n, demand in enumerate(demands):
@@ -87,20 +117,31 @@ def allocate(demands: Sequence[LayerDemand], estimate: float | None) -> list[Cho
     if estimate is None:
         for n, (sending, cap) in caps.items():
             choices[n] = (cap, _reason(demands[n], cap, cap, sending))
-        return choices
+        return choices, None
 
     def rate(demand: LayerDemand, i: int) -> float:
         return max(demand.rates[i], MIN_LAYER_RATE)
 
-    budget = estimate * USABLE_SHARE
+    remaining = estimate
     order = sorted(caps, key=lambda n: -_area(demands[n]))
     picked: dict[int, int] = {}
+    steps: list[float] = []  # what each held-back subscription's next step would cost
     for n in order:
+        demand = demands[n]
         low = caps[n][0][0]
-        cost = rate(demands[n], low)
-        if cost <= budget:
+        cost = rate(demand, low)
+        # A flowing subscription keeps its lowest layer down to PAUSE_BELOW of its rate; a
+        # paused one resumes only with the headroom a move up needs.
+        if demand.current is not None:
+            fits = cost * PAUSE_BELOW <= remaining
+        else:
+            fits = cost * UP_HEADROOM <= remaining * USABLE_SHARE
+        if fits:
             picked[n] = low
-            budget -= cost
+            remaining -= cost
+        elif not demand.hold_up:
+            steps.append(cost * UP_HEADROOM)
+    budget = remaining - estimate * (1.0 - USABLE_SHARE)
     for n in order:
         if n not in picked:
             continue
@@ -115,6 +156,7 @@ def allocate(demands: Sequence[LayerDemand], estimate: float | None) -> list[Cho
                 break
             extra = rate(demand, i) * (UP_HEADROOM if above else 1.0) - rate(demand, have)
             if extra > budget:
+                steps.append(extra)
                 break
             budget -= rate(demand, i) - rate(demand, have)
             have = i
@@ -122,7 +164,11 @@ def allocate(demands: Sequence[LayerDemand], estimate: float | None) -> list[Cho
     for n, (sending, cap) in caps.items():
         index = picked.get(n)
         choices[n] = (index, _reason(demands[n], index, cap, sending))
-    return choices
+    if not steps:
+        return choices, None
+    # What the chosen layers take of the usable share, plus the cheapest next step.
+    spent = estimate * USABLE_SHARE - budget
+    return choices, (spent + min(steps)) / USABLE_SHARE
 
 
 def _reason(demand: LayerDemand, index: int | None, cap: int, sending: Sequence[int]) -> str:

@@ -110,6 +110,7 @@ class Producer:
         "rid",
         "route",
         "router",
+        "rtx_duplicates",
         "rtx_packets_received",
         "rtx_ssrc",
         "ssrc",
@@ -184,6 +185,7 @@ class Producer:
         self.packets_received = 0
         self.bytes_received = 0
         self.rtx_packets_received = 0
+        self.rtx_duplicates = 0
         self.keyframes_seen = 0
         self.keyframe_requests_sent = 0
         self.keyframe_requests_throttled = 0
@@ -293,14 +295,16 @@ class Producer:
         return self._gop
 
     def sample_rate(self, now: float) -> float:
-        """The received bitrate, re-measured when RATE_WINDOW has passed (called by the
-        layer allocator's timer, never per packet)."""
+        """The received bitrate, re-measured when RATE_WINDOW has passed and averaged with
+        the previous value (called by the layer allocator's timer, never per packet)."""
         if self._rate_at is None:
             self._rate_at, self._rate_bytes = now, self.bytes_received
             return self.bitrate
         elapsed = now - self._rate_at
         if elapsed >= RATE_WINDOW:
-            self.bitrate = (self.bytes_received - self._rate_bytes) * 8 / elapsed
+            measured = (self.bytes_received - self._rate_bytes) * 8 / elapsed
+            # Smoothed over windows: one keyframe (or one quiet window) is not the rate.
+            self.bitrate = measured if not self.bitrate else 0.5 * (self.bitrate + measured)
             self._rate_at = now
             self._rate_bytes = self.bytes_received
         return self.bitrate
@@ -348,8 +352,16 @@ class Producer:
         if original is None:
             return  # padding-only probe
         original_hdr = parse_header(original)
-        if original_hdr is not None:
-            self.on_rtp(original, original_hdr, arrival)
+        if original_hdr is None:
+            return
+        if self.get(original_hdr.seq) is not None:
+            # A packet already received and forwarded: browsers probe their own bandwidth by
+            # resending old packets over RTX ("redundant payloads"), often at several times
+            # the media rate. Forwarded again, every subscriber would pay for the
+            # publisher's probe.
+            self.rtx_duplicates += 1
+            return
+        self.on_rtp(original, original_hdr, arrival)
 
     def take_levels(self) -> tuple[int, int]:
         """(sum of loudness, packets) since the last call, for the active-speaker detector."""

@@ -14,19 +14,22 @@ from byte counts (docs/architecture.md, "Simulcast").
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TypeAlias
 
 from sfu.media.downtrack import DownTrack, PacketSink
 from sfu.media.envelope import STATE_ENCRYPTED, STATE_PLAINTEXT, STATE_UNKNOWN
-from sfu.media.layers import LayerDemand, allocate
+from sfu.media.layers import LayerDemand, allocate_with_target, default_rate
 from sfu.media.producer import Producer, TrackCodec
 from sfu.media.rtp import RtpHeader
 from sfu.media.stats import MediaStats
 
 if TYPE_CHECKING:
     from sfu.media.downtrack import JoinTimer
+
+log = logging.getLogger(__name__)
 
 # A layer that sent nothing for this long is taken as paused by the publisher (browsers stop
 # their top layers when their own estimate is low) and is not chosen.
@@ -37,6 +40,8 @@ REASON_BANDWIDTH = "bandwidth"
 REASON_SIZE = "size"
 REASON_PUBLISHER = "publisher"
 REASON_START = "start"
+# While a switch waits for the target layer's keyframe, it is asked for again this often.
+SWITCH_KEYFRAME_RETRY = 1.0
 
 
 class EnvelopeSummary:
@@ -165,7 +170,9 @@ class SimulcastDownTrack(DownTrack):
         "max_width",
         "on_layer",
         "reason",
+        "short_since",
         "suspended",
+        "switch_asked_at",
         "switches",
         "target",
         "track",
@@ -219,7 +226,10 @@ class SimulcastDownTrack(DownTrack):
         # undone soon after: each doubles the hold (a link at its limit is probed ever less).
         self.up_at = -1e9
         self.up_failures = 0
+        # Since when the estimate has not paid for the current layer (None: it does).
+        self.short_since: float | None = None
         self.switches = 0
+        self.switch_asked_at = -1e9
         # Called when the layer or the paused state changes (the room protocol tells the
         # subscriber, `video_layer`).
         self.on_layer: Callable[[SimulcastDownTrack], None] | None = None
@@ -250,7 +260,13 @@ class SimulcastDownTrack(DownTrack):
             if self.closed or self.paused or not self.sink.ready:
                 return
             if not keyframe:
-                target.request_keyframe()  # throttled per layer
+                # The keyframe asked for when the switch began may have been lost: ask
+                # again, but not at every packet (each keyframe costs every subscriber of
+                # that layer bandwidth).
+                now = self.clock()
+                if now - self.switch_asked_at >= SWITCH_KEYFRAME_RETRY:
+                    self.switch_asked_at = now
+                    target.request_keyframe()
                 return
             self._switch(target, hdr)
             super().forward(data, hdr, keyframe, source)
@@ -277,6 +293,15 @@ class SimulcastDownTrack(DownTrack):
             self._start(hdr)
         self.switches += 1
         self.stats.count_switch(direction, self.reason or REASON_BANDWIDTH)
+        log.info(
+            "simulcast: subscriber SSRC %d of track %s switched %s from layer %s to %s (%s)",
+            self.ssrc,
+            self.track.id,
+            direction,
+            old.rid,
+            layer.rid,
+            self.reason,
+        )
         if self.on_layer is not None:
             self.on_layer(self)
 
@@ -298,11 +323,23 @@ class SimulcastDownTrack(DownTrack):
         self.reason = reason
         if layer is None:
             if not self.suspended:
+                log.info(
+                    "simulcast: subscriber SSRC %d of track %s: video paused (%s)",
+                    self.ssrc,
+                    self.track.id,
+                    reason,
+                )
                 self._suspend()
                 if self.on_layer is not None:
                     self.on_layer(self)
             return
         if self.suspended:
+            log.info(
+                "simulcast: subscriber SSRC %d of track %s: video resumes on layer %s",
+                self.ssrc,
+                self.track.id,
+                layer.rid,
+            )
             self._resume(layer)
             if self.on_layer is not None:
                 self.on_layer(self)
@@ -324,6 +361,7 @@ class SimulcastDownTrack(DownTrack):
         self.target = layer
         layer.waiting.append(self)
         layer.refresh_attention()
+        self.switch_asked_at = now
         layer.request_keyframe()
 
     def _cancel_target(self) -> None:
@@ -355,7 +393,7 @@ class SimulcastDownTrack(DownTrack):
     def demand(self, now: float) -> LayerDemand:
         layers = self.track.layers
         return LayerDemand(
-            rates=[layer.bitrate for layer in layers],
+            rates=[layer.bitrate or default_rate(i, len(layers)) for i, layer in enumerate(layers)],
             sizes=[(layer.width, layer.height) for layer in layers],
             active=[self.track.active(layer, now) for layer in layers],
             max_width=self.max_width,
@@ -387,33 +425,82 @@ class SimulcastDownTrack(DownTrack):
 # UP_HOLD, doubled for each move up that had to be undone within UP_TRIAL, at most
 # UP_HOLD_MAX. A move up that lasts UP_TRIAL is forgiven.
 UP_HOLD = 4.0
+# Moves down for bandwidth wait this long for the shortfall to last, unless the estimate is
+# below DOWN_AT_ONCE of the current layer's rate; pauses wait PAUSE_AFTER.
+DOWN_AFTER = 0.5
+DOWN_AT_ONCE = 0.5
+PAUSE_AFTER = 2.0
 UP_HOLD_MAX = 60.0
 UP_TRIAL = 20.0
 
 
 def allocate_transport(
     downtracks: Sequence[SimulcastDownTrack], estimate: float | None, now: float
-) -> None:
-    """Choose a layer for each simulcast copy to one subscriber, within its estimate."""
+) -> float | None:
+    """Choose a layer for each simulcast copy to one subscriber, within its estimate.
+    Returns the estimate a probe should try, when bandwidth alone holds something back."""
     if not downtracks:
-        return
+        return None
     demands = [d.demand(now) for d in downtracks]
-    choices = allocate(demands, estimate)
+    choices, wanted = allocate_with_target(demands, estimate)
     for downtrack, demand, (index, reason) in zip(downtracks, demands, choices, strict=True):
         layers = downtrack.track.layers
-        layer = None if index is None else layers[index]
         current = demand.current
         if current is not None and now - downtrack.up_at >= UP_TRIAL:
             downtrack.up_failures = 0
-        if reason == REASON_BANDWIDTH and current is not None:
-            if index is None or index < current:
-                if now - downtrack.up_at < UP_TRIAL:
-                    downtrack.up_failures += 1
-                hold = UP_HOLD * 2 ** min(downtrack.up_failures, 8)
-                downtrack.up_hold_until = now + min(hold, UP_HOLD_MAX)
-            elif index > current:
+        if (
+            reason == REASON_BANDWIDTH
+            and current is not None
+            and (index is None or index < current)
+        ):
+            index = _confirm_down(downtrack, demand, index, estimate, now)
+            if index is not None and index >= current:
+                continue  # not yet: the shortfall has to last
+            log.debug(
+                "simulcast: estimate %s bit/s no longer pays layer %d of %s (rates %s)",
+                f"{estimate:.0f}" if estimate is not None else "-",
+                current,
+                downtrack.track.id,
+                [f"{r:.0f}" for r in demand.rates],
+            )
+            if now - downtrack.up_at < UP_TRIAL:
+                downtrack.up_failures += 1
+            hold = UP_HOLD * 2 ** min(downtrack.up_failures, 8)
+            downtrack.up_hold_until = now + min(hold, UP_HOLD_MAX)
+        else:
+            downtrack.short_since = None
+            moved_up = current is not None and index is not None and index > current
+            if reason == REASON_BANDWIDTH and moved_up:
                 downtrack.up_at = now
-        downtrack.choose(layer, reason, now)
+        downtrack.choose(None if index is None else layers[index], reason, now)
+    return wanted
+
+
+def _confirm_down(
+    downtrack: SimulcastDownTrack,
+    demand: LayerDemand,
+    index: int | None,
+    estimate: float | None,
+    now: float,
+) -> int | None:
+    """A move down (or a pause) for bandwidth, once the shortfall is real: at once when the
+    estimate is below DOWN_AT_ONCE of the current layer's rate, else after it lasted
+    DOWN_AFTER (an estimate dips for a moment after a burst of keyframe packets, or when
+    the subscriber's machine is busy). A pause needs PAUSE_AFTER; until then the copy
+    keeps the lowest layer that is sent."""
+    current = demand.current
+    assert current is not None
+    if downtrack.short_since is None:
+        downtrack.short_since = now
+    waited = now - downtrack.short_since
+    rate = max(demand.rates[current], 1.0)
+    severe = estimate is not None and estimate < DOWN_AT_ONCE * rate
+    if not severe and waited < DOWN_AFTER:
+        return current
+    if index is None and waited < PAUSE_AFTER:
+        sending = [i for i, on in enumerate(demand.active) if on]
+        return sending[0] if sending else current
+    return index
 
 
 # A published track as the control plane holds it: one stream, or simulcast layers.

@@ -76,6 +76,7 @@ class MediaStats:
         "nacks_served",
         "nacks_suppressed",
         "pli_received",
+        "probes",
         "rtcp_in",
         "rtcp_malformed",
         "rtcp_out",
@@ -104,6 +105,8 @@ class MediaStats:
         # paused now because no layer fits (or the subscriber asked for none).
         self.layer_switches: dict[tuple[str, str], int] = {}
         self.video_paused = 0
+        # Bandwidth probes toward subscribers: [started, succeeded, failed, padding bytes].
+        self.probes = [0, 0, 0, 0]
         self.rtx_sent = [0]
         # Sampled: receive to last send of one packet, in seconds.
         self.forward_latency = LatencyHistogram(FORWARD_BUCKETS)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from sfu.media.bwe import BandwidthEstimator
 from sfu.media.dtls import DtlsServer, DtlsState, Fingerprint
 from sfu.media.ice import Address, IceLiteSession
+from sfu.media.probe import Prober
 from sfu.media.rtcp import (
     Fir,
     Nack,
@@ -58,6 +59,8 @@ MAX_RETIRED_SSRCS = 32
 # A subscriber's estimate goes into the histogram at most this often (seconds), so that the
 # histogram counts subscriber-seconds whatever each one's feedback rate.
 BWE_OBSERVE_INTERVAL = 1.0
+# Padding bytes per probe packet (RTP allows at most 255).
+PADDING_MAX = 240
 
 
 class TransportState(enum.Enum):
@@ -88,6 +91,7 @@ class Transport:
         "on_closed",
         "on_connected",
         "peer",
+        "prober",
         "producers",
         "producers_by_mid",
         "producers_by_ssrc",
@@ -156,6 +160,7 @@ class Transport:
         self.send_log: TransportSeqLog | None = None
         self._feedback: FeedbackMatcher | None = None
         self.bwe: BandwidthEstimator | None = None
+        self.prober: Prober | None = None
         self._bwe_observed_at = -BWE_OBSERVE_INTERVAL
         self.on_connected: Callable[[Transport], None] | None = None
         self.on_closed: Callable[[Transport], None] | None = None
@@ -241,6 +246,32 @@ class Transport:
         log.stamp(packet, time.monotonic(), newer)
         return packet
 
+    def send_padding(self, budget: int) -> int:
+        """About `budget` bytes of padding-only packets for a bandwidth probe, on the RTX
+        stream of one of this subscriber's started video copies; returns the bytes sent (0:
+        no copy has an RTX stream, or transport-cc is off)."""
+        log = self.send_log
+        if log is None or not self.ready:
+            return 0
+        carrier = next(
+            (
+                d
+                for d in self.downtracks_by_ssrc.values()
+                if d.kind == "video" and d.rtx_ssrc is not None and d.started and not d.closed
+            ),
+            None,
+        )
+        if carrier is None:
+            return 0
+        sent = 0
+        while sent < budget:
+            packet = carrier.padding_packet(min(budget - sent, PADDING_MAX), log.twcc_ext_id)
+            if packet is None:
+                break
+            self.send_rtp(packet)
+            sent += len(packet)
+        return sent
+
     def enable_bwe(self, ext_id: int) -> None:
         """The subscriber negotiated transport-cc under `ext_id`: stamp our own transport-wide
         numbers on what it is sent, and estimate its bandwidth from its feedback."""
@@ -250,6 +281,7 @@ class Transport:
         if self.bwe is None:
             self.bwe = BandwidthEstimator()
             self._feedback = FeedbackMatcher()
+            self.prober = Prober(self.stats.probes)
 
     def _on_transport_feedback(self, plain: bytes, packet: TransportCC) -> None:
         self.stats.twcc_feedback_received += 1

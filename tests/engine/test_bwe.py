@@ -59,7 +59,9 @@ class Path:
             ext = bytes([0x10]) + b"0"
             if self.stamps:
                 ext += bytes([0x31]) + (self.seq & 0xFFFF).to_bytes(2)
-            packet = vp8_packet(self.seq, 3000 * self.seq, keyframe=self.seq == 1, extensions=ext)
+            packet = vp8_packet(
+                self.seq, 3000 * self.seq, keyframe=self.seq == 1, size=400, extensions=ext
+            )
             self.pub.send_rtp(packet)
             self.delay += grow
             for plain in self.sub.receive().rtp:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import struct
 
-from sfu.control.sdp import EXT_MID, EXT_REPAIRED_RID, EXT_RID
+from sfu.control.sdp import EXT_MID, EXT_REPAIRED_RID, EXT_RID, EXT_TRANSPORT_CC
 from sfu.media.rtcp import Pli
 from sfu.media.simulcast import SimulcastDownTrack, SimulcastProducer
 from tests.engine.harness import VP8, Client, EngineHarness, header_of, payload_of, rtp_packet
 
-MID_ID, RID_ID, RRID_ID = 1, 2, 3
+MID_ID, RID_ID, RRID_ID, TWCC_ID = 1, 2, 3, 4
 RIDS = ("q", "h", "f")
 SIZES = {"q": (160, 120), "h": (320, 240), "f": (640, 480)}
 SSRCS = {"q": 0x5100, "h": 0x5200, "f": 0x5300}
@@ -23,8 +23,11 @@ def sdes(ext_id: int, value: str) -> bytes:
     return bytes([(ext_id << 4) | (len(raw) - 1)]) + raw
 
 
-def layer_packet(rid: str, seq: int, ts: int, *, keyframe: bool = False) -> bytes:
-    """A packet of one layer, naming its MID and RID (as browsers do on early packets)."""
+def layer_packet(
+    rid: str, seq: int, ts: int, *, keyframe: bool = False, twcc: int | None = None
+) -> bytes:
+    """A packet of one layer, naming its MID and RID (as browsers do on early packets), and
+    with `twcc`, a transport-wide number under TWCC_ID (as browsers send when negotiated)."""
     if keyframe:
         width, height = SIZES[rid]
         payload = bytes([0x10, 0x10, 0x00, 0x00, 0x9D, 0x01, 0x2A])
@@ -39,13 +42,17 @@ def layer_packet(rid: str, seq: int, ts: int, *, keyframe: bool = False) -> byte
         payload,
         payload_type=VP8.payload_type,
         marker=True,
-        extensions=sdes(MID_ID, "0") + sdes(RID_ID, rid),
+        extensions=sdes(MID_ID, "0")
+        + sdes(RID_ID, rid)
+        + (b"" if twcc is None else bytes([TWCC_ID << 4 | 1]) + twcc.to_bytes(2, "big")),
     )
 
 
 class Call:
-    def __init__(self, harness: EngineHarness) -> None:
+    def __init__(self, harness: EngineHarness, *, stamps: bool = False) -> None:
         self.harness = harness
+        self.stamps = stamps
+        self.twcc = 0
         self.publisher = harness.client("whip")
         transport = self.publisher.transport
         transport.mid_ext_id, transport.rid_ext_id = MID_ID, RID_ID
@@ -55,7 +62,8 @@ class Call:
             kind="video",
             mid="0",
             codec=VP8,
-            ext_ids={EXT_MID: MID_ID, EXT_RID: RID_ID, EXT_REPAIRED_RID: RRID_ID},
+            ext_ids={EXT_MID: MID_ID, EXT_RID: RID_ID, EXT_REPAIRED_RID: RRID_ID}
+            | ({EXT_TRANSPORT_CC: TWCC_ID} if stamps else {}),
             ssrc=None,
             rtx_ssrc=None,
             rids=RIDS,
@@ -68,12 +76,15 @@ class Call:
         self.seq = dict.fromkeys(RIDS, 1000)
         self.ts = dict.fromkeys(RIDS, 50_000)
 
-    def subscriber(self, rtx: int | None = None) -> tuple[Client, SimulcastDownTrack]:
+    def subscriber(
+        self, rtx: int | None = None, ext_map: dict[int, int] | None = None
+    ) -> tuple[Client, SimulcastDownTrack]:
         client = self.harness.client("whep")
         downtrack = self.harness.add_downtrack(
             client,
             self.track,  # type: ignore[arg-type]
             rtx_payload_type=rtx,
+            ext_map=ext_map,
         )
         assert isinstance(downtrack, SimulcastDownTrack)
         return client, downtrack
@@ -85,7 +96,14 @@ class Call:
         for rid in RIDS:
             self.seq[rid] += 1
             self.ts[rid] += 3000
-            packet = layer_packet(rid, self.seq[rid], self.ts[rid], keyframe=rid in keyframes)
+            self.twcc += 1
+            packet = layer_packet(
+                rid,
+                self.seq[rid],
+                self.ts[rid],
+                keyframe=rid in keyframes,
+                twcc=self.twcc if self.stamps else None,
+            )
             self.publisher.send_rtp(packet)
             sent[rid] = packet
         return sent
@@ -239,6 +257,9 @@ def test_the_estimate_moves_a_subscription_down_then_up_ever_more_reluctantly(
         for _ in range(20):  # rates measured over a few frames, then the keyframe
             call.frame()
         call.allocate()
+        for _ in range(20):  # a shortfall must last before a move down
+            call.frame()
+        call.allocate()
         call.frame(keyframes=(keyframe,))
 
     call.frame(keyframes=RIDS)
@@ -264,8 +285,42 @@ def test_the_estimate_moves_a_subscription_down_then_up_ever_more_reluctantly(
     settle("h")
     assert downtrack.layer is rids["h"]
     assert downtrack.up_hold_until - harness.clock.now >= 2 * first_hold - 1.0
-    # Not even the lowest layer fits: video paused, and the subscriber is told.
+    # Not even the lowest layer fits: first down to it, and once that has lasted, video
+    # paused.
     estimate.estimate_bps = 10_000
     call.allocate()
+    assert not downtrack.suspended
+    assert downtrack.target is rids["q"]
+    for _ in range(4):
+        call.frame()
+        call.allocate()
     assert downtrack.suspended
     assert downtrack.reason == "bandwidth"
+
+
+def test_a_publisher_retransmission_of_a_packet_already_forwarded_is_dropped(
+    harness: EngineHarness,
+) -> None:
+    """Browsers probe their uplink by resending old packets over RTX: forwarded, every
+    subscriber would pay for the publisher's probe."""
+    call = Call(harness)
+    client, _ = call.subscriber()
+    sent = call.frame(keyframes=RIDS)
+    client.receive()
+    original = sent["q"]
+    osn = original[2:4]
+    rtx_payload = osn + original[header_of(original).header_len :]
+    call.publisher.send_rtp(
+        rtp_packet(
+            1,
+            1,
+            RTX_SSRCS["q"],
+            rtx_payload,
+            payload_type=VP8.rtx_payload_type or 0,
+            extensions=sdes(MID_ID, "0") + sdes(RRID_ID, "q"),
+        )
+    )
+    layer = call.track.by_rid["q"]
+    assert layer.rtx_packets_received == 1
+    assert layer.rtx_duplicates == 1
+    assert client.receive().rtp == []

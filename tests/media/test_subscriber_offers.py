@@ -11,6 +11,7 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 import tests.media.harness  # noqa: F401  (aiortc peers gather 127.0.0.1 only)
 from sfu.control.sdp import LocalTransport, parse_sdp
 from sfu.control.subscriber import SubscriberOffers
+from sfu.media.bwe import START_BPS
 from sfu.media.downtrack import DownTrack
 from sfu.media.producer import Producer, TrackCodec
 from sfu.media.rtcp import Bye, parse_rtcp
@@ -244,7 +245,7 @@ def test_transport_cc_is_offered_once_per_transport_and_enabled_by_the_answer(ke
     offers.apply_answer(browser_answer(offer, keep))
     if keep:
         assert sub.transport.bwe is not None
-        assert sub.transport.bwe.estimate_bps == 1_000_000
+        assert sub.transport.bwe.estimate_bps == START_BPS
         assert sub.transport.send_log is not None
         assert sub.transport.send_log.twcc_ext_id == 3
         assert video_down.copy.ext_map[3] == 3
