@@ -61,12 +61,12 @@ CORE_DEV = "bfshape0"
 EDGE_DEV = "bfshape1"
 
 # A 400 kbit/s downlink: a bucket of about three full packets (a video frame's packets go out
-# back to back, so a smaller one drops from every frame) and 200 ms of queue (10 KB: room for
-# one keyframe of the lowest layer arriving at once), about what a congested DSL line or a
-# mobile cell buffers.
+# back to back, so a smaller one drops from every frame) and 400 ms of queue (20 KB: room for
+# a keyframe of the lowest layer of busy content, 10-20 KB, arriving at once), within what
+# DSL lines and mobile cells buffer (often more).
 DEFAULT_RATE = "400kbit"
 DEFAULT_BURST = "4kb"
-DEFAULT_LATENCY = "200ms"
+DEFAULT_LATENCY = "400ms"
 
 
 def _run(*command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -214,6 +214,8 @@ class Sfu:
                 "announced_ips": [SFU_ADDRESS],
             },
             "drain_timeout": "1s",
+            # Layer switches, pauses and probe results land in server.log (see `log`).
+            "logging": {"level": "debug"},
         }
         _deep_merge(config, overrides or {})
         self.config_path = self.dir / "sfu.yaml"

@@ -106,6 +106,12 @@ class SimulcastCall:
                 "video_layer events": len(reports),
                 "errors": [e for e in await page.events("error")][-5:],
             }
+        # What the SFU decided: layer switches, pauses, probe results (server.log).
+        state["server"] = [
+            line[-160:]
+            for line in self.sfu.log().splitlines()
+            if "simulcast:" in line or "probe " in line or "bwe:" in line
+        ][-60:]
         return json.dumps(state, indent=1, default=str)
 
 
