@@ -1,6 +1,7 @@
 """How fast simulcast reacts, in real Chromium through a real rate-limited link.
 
-    .venv/bin/python bench/layer_switch.py [--runs 5] [--rate 400kbit] [--json out.json]
+    .venv/bin/python bench/layer_switch.py [--runs 5] [--rate 400kbit] [--keyframe-cache on|off]
+        [--json out.json]
 
 Needs root: it builds the network of tests/browser/shaping.py (two throwaway namespaces, a
 veth pair, a `tc tbf` bucket on the SFU's end) and runs the SFU and every Chromium inside it.
@@ -120,9 +121,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
     workdir = Path(tempfile.mkdtemp(prefix="bf-layer-switch-"))
     clip = write_busy_clip(workdir / "busy.y4m", *CLIP)
-    result: dict[str, Any] = {"rate": args.rate, "switch": [], "first_frame_ms": []}
+    result: dict[str, Any] = {
+        "rate": args.rate,
+        "keyframe_cache": args.keyframe_cache,
+        "switch": [],
+        "first_frame_ms": [],
+    }
     with ShapedNetwork.create() as network:
-        sfu = Sfu(network)
+        sfu = Sfu(network, {"rtc": {"keyframe_cache": args.keyframe_cache == "on"}})
         playwright = await async_playwright().start()
         pages: list[ClientPage] = []
         try:
@@ -170,6 +176,12 @@ def main() -> int:
     parser.add_argument("--rate", default="400kbit", help="tc rate of the limit (tbf)")
     parser.add_argument("--timeout", type=float, default=20.0, help="per wait, seconds")
     parser.add_argument("--json", type=Path, help="write every sample here")
+    parser.add_argument(
+        "--keyframe-cache",
+        choices=("on", "off"),
+        default="on",
+        help="rtc.keyframe_cache of the SFU: compare time to first frame with and without it",
+    )
     args = parser.parse_args()
     reason = unavailable_reason()
     if reason is not None:
