@@ -88,13 +88,14 @@ test('video_size carries the track and the size; 0 x 0 is no video', () => {
 
 test('video_layer messages are read as the protocol gives them', () => {
   assert.deepEqual(
-    parseVideoLayer({ type: 'video_layer', track: 'T', paused: false, reason: null, layer: { rid: 'q', width: 160, height: 120 } }),
-    { trackId: 'T', paused: false, reason: null, layer: { rid: 'q', width: 160, height: 120 } },
+    parseVideoLayer({ type: 'video_layer', track: 'T', paused: false, reason: null, layer: { rid: 'q', width: 160, height: 120 }, bandwidth_estimate: 450000 }),
+    { trackId: 'T', paused: false, reason: null, layer: { rid: 'q', width: 160, height: 120 }, bandwidthEstimate: 450000 },
   );
   assert.deepEqual(
-    parseVideoLayer({ type: 'video_layer', track: 'T', paused: true, reason: 'bandwidth', layer: null }),
-    { trackId: 'T', paused: true, reason: 'bandwidth', layer: null },
+    parseVideoLayer({ type: 'video_layer', track: 'T', paused: true, reason: 'bandwidth', layer: null, bandwidth_estimate: null }),
+    { trackId: 'T', paused: true, reason: 'bandwidth', layer: null, bandwidthEstimate: null },
   );
+  assert.equal(parseVideoLayer({ track: 'T', paused: false, reason: 'publisher', layer: null }).reason, 'publisher');
   // A reason from a newer server is not guessed at.
   assert.equal(parseVideoLayer({ track: 'T', paused: true, reason: 'other', layer: null }).reason, null);
   assert.equal(parseVideoLayer({ track: 'T', paused: 'yes', layer: null }), null);
@@ -156,12 +157,12 @@ test('an SFU that does not know video_size is no error: the client stops sending
 
 test('video_layer becomes an event with the publisher, and state that ends with the track', () => {
   const { room, events } = fakeRoom();
-  room.receive(JSON.stringify({ type: 'video_layer', track: 'TR_v', paused: true, reason: 'bandwidth', layer: null }));
+  room.receive(JSON.stringify({ type: 'video_layer', track: 'TR_v', paused: true, reason: 'bandwidth', layer: null, bandwidth_estimate: 90000 }));
   room.receive(JSON.stringify({ type: 'video_layer', track: 'TR_gone', paused: true, reason: 'bandwidth', layer: null }));
   room.receive(JSON.stringify({ type: 'video_layer', track: 'TR_v', paused: 'maybe' }));
   const layers = events.filter((e) => e.type === 'video_layer');
-  assert.deepEqual(layers, [{ type: 'video_layer', participant: 'ada', trackId: 'TR_v', paused: true, reason: 'bandwidth', layer: null }]);
-  assert.deepEqual(room.videoLayer('TR_v'), { trackId: 'TR_v', paused: true, reason: 'bandwidth', layer: null });
+  assert.deepEqual(layers, [{ type: 'video_layer', participant: 'ada', trackId: 'TR_v', paused: true, reason: 'bandwidth', layer: null, bandwidthEstimate: 90000 }]);
+  assert.deepEqual(room.videoLayer('TR_v'), { trackId: 'TR_v', paused: true, reason: 'bandwidth', layer: null, bandwidthEstimate: 90000 });
   assert.equal(room.videoLayer('TR_gone'), null);
   room.setVideoSize('TR_v', 160, 120);
   room.receive(JSON.stringify({ type: 'track_unpublished', track: 'TR_v' }));

@@ -557,6 +557,7 @@ class RoomHub:
         """Tell a subscriber which layer of a simulcast track it now gets, or that its video
         is paused (no layer fits its bandwidth, or it asked for none)."""
         layer = None if downtrack.suspended else downtrack.producer
+        bwe = member.subscriber.bwe if member.subscriber is not None else None
         member.send(
             {
                 "type": "video_layer",
@@ -566,6 +567,7 @@ class RoomHub:
                 "layer": None
                 if layer is None
                 else {"rid": layer.rid, "width": layer.width, "height": layer.height},
+                "bandwidth_estimate": None if bwe is None else round(bwe.estimate_bps),
             }
         )
 

@@ -154,7 +154,7 @@ export function videoSizeMessage(trackId, width, height) {
  */
 export function parseVideoLayer(message) {
   if (typeof message?.track !== 'string' || typeof message.paused !== 'boolean') return null;
-  const reason = message.reason === 'bandwidth' || message.reason === 'size' ? message.reason : null;
+  const reason = ['bandwidth', 'size', 'publisher'].includes(message.reason) ? message.reason : null;
   const raw = message.layer;
   let layer = null;
   if (raw !== null && raw !== undefined) {
@@ -165,15 +165,20 @@ export function parseVideoLayer(message) {
       height: Number.isInteger(raw.height) ? raw.height : null,
     };
   }
-  return { trackId: message.track, paused: message.paused, reason, layer };
+  const estimate = message.bandwidth_estimate;
+  const bandwidthEstimate = Number.isFinite(estimate) && estimate >= 0 ? estimate : null;
+  return { trackId: message.track, paused: message.paused, reason, layer, bandwidthEstimate };
 }
 
 /**
  * @typedef {Object} VideoLayerState
  * @property {string} trackId
  * @property {boolean} paused  the SFU forwards none of this video
- * @property {'bandwidth'|'size'|null} reason  why it is paused (or was capped): our link is too
- *   slow for even the lowest layer, or we asked for no video (size 0 x 0)
+ * @property {'bandwidth'|'size'|'publisher'|null} reason  why it is paused or on this layer:
+ *   our link's bandwidth, the size we asked for (0 x 0: no video), or the publisher stopped
+ *   sending the layer we had
+ * @property {number|null} bandwidthEstimate  the SFU's estimate of our bandwidth (bit/s), or
+ *   null when it has none
  * @property {{rid: string, width: number|null, height: number|null}|null} layer  the layer
  *   forwarded, when one is
  */
