@@ -7,7 +7,9 @@ feedback both ways, the SFU's own transport-wide numbers stamped toward subscrib
 loop, on rebuilt copies, RTX and plain resends), a publisher restart on a new SSRC, junk)
 goes through the engine once per path, with every source of randomness seeded the same way;
 every datagram that leaves, with its destination and in order, must be the same byte for
-byte.
+byte. A second scripted session does the same for simulcast: subscribers that start on a
+layer's keyframe cache, switch up and down at keyframes, pause and resume, and ask for
+packets that an earlier layer sent.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import struct
 import sys
 import time
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
@@ -29,6 +31,7 @@ from sfu.media import transport as transport_module
 from sfu.media.fastpath import probe
 from sfu.media.rtcp import build_nack, build_pli
 from sfu.media.rtp import build_rtx, read_transport_seq
+from sfu.media.simulcast import SWITCH_KEYFRAME_RETRY
 from sfu.media.twcc import TwccRecorder
 from tests.conftest import IN_CI, run_cli
 from tests.engine.harness import (
@@ -41,9 +44,22 @@ from tests.engine.harness import (
     header_of,
     mid_extension,
     opus_packet,
+    payload_of,
     rtp_packet,
     vp8_packet,
     vp8_payload,
+)
+from tests.engine.test_simulcast import (
+    MID_ID,
+    RID_ID,
+    RIDS,
+    RRID_ID,
+    RTX_SSRCS,
+    TWCC_ID,
+    Call,
+    FixedEstimate,
+    layer_packet,
+    sdes,
 )
 from tests.media.harness import running_server
 from tests.media.test_assurance import scrape
@@ -89,8 +105,11 @@ def padded(packet: bytes, pad: int) -> bytes:
     return bytes([packet[0] | 0x20]) + packet[1:] + bytes(pad - 1) + bytes([pad])
 
 
-def session(path: str) -> list[tuple[bytes, tuple[str, int]]]:
-    """Run the script on one path; return every datagram the engine sent, in order."""
+def session(
+    path: str, scenario: Callable[[EngineHarness], None] | None = None
+) -> list[tuple[bytes, tuple[str, int]]]:
+    """Run the script (or `scenario`) on one path; return every datagram the engine sent,
+    in order."""
     with seeded(1234):
         h = EngineHarness(fastpath=path)
         assert h.engine.fastpath_enabled is (path == "auto")
@@ -98,7 +117,7 @@ def session(path: str) -> list[tuple[bytes, tuple[str, int]]]:
         fake_time = types.SimpleNamespace(monotonic=h.clock, perf_counter=time.perf_counter)
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(transport_module, "time", fake_time)
-            script(h)
+            (scenario or script)(h)
         return list(h.socket.sent)
 
 
@@ -233,6 +252,208 @@ def test_native_and_python_paths_send_the_same_datagrams() -> None:
     python = session("off")
     assert len(native) == len(python)
     assert len(native) > 200
+    for index, (a, b) in enumerate(zip(native, python, strict=True)):
+        assert a == b, f"datagram {index} differs: native {a!r} python {b!r}"
+
+
+class LayeredCall(Call):
+    """A simulcast publisher (`Call` of tests/engine/test_simulcast.py: layers q, h, f with
+    payloads of 40, 160 and 640 bytes, learnt by RID, transport-wide numbers on every packet)
+    that can lose a layer's packet on the way in and repair it over the layer's RTX
+    stream."""
+
+    def __init__(self, harness: EngineHarness) -> None:
+        super().__init__(harness, stamps=True)
+        self.sent: dict[tuple[str, int], bytes] = {}
+        self.rtx_seq = 0
+
+    def frame(
+        self, *, keyframes: tuple[str, ...] = (), lose: tuple[str, ...] = ()
+    ) -> dict[str, bytes]:
+        self.harness.clock.now += 0.033
+        sent = {}
+        for rid in RIDS:
+            self.seq[rid] += 1
+            self.ts[rid] += 3000
+            self.twcc += 1
+            packet = layer_packet(
+                rid, self.seq[rid], self.ts[rid], keyframe=rid in keyframes, twcc=self.twcc
+            )
+            self.sent[rid, self.seq[rid]] = packet
+            if rid not in lose:
+                self.publisher.send_rtp(packet)
+            sent[rid] = packet
+        return sent
+
+    def frames(self, count: int) -> None:
+        for _ in range(count):
+            self.frame()
+
+    def allocate(self) -> None:
+        """Frames past a rate window (the publisher never falls silent), then a round of
+        the layer allocator."""
+        self.frames(20)
+        self.harness.engine.allocate_layers(self.harness.clock())
+
+    def repair(self, rid: str, seq: int) -> None:
+        """The publisher resends a lost packet on the layer's RTX stream (RFC 4588), named
+        by repaired-rtp-stream-id (RFC 8852)."""
+        original = self.sent[rid, seq]
+        hdr = header_of(original)
+        self.rtx_seq += 1
+        self.publisher.send_rtp(
+            rtp_packet(
+                self.rtx_seq,
+                hdr.timestamp,
+                RTX_SSRCS[rid],
+                original[2:4] + original[hdr.header_len :],
+                payload_type=VP8.rtx_payload_type or 97,
+                marker=True,
+                extensions=sdes(MID_ID, "0") + sdes(RRID_ID, rid),
+            )
+        )
+
+
+def simulcast_script(h: EngineHarness) -> None:
+    call = LayeredCall(h)
+    rids = call.track.by_rid
+    stats = h.engine.stats
+    call.publisher.transport.enable_twcc(TWCC_ID)  # transport-cc feedback to the publisher
+    call.frame(keyframes=RIDS)
+    call.frames(5)
+    # Two subscribers join mid-GOP. A: RTX, the SFU's own transport-wide numbers under a
+    # renamed id, and an estimate the test sets (no probes: they need a real estimator).
+    # B: no RTX, MID renamed and RID kept under a new id, no estimate (sizes decide).
+    a_client, a = call.subscriber(rtx=97, ext_map={MID_ID: 1, TWCC_ID: 5})
+    a_client.transport.enable_bwe(5)
+    estimate = FixedEstimate(20_000_000)
+    a_client.transport.bwe = estimate  # type: ignore[assignment]
+    a_client.transport.prober = None
+    b_client, b = call.subscriber(ext_map={MID_ID: 9, RID_ID: 10})
+    # Both start at once on the lowest layer's keyframe cache: its keyframe, the deltas
+    # since, then the packet that found them waiting.
+    call.frame()
+    assert stats.keyframe_cache_hits == 2
+    assert a.layer is rids["q"]
+    assert b.layer is rids["q"]
+    assert len(b_client.receive().rtp) == 7
+    call.frames(2)
+
+    # A's estimate pays for the top layer; B shows a thumbnail, and the smallest layer that
+    # covers it is the middle one. Both targets are asked for keyframes; until they come,
+    # the lowest layer keeps flowing.
+    b.max_width, b.max_height = 200, 150
+    call.allocate()
+    assert a.target is rids["f"]
+    assert b.target is rids["h"]
+    call.frames(2)
+    a_client.send_rtcp(build_pli(a_client.rtcp_ssrc, a.ssrc))  # while its switch waits
+    b_last_q = b.last_out_seq
+    call.frame(keyframes=("h",))  # B switches up at h's keyframe; A still waits for f's
+    assert b.layer is rids["h"]
+    assert a.layer is rids["q"]
+    assert a.target is rids["f"]
+    call.frames(2)
+    # B's NACK after its switch (plain resends, no RTX): two packets of the lowest layer,
+    # answered from its ring, and the middle layer's keyframe.
+    wanted = [(b_last_q + i) & 0xFFFF for i in (0, 1, 2)]
+    b_client.send_rtcp(build_nack(b_client.rtcp_ssrc, b.ssrc, wanted))
+    assert b.nacks_served == 3
+    # No keyframe of f yet: once SWITCH_KEYFRAME_RETRY has passed, A's pending switch asks
+    # for one again.
+    asked = rids["f"].keyframe_requests_sent
+    call.frames(int(SWITCH_KEYFRAME_RETRY / 0.033) + 2)
+    assert rids["f"].keyframe_requests_sent > asked
+    a_last_q = a.last_out_seq
+    call.frame(keyframes=("f",))  # A switches up: q's packet of this frame, then f's
+    assert a.layer is rids["f"]
+    assert a.target is None
+    call.frames(3)
+    # A's NACK after its switch (RTX): two packets the lowest layer sent, answered from its
+    # ring, and two of the top layer. Then a PLI each, for their new layers: B's goes on to
+    # the middle layer, A's comes too soon after its last and is held back.
+    served = a.nacks_served
+    wanted = [(a_last_q + i) & 0xFFFF for i in (0, 1, 2, 3)]
+    a_client.send_rtcp(build_nack(a_client.rtcp_ssrc, a.ssrc, wanted))
+    assert a.nacks_served == served + 4
+    a_client.send_rtcp(build_pli(a_client.rtcp_ssrc, a.ssrc))
+    b_client.send_rtcp(build_pli(b_client.rtcp_ssrc, b.ssrc))
+    assert a.keyframe_requests_suppressed == 1
+    assert b.keyframe_requests_suppressed == 0
+    # A top-layer packet lost on the way in: the SFU asks the publisher, which repairs it
+    # over f's RTX stream; the repair goes on to A only.
+    call.frame(lose=("f",))
+    lost = call.seq["f"]
+    call.frames(2)
+    h.advance(0.1)
+    a_client.receive()
+    call.repair("f", lost)
+    assert rids["f"].rtx_packets_received == 1
+    repaired = [payload_of(p) for p in a_client.receive().rtp]
+    assert repaired == [payload_of(call.sent["f", lost])]
+    call.frames(20)
+
+    # A's estimate falls below the top layer's rate; once the shortfall has lasted, A
+    # moves down to the middle layer, at its keyframe.
+    call.allocate()
+    estimate.estimate_bps = rids["f"].bitrate * 0.8
+    call.allocate()
+    assert a.target is None
+    assert a.short_since is not None
+    call.allocate()
+    assert a.target is rids["h"]
+    call.frames(3)
+    a_last_f = a.last_out_seq
+    call.frame(keyframes=("h",))
+    assert a.layer is rids["h"]
+    call.frames(2)
+    # A NACK for the top layer's last packets, from its ring, after the move down.
+    served = a.nacks_served
+    wanted = [(a_last_f + i) & 0xFFFF for i in (-1, 0, 1)]
+    a_client.send_rtcp(build_nack(a_client.rtcp_ssrc, a.ssrc, wanted))
+    assert a.nacks_served == served + 3
+
+    # B hides the video (0 x 0): paused, nothing reaches it, keyframes included.
+    b.max_width = b.max_height = 0
+    call.allocate()
+    assert b.suspended
+    b_client.receive()
+    call.frame(keyframes=RIDS)
+    q_keyframe = call.seq["q"]
+    call.frames(3)
+    assert b_client.receive().rtp == []
+    # Shown again as a thumbnail of the lowest layer: it resumes at once on that layer's
+    # keyframe cache, its numbering continuing where it stopped.
+    b_last = b.last_out_seq
+    b.max_width, b.max_height = 160, 120
+    call.allocate()
+    assert not b.suspended
+    call.frame()
+    assert stats.keyframe_cache_hits == 3
+    resumed = b_client.receive().rtp
+    assert len(resumed) == call.seq["q"] - q_keyframe + 1
+    assert header_of(resumed[0]).seq == (b_last + 1) & 0xFFFF
+    b_client.send_rtcp(build_pli(b_client.rtcp_ssrc, b.ssrc))
+    call.frames(5)
+    h.advance(1.1)  # sender reports, transport-cc feedback to the publisher
+    call.frames(5)
+    assert a.layer is rids["h"]
+    assert b.layer is rids["q"]
+    assert stats.layer_switches == {
+        ("up", "bandwidth"): 1,
+        ("up", "size"): 1,
+        ("down", "bandwidth"): 1,
+    }
+    assert stats.video_paused == 0
+    assert a_client.transport.send_log is not None
+    assert a_client.transport.send_log.twcc_stamped > 50
+
+
+def test_simulcast_layer_switches_send_the_same_datagrams_on_both_paths() -> None:
+    native = session("auto", simulcast_script)
+    python = session("off", simulcast_script)
+    assert len(native) == len(python)
+    assert len(native) > 300
     for index, (a, b) in enumerate(zip(native, python, strict=True)):
         assert a == b, f"datagram {index} differs: native {a!r} python {b!r}"
 
