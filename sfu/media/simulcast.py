@@ -17,17 +17,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from sfu.media.downtrack import DownTrack, PacketSink
 from sfu.media.envelope import STATE_ENCRYPTED, STATE_PLAINTEXT, STATE_UNKNOWN
 from sfu.media.layers import LayerDemand, allocate_with_target, default_rate
 from sfu.media.producer import Producer, TrackCodec
 from sfu.media.rtp import RtpHeader
-from sfu.media.stats import MediaStats
 
 if TYPE_CHECKING:
-    from sfu.media.downtrack import JoinTimer
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -181,36 +180,9 @@ class SimulcastDownTrack(DownTrack):
         "up_hold_until",
     )
 
-    def __init__(
-        self,
-        track: SimulcastProducer,
-        sink: PacketSink,
-        *,
-        ssrc: int,
-        payload_type: int,
-        ext_map: list[int],
-        rtx_ssrc: int | None = None,
-        rtx_payload_type: int | None = None,
-        clock: Callable[[], float] = time.monotonic,
-        wallclock: Callable[[], float] = time.time,
-        stats: MediaStats | None = None,
-        join: JoinTimer | None = None,
-        keyframe_interval: float = 2.0,
-    ) -> None:
-        super().__init__(
-            track.layers[0],
-            sink,
-            ssrc=ssrc,
-            payload_type=payload_type,
-            ext_map=ext_map,
-            rtx_ssrc=rtx_ssrc,
-            rtx_payload_type=rtx_payload_type,
-            clock=clock,
-            wallclock=wallclock,
-            stats=stats,
-            join=join,
-            keyframe_interval=keyframe_interval,
-        )
+    def __init__(self, track: SimulcastProducer, sink: PacketSink, **options: Any) -> None:
+        """`options` as for DownTrack; the copy starts out waiting on the lowest layer."""
+        super().__init__(track.layers[0], sink, **options)
         self.track = track
         self.target: Producer | None = None
         self.suspended = False

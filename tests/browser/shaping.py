@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from tests.browser.support import PageDriver
 from tests.chromium import CHROMIUM_FLAGS
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -435,16 +436,8 @@ class Joined:
     camera: dict[str, int] | None
 
 
-class ClientPage:
+class ClientPage(PageDriver):
     """One Chromium in a namespace with the client joined to a room (see _JOIN)."""
-
-    def __init__(self, context: Any, page: Any, name: str) -> None:
-        self.context = context
-        self.page = page
-        self.name = name
-        self.console: list[str] = []
-        page.on("console", lambda msg: self.console.append(f"{msg.type}: {msg.text}"))
-        page.on("pageerror", lambda err: self.console.append(f"pageerror: {err}"))
 
     @classmethod
     async def launch(

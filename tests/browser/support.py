@@ -111,8 +111,9 @@ def colour_close(a: Iterable[int], b: Iterable[int], tolerance: int) -> bool:
 # --- the demo page ------------------------------------------------------------------------
 
 
-class BrowserPeer:
-    """One Chromium (its own profile and fake devices) with the demo page open."""
+class PageDriver:
+    """One Chromium context and its page, keeping the console and page errors (printed when
+    a test fails)."""
 
     def __init__(self, context: Any, page: Any, name: str) -> None:
         self.context = context
@@ -121,6 +122,10 @@ class BrowserPeer:
         self.console: list[str] = []
         page.on("console", lambda msg: self.console.append(f"{msg.type}: {msg.text}"))
         page.on("pageerror", lambda err: self.console.append(f"pageerror: {err}"))
+
+
+class BrowserPeer(PageDriver):
+    """One Chromium (its own profile and fake devices) with the demo page open."""
 
     @classmethod
     async def launch(
