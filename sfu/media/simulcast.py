@@ -36,9 +36,6 @@ LAYER_IDLE = 1.5
 
 # Why a subscription's layer changed (sfu_simulcast_layer_switches_total{reason}).
 REASON_BANDWIDTH = "bandwidth"
-REASON_SIZE = "size"
-REASON_PUBLISHER = "publisher"
-REASON_START = "start"
 # While a switch waits for the target layer's keyframe, it is asked for again this often.
 SWITCH_KEYFRAME_RETRY = 1.0
 
