@@ -350,9 +350,10 @@ def _subscribe(
         )
 
     def on_connected(_transport: Transport) -> None:
-        # A new subscriber needs a keyframe to start; ask once, throttled per track.
+        # A new subscriber needs a keyframe to start (unless the cache has one); ask once,
+        # throttled per track, and for a simulcast track only the layer it starts on.
         for downtrack in session.downtracks:
-            downtrack.producer.request_keyframe()
+            downtrack.request_start()
 
     session.transport.on_connected = on_connected
     # BUNDLE: one transport-cc id serves the transport; every section answers the same.

@@ -133,10 +133,15 @@ class SimulcastProducer:
         return any([layer.request_keyframe() for layer in self.layers])
 
     def attach(self, downtrack: DownTrack) -> None:
-        """A new subscriber's copy: it waits on its first layer (the lowest) until the
-        allocator's next round chooses."""
+        """A new subscriber's copy: it starts on the lowest layer whose keyframe cache can
+        start it at once (else the lowest, waiting for a keyframe), until the allocator's
+        next round chooses. Browsers send keyframes only when asked, so the lowest layer's
+        cache may have outgrown its bounds while a higher one's is fresh."""
         if isinstance(downtrack, SimulcastDownTrack):
             self.downtracks.append(downtrack)
+            downtrack.producer = next(
+                (layer for layer in self.layers if layer.cached_gop()), self.layers[0]
+            )
         downtrack.producer.attach(downtrack)
 
     def close(self) -> None:
@@ -399,7 +404,7 @@ UP_HOLD = 4.0
 DOWN_AFTER = 0.5
 DOWN_AT_ONCE = 0.5
 PAUSE_AFTER = 2.0
-UP_HOLD_MAX = 60.0
+UP_HOLD_MAX = 16.0
 UP_TRIAL = 20.0
 
 

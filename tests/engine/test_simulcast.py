@@ -272,8 +272,9 @@ def test_the_estimate_moves_a_subscription_down_then_up_ever_more_reluctantly(
     settle("h")
     assert downtrack.layer is rids["h"]
     assert harness.engine.stats.layer_switches[("down", "bandwidth")] == 1
-    # Plenty again, but it was only just moved down: it stays until the hold ends.
-    estimate.estimate_bps = 20_000_000
+    # Enough again, but it was only just moved down: it stays until the hold ends (unless
+    # the estimate covered the step twice over).
+    estimate.estimate_bps = rate_f * 1.6
     settle("f")
     assert downtrack.layer is rids["h"]
     harness.clock.now = downtrack.up_hold_until
@@ -281,6 +282,7 @@ def test_the_estimate_moves_a_subscription_down_then_up_ever_more_reluctantly(
     assert downtrack.layer is rids["f"]
     # Undone again soon after: the next hold is twice as long.
     first_hold = 4.0
+    rate_f = rids["f"].bitrate
     estimate.estimate_bps = rate_f * 0.8
     settle("h")
     assert downtrack.layer is rids["h"]
@@ -324,3 +326,20 @@ def test_a_publisher_retransmission_of_a_packet_already_forwarded_is_dropped(
     assert layer.rtx_packets_received == 1
     assert layer.rtx_duplicates == 1
     assert client.receive().rtp == []
+
+
+def test_a_new_subscriber_starts_on_the_lowest_layer_whose_cache_can_start_it(
+    harness: EngineHarness,
+) -> None:
+    call = Call(harness)
+    call.frame(keyframes=RIDS)
+    call.frame()
+    call.track.by_rid["q"].cached_gop().clear()  # e.g. the lowest layer's GOP outgrew it
+    client, downtrack = call.subscriber()
+    sent = call.frame()
+    # Started at once on the middle layer's cache: its keyframe, its delta, this frame's.
+    got = client.receive().rtp
+    assert downtrack.layer is call.track.by_rid["h"]
+    assert len(got) == 3
+    assert payload_of(got[-1]) == payload_of(sent["h"])
+    assert harness.engine.stats.keyframe_cache_hits == 1

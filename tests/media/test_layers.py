@@ -56,8 +56,12 @@ def test_moving_up_needs_headroom_but_staying_does_not() -> None:
     assert allocate([demand(current=2)], just_enough)[0][0] == 2
     assert allocate([demand(current=1)], just_enough)[0][0] == 1
     assert allocate([demand(current=1)], just_enough * UP_HEADROOM * 1.01)[0][0] == 2
-    # Held after a move down for bandwidth: no move up, however much there is.
-    assert allocate([demand(current=1, hold_up=True)], 10_000_000)[0][0] == 1
+    # Held after a move down for bandwidth: a move up needs twice the headroom...
+    enough = (RATES[2] * UP_HEADROOM) / USABLE_SHARE * 1.01
+    assert allocate([demand(current=1)], enough)[0][0] == 2
+    assert allocate([demand(current=1, hold_up=True)], enough)[0][0] == 1
+    # ...which an estimate probes have shown to be far above the step still breaks.
+    assert allocate([demand(current=1, hold_up=True)], 10_000_000)[0][0] == 2
 
 
 def test_the_estimate_is_shared_larger_tiles_first_and_everyone_gets_a_low_layer() -> None:
