@@ -350,10 +350,9 @@ def _subscribe(
         )
 
     def on_connected(_transport: Transport) -> None:
-        # A new subscriber needs a keyframe to start (unless the cache has one); ask once,
-        # throttled per track, and for a simulcast track only the layer it starts on.
+        # A new subscriber needs a keyframe to start; ask once, throttled per track.
         for downtrack in session.downtracks:
-            downtrack.request_start()
+            downtrack.producer.request_keyframe()
 
     session.transport.on_connected = on_connected
     # BUNDLE: one transport-cc id serves the transport; every section answers the same.

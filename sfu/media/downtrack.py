@@ -342,12 +342,6 @@ class DownTrack:
         block = bytes([0xBE, 0xDE, 0x00, 0x01, twcc_ext_id << 4 | 1, 0, 0, 0])
         return header + block + bytes(size - 1) + bytes([size])
 
-    def request_start(self) -> None:
-        """The subscriber can receive now: ask the publisher for a keyframe for this copy to
-        start on, unless the producer's keyframe cache can start it at once."""
-        if not self.started and not self.producer.cached_gop():
-            self.producer.request_keyframe()
-
     def keyframe_forwarded(self) -> None:
         self._keyframe_pending = False
 

@@ -18,9 +18,7 @@ The rules (docs/architecture.md, "Simulcast"):
    USABLE_SHARE of the estimate pays for. Moving above the layer it has (or is switching to)
    needs UP_HEADROOM more than the layer's rate, so that an estimate hovering at one layer's
    rate does not switch it up and down; and a subscription that recently had to move down
-   for bandwidth (`hold_up`) moves up before the hold ends only when the estimate covers the
-   step HOLD_BREAK times over (probes keep running meanwhile, so a limit that was lifted is
-   found without waiting the hold out).
+   for bandwidth (`hold_up`) does not move up, nor ask for a probe, until the hold ends.
 3. Without an estimate (the subscriber did not negotiate transport-cc), size alone decides.
 4. `allocate_with_target` also says which estimate would allow the cheapest step that
    bandwidth holds back: the rate a probe (probe.py) should try.
@@ -36,8 +34,6 @@ from dataclasses import dataclass
 MAX_VIDEO_DIMENSION = 16384
 USABLE_SHARE = 0.9
 UP_HEADROOM = 1.2
-# While held after a move down for bandwidth, a move up needs this many times its cost.
-HOLD_BREAK = 2.0
 # A flowing subscription is paused only when the estimate left for it falls below this share
 # of its lowest layer's rate (resuming needs UP_HEADROOM): no pause on a dip.
 PAUSE_BELOW = 0.75
@@ -60,6 +56,9 @@ class LayerDemand:
     max_height: int | None
     current: int | None  # the layer it forwards or switches to; None: paused
     hold_up: bool = False
+    # Each layer's recent peak rate (bits/s): what a move up to it budgets for. Empty: the
+    # rates above serve.
+    peaks: Sequence[float] = ()
 
 
 Choice = tuple[int | None, str]
@@ -156,11 +155,14 @@ def _allocate(
             if i <= have or i > cap:
                 continue
             above = demand.current is None or i > demand.current
-            extra = rate(demand, i) * (UP_HEADROOM if above else 1.0) - rate(demand, have)
             if above and demand.hold_up:
-                # Held after a move down: only an estimate that covers the step HOLD_BREAK
-                # times over (which takes probes, below) moves it up before the hold ends.
-                extra *= HOLD_BREAK
+                # Held after a move down: no move up, and no probe for one (probes on a link
+                # at its limit cost its subscriber frames), until the hold ends.
+                break
+            cost = rate(demand, i)
+            if above and demand.peaks:
+                cost = max(cost, demand.peaks[i])
+            extra = cost * (UP_HEADROOM if above else 1.0) - rate(demand, have)
             if extra > budget:
                 steps.append(extra)
                 break

@@ -84,6 +84,7 @@ class Producer:
         "_ring_size",
         "_video",
         "bitrate",
+        "bitrate_peak",
         "bytes_received",
         "clock",
         "closed",
@@ -195,6 +196,7 @@ class Producer:
         self.height = 0
         # Received bits per second over the last RATE_WINDOW (sample_rate()).
         self.bitrate = 0.0
+        self.bitrate_peak = 0.0
         self._rate_at: float | None = None  # the first sample starts the first window
         self._rate_bytes = 0
         # Video packets since the last keyframe began (empty: no usable GOP).
@@ -305,6 +307,10 @@ class Producer:
             measured = (self.bytes_received - self._rate_bytes) * 8 / elapsed
             # Smoothed over windows: one keyframe (or one quiet window) is not the rate.
             self.bitrate = measured if not self.bitrate else 0.5 * (self.bitrate + measured)
+            # The recent peak, decaying by a tenth a window (half-life about 3 s): what a
+            # move up to this layer must budget for, since a sender that throttled the
+            # layer for a moment will send it at full rate again.
+            self.bitrate_peak = max(measured, self.bitrate_peak * 0.9)
             self._rate_at = now
             self._rate_bytes = self.bytes_received
         return self.bitrate

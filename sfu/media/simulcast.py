@@ -374,6 +374,7 @@ class SimulcastDownTrack(DownTrack):
             max_height=self.max_height,
             current=None if self.suspended else layers.index(self.target or self.producer),
             hold_up=now < self.up_hold_until,
+            peaks=[layer.bitrate_peak for layer in layers],
         )
 
     # -- teardown -----------------------------------------------------------------------------

@@ -56,7 +56,10 @@ SETTLE = 15.0
 LIFT_BOUND = 10.0
 THUMBNAIL_BOUND = 10.0
 WINDOW = 5.0
-MIN_FPS = 0.6 * CLIP[2]
+# Of the frames the publisher encoded on the low layer during the window, the limited
+# subscriber decodes at least this share; and at least MIN_FPS whatever the publisher does.
+DELIVERED_SHARE = 0.8
+MIN_FPS = 0.4 * CLIP[2]
 MAX_STALL = 1.0
 
 
@@ -226,6 +229,13 @@ async def test_publisher_sends_three_layers(call: SimulcastCall) -> None:
     assert [e["rid"] for e in layers] == RIDS, layers
 
 
+async def _frames_encoded(call: SimulcastCall, rid: str) -> int:
+    for entry in await call.layers():
+        if entry["rid"] == rid:
+            return int(entry.get("framesEncoded") or 0)
+    return 0
+
+
 async def test_limited_subscriber_decodes_the_low_layer_continuously(
     call: SimulcastCall,
 ) -> None:
@@ -237,18 +247,24 @@ async def test_limited_subscriber_decodes_the_low_layer_continuously(
         f"{await call.snapshot()}"
     )
     # Frames keep coming on the low layer: sampled every 100 ms, no gap in framesDecoded
-    # longer than MAX_STALL and at least MIN_FPS overall, all of it at the low width.
+    # longer than MAX_STALL, at least DELIVERED_SHARE of the frames the publisher encoded on
+    # that layer meanwhile (on this 2-core machine with four Chromiums, the publisher's own
+    # frame rate drops under load: measured against it, that is not the SFU's doing) and
+    # at least MIN_FPS, all of it at the low width.
     samples: list[tuple[float, int, int | None]] = []
     loop = asyncio.get_running_loop()
+    encoded_before = await _frames_encoded(call, "q")
     start = loop.time()
     while loop.time() - start < WINDOW:
         video = await call.video(call.lim)
         assert video is not None
         samples.append((loop.time() - start, video["framesDecoded"], video["frameWidth"]))
         await asyncio.sleep(0.1)
+    encoded = await _frames_encoded(call, "q") - encoded_before
     low = await call.layer_width("q")
     frames = samples[-1][1] - samples[0][1]
     fps = frames / (samples[-1][0] - samples[0][0])
+    encoded_fps = encoded / (loop.time() - start)
     stall, last_change = 0.0, samples[0][0]
     for (_, before, _), (t, after, _) in itertools.pairwise(samples):
         if after > before:
@@ -256,9 +272,11 @@ async def test_limited_subscriber_decodes_the_low_layer_continuously(
         stall = max(stall, t - last_change)
     widths = sorted({w for _, _, w in samples}, key=lambda w: w or 0)
     detail = (
-        f"over {WINDOW}s: {frames} frames ({fps:.1f}/s), longest stall {stall:.2f}s, "
-        f"widths seen {widths}, q layer {low} px wide\n{await call.snapshot()}"
+        f"over {WINDOW}s: {frames} frames ({fps:.1f}/s; the publisher encoded "
+        f"{encoded_fps:.1f}/s on q), longest stall {stall:.2f}s, widths seen {widths}, q "
+        f"layer {low} px wide\n{await call.snapshot()}"
     )
+    assert fps >= DELIVERED_SHARE * encoded_fps, detail
     assert fps >= MIN_FPS, detail
     assert stall <= MAX_STALL, detail
     assert widths == [low], detail

@@ -272,9 +272,8 @@ def test_the_estimate_moves_a_subscription_down_then_up_ever_more_reluctantly(
     settle("h")
     assert downtrack.layer is rids["h"]
     assert harness.engine.stats.layer_switches[("down", "bandwidth")] == 1
-    # Enough again, but it was only just moved down: it stays until the hold ends (unless
-    # the estimate covered the step twice over).
-    estimate.estimate_bps = rate_f * 1.6
+    # Plenty again, but it was only just moved down: it stays until the hold ends.
+    estimate.estimate_bps = 20_000_000
     settle("f")
     assert downtrack.layer is rids["h"]
     harness.clock.now = downtrack.up_hold_until

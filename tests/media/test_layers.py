@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from sfu.media.layers import UP_HEADROOM, USABLE_SHARE, LayerDemand, allocate
+from sfu.media.layers import (
+    UP_HEADROOM,
+    USABLE_SHARE,
+    LayerDemand,
+    allocate,
+    allocate_with_target,
+)
 
 RATES = (150_000.0, 500_000.0, 1_500_000.0)
 SIZES = ((160, 120), (320, 240), (640, 480))
@@ -56,12 +62,10 @@ def test_moving_up_needs_headroom_but_staying_does_not() -> None:
     assert allocate([demand(current=2)], just_enough)[0][0] == 2
     assert allocate([demand(current=1)], just_enough)[0][0] == 1
     assert allocate([demand(current=1)], just_enough * UP_HEADROOM * 1.01)[0][0] == 2
-    # Held after a move down for bandwidth: a move up needs twice the headroom...
-    enough = (RATES[2] * UP_HEADROOM) / USABLE_SHARE * 1.01
-    assert allocate([demand(current=1)], enough)[0][0] == 2
-    assert allocate([demand(current=1, hold_up=True)], enough)[0][0] == 1
-    # ...which an estimate probes have shown to be far above the step still breaks.
-    assert allocate([demand(current=1, hold_up=True)], 10_000_000)[0][0] == 2
+    # Held after a move down for bandwidth: no move up, however much there is, and no probe.
+    choices, target = allocate_with_target([demand(current=1, hold_up=True)], 10_000_000)
+    assert choices[0][0] == 1
+    assert target is None
 
 
 def test_the_estimate_is_shared_larger_tiles_first_and_everyone_gets_a_low_layer() -> None:
@@ -79,3 +83,19 @@ def test_layers_the_publisher_stopped_are_not_chosen() -> None:
     choices = allocate([demand(current=2, active=(True, True, False))], 10_000_000)
     assert choices == [(1, "publisher")]
     assert allocate([demand(current=None, active=(False, False, False))], None) == [(0, "start")]
+
+
+def test_a_move_up_budgets_for_the_layers_recent_peak() -> None:
+    # The top layer was throttled by its sender for a moment: 300 kbit/s now, 1.5 Mbit/s at
+    # its recent peak. A move up to it must budget for the peak, staying need not.
+    throttled = LayerDemand(
+        rates=(150_000.0, 500_000.0, 300_000.0),
+        sizes=SIZES,
+        active=(True, True, True),
+        max_width=None,
+        max_height=None,
+        current=1,
+        peaks=(150_000.0, 500_000.0, 1_500_000.0),
+    )
+    assert allocate([throttled], 1_200_000)[0][0] == 1
+    assert allocate([throttled], 2_500_000)[0][0] == 2

@@ -366,7 +366,7 @@ class RoomHub:
         if participant.offers is None:
             return
         for track in participant.offers.live():
-            track.downtrack.request_start()
+            track.producer.request_keyframe()
 
     def _transport_closed(self, participant: Participant, transport: Transport) -> None:
         if participant.left:
@@ -520,7 +520,7 @@ class RoomHub:
         except (SdpError, ValueError) as exc:
             raise ProtocolError("invalid_sdp", str(exc)) from None
         for track in started:
-            track.downtrack.request_start()
+            track.producer.request_keyframe()
         for track in rejected:
             participant.send(
                 {
