@@ -174,7 +174,6 @@ class SimulcastDownTrack(DownTrack):
         "short_since",
         "suspended",
         "switch_asked_at",
-        "switches",
         "target",
         "track",
         "up_at",
@@ -202,7 +201,6 @@ class SimulcastDownTrack(DownTrack):
         self.up_failures = 0
         # Since when the estimate has not paid for the current layer (None: it does).
         self.short_since: float | None = None
-        self.switches = 0
         self.switch_asked_at = -1e9
         # Called when the layer or the paused state changes (the room protocol tells the
         # subscriber, `video_layer`).
@@ -265,7 +263,6 @@ class SimulcastDownTrack(DownTrack):
         self.started = False
         if was_started:
             self._start(hdr)
-        self.switches += 1
         self.stats.count_switch(direction, self.reason or REASON_BANDWIDTH)
         log.info(
             "simulcast: subscriber SSRC %d of track %s switched %s from layer %s to %s (%s)",
