@@ -309,6 +309,7 @@ class DownTrack:
         if first is None:
             return False
         self._start(first)
+        self._keyframe_pending = False  # it starts on a keyframe, as if it had asked
         self._activate()
         self.stats.keyframe_cache_hits += 1
         for packet in tuple(gop):
@@ -510,13 +511,23 @@ class DownTrack:
             return
         now = self.clock()
         asked = self._keyframe_asked_at
+        interval = self._keyframe_interval
         if asked is not None:
             since = now - asked
-            interval = self._keyframe_interval
             if since < interval or (self._keyframe_pending and since < 2 * interval):
                 self.keyframe_requests_suppressed += 1
                 self.stats.keyframe_requests[2] += 1
                 return
+        producer = self.producer
+        if not producer.request_keyframe() and not producer.keyframe_outstanding:
+            # The track's throttle refused, and the keyframe it last asked for has already
+            # come (before this copy needed one, e.g. a subscriber still waiting for its
+            # E2EE key): nothing is on its way for this copy. Counting this as asked would
+            # hold its next request back for up to 2 intervals; its next one goes through
+            # as soon as the track's throttle allows.
+            return
+        if asked is not None:
+            since = now - asked
             if since >= 4 * interval:
                 self._keyframe_interval = self._keyframe_base  # quiet for long: forgiven
             elif not self._keyframe_pending and self.loss < KEYFRAME_BACKOFF_LOSS:
@@ -525,7 +536,6 @@ class DownTrack:
                 )
         self._keyframe_asked_at = now
         self._keyframe_pending = True
-        self.producer.request_keyframe()
 
     def on_report(self, fraction_lost: int, lsr: int, dlsr: int) -> None:
         """A reception report block about this copy (RFC 3550 §6.4.1): the share of packets

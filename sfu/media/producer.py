@@ -99,6 +99,7 @@ class Producer:
         "id",
         "keyframe_cache",
         "keyframe_interval",
+        "keyframe_outstanding",
         "keyframe_requests_sent",
         "keyframe_requests_throttled",
         "keyframes_seen",
@@ -165,6 +166,8 @@ class Producer:
         # Gaps in what the publisher sends, asked for again by the SFU itself (nackgen.py).
         self.losses = NackGenerator()
         self._last_keyframe_request = -1e9
+        # A keyframe request went to the publisher and no keyframe has come since.
+        self.keyframe_outstanding = False
         # Every subscriber's copy; `route` holds the started ones (the router sends them),
         # `waiting` the others, which are handed each packet here.
         self.router = router if router is not None else Router(MediaStats())
@@ -251,6 +254,7 @@ class Producer:
             self._cache(data, hdr, flags)
         if keyframe and self._video:
             self.keyframes_seen += 1
+            self.keyframe_outstanding = False
             if self.codec.key == "vp8":
                 size = vp8_keyframe_size(data, hdr, flags)
                 if size is not None:
@@ -396,6 +400,7 @@ class Producer:
             self._keyframe_totals[1] += 1
             return False
         self._last_keyframe_request = now
+        self.keyframe_outstanding = True
         self.keyframe_requests_sent += 1
         self._keyframe_totals[0] += 1
         self.upstream.send_keyframe_request(self)

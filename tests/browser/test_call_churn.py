@@ -65,12 +65,19 @@ async def _decoding(
     async def grown() -> bool:
         return await _decoded(viewer, sender_id) >= start + frames
 
-    await eventually(
-        grown,
-        deadline.left(),
-        f"[{deadline.step}] {viewer.name} decoding {frames} frames of {sender_id} "
-        f"within {deadline.seconds}s",
-    )
+    try:
+        await eventually(
+            grown,
+            deadline.left(),
+            f"[{deadline.step}] {viewer.name} decoding {frames} frames of {sender_id} "
+            f"within {deadline.seconds}s",
+        )
+    except AssertionError as err:
+        # What the viewer's browser saw of that sender: tells a stream that never arrived
+        # from one that arrived but did not decode (no keyframe, no key).
+        stats = await viewer.stats()
+        seen = [e for e in stats["inbound"] if e["participant"] == sender_id]
+        raise AssertionError(f"{err}; inbound: {seen}; e2ee: {stats['e2ee']}") from None
     return deadline.elapsed()
 
 

@@ -109,3 +109,33 @@ def test_requests_for_unknown_streams_and_audio_ask_nothing(harness: EngineHarne
     subscriber.send_rtcp(build_pli(subscriber.rtcp_ssrc, 0xDEADBEEF))
     assert plis_at(publisher) == []
     assert harness.engine.stats.pli_received == 2
+
+
+def test_a_request_the_track_throttle_swallowed_after_its_keyframe_came_is_not_held(
+    harness: EngineHarness,
+) -> None:
+    """A subscriber that joined and cannot decode yet (its E2EE key comes later) asks right
+    after someone else's keyframe went by: the throttle refuses it, and nothing is on its way
+    for it, so its next request must go once the throttle allows, not two intervals later."""
+    publisher, producer = harness.publisher()
+    first, first_track = harness.subscriber(producer)
+    video = Stream(harness, publisher)
+    video.send(keyframe=True)
+    harness.clock.now += 5.0
+    first.send_rtcp(build_pli(first.rtcp_ssrc, first_track.ssrc))
+    assert len(plis_at(publisher)) == 1
+    assert producer.keyframe_outstanding
+    harness.clock.now += 0.05
+    video.send(keyframe=True)  # the answer
+    assert not producer.keyframe_outstanding
+
+    late, late_track = harness.subscriber(producer)
+    video.send()
+    harness.clock.now += 0.1
+    late.send_rtcp(build_pli(late.rtcp_ssrc, late_track.ssrc))
+    assert plis_at(publisher) == []
+    assert producer.keyframe_requests_throttled == 1
+    harness.clock.now += producer.keyframe_interval
+    late.send_rtcp(build_pli(late.rtcp_ssrc, late_track.ssrc))
+    assert plis_at(publisher) == [Pli(publisher.transport.rtcp_ssrc, VIDEO_SSRC)]
+    assert late_track.keyframe_requests_suppressed == 0
