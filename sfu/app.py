@@ -19,6 +19,7 @@ from sfu.control.rooms import HUB_KEY, RoomHub
 from sfu.lifecycle import Lifecycle
 from sfu.media.dtls import DtlsCertificate
 from sfu.media.engine import MediaEngine, MediaSettings
+from sfu.media.snapshot import build_snapshot
 from sfu.metrics import MediaCollector, Metrics, measure_loop_lag, stop_task
 from sfu.rooms import Rooms
 
@@ -67,7 +68,9 @@ class Server:
         for reason in REFUSAL_REASONS:
             self.metrics.admission_refusals.labels(reason)  # every series exported from 0
         self.metrics.registry.register(
-            MediaCollector(self.engine, self.rooms, self.hub, self.admission)
+            MediaCollector(
+                lambda: build_snapshot(self.engine), self.rooms, self.hub, self.admission
+            )
         )
         self.app = create_app(
             config, self.lifecycle, self.metrics, self.engine, self.rooms, self.admission

@@ -3,7 +3,9 @@
 Everything lives on one private registry (not prometheus_client's global one) so several
 servers can run in one test process, and so /metrics shows exactly what Blindfold exports.
 Media-plane counters are plain ints on the engine, exported by `MediaCollector` at scrape
-time: `labels().inc()` costs about 4 µs, too much per packet.
+time: `labels().inc()` costs about 4 µs, too much per packet. The collector reads them from a
+`MediaSnapshot` (plain data a media worker process can send), never from live media objects,
+so the snapshots of several workers can be merged into one exposition.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import platform
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import (
@@ -37,11 +39,11 @@ from prometheus_client.registry import Collector
 from sfu import __version__
 from sfu.assurance import codecs_loaded
 from sfu.media.envelope import STATES
-from sfu.media.stats import FORWARD_SAMPLE_EVERY, LatencyHistogram
+from sfu.media.snapshot import POLICIES, HistogramData, MediaSnapshot
+from sfu.media.stats import FORWARD_SAMPLE_EVERY
 
 if TYPE_CHECKING:
     from sfu.config import LimitsConfig
-    from sfu.media.engine import MediaEngine
     from sfu.rooms import Rooms
 
 log = logging.getLogger(__name__)
@@ -148,18 +150,27 @@ class RoomsView(Protocol):
 
 class MediaCollector(Collector):
     """Exports the media plane's plain-int counters at scrape time (none are touched per
-    packet by prometheus_client, which would cost microseconds each)."""
+    packet by prometheus_client, which would cost microseconds each).
+
+    `snapshots` returns the media plane's numbers as one `MediaSnapshot` (with several media
+    workers, `sfu.media.snapshot.merge` of theirs); sessions, rooms, participants and the
+    relay are the control plane's and are read from its own views.
+    """
 
     def __init__(
-        self, engine: MediaEngine, rooms: Rooms, hub: RoomsView, admission: AdmissionView
+        self,
+        snapshots: Callable[[], MediaSnapshot],
+        rooms: Rooms,
+        hub: RoomsView,
+        admission: AdmissionView,
     ) -> None:
-        self.engine = engine
+        self.snapshots = snapshots
         self.rooms = rooms
         self.hub = hub
         self.admission = admission
 
     def collect(self) -> Iterator[Metric]:
-        stats, demux, agent = self.engine.stats, self.engine.demux, self.engine.agent
+        media = self.snapshots()
         packets = CounterMetricFamily(
             "sfu_rtp_packets",
             "RTP packets received from publishers (in) and sent to subscribers (out, "
@@ -171,7 +182,7 @@ class MediaCollector(Collector):
             "Bytes of those RTP packets (header and payload, before SRTP).",
             labels=["direction", "kind"],
         )
-        for kind, (p_in, b_in, p_out, b_out) in sorted(stats.by_kind.items()):
+        for kind, (p_in, b_in, p_out, b_out) in sorted(media.rtp_by_kind.items()):
             packets.add_metric(["in", kind], p_in)
             packets.add_metric(["out", kind], p_out)
             octets.add_metric(["in", kind], b_in)
@@ -182,39 +193,39 @@ class MediaCollector(Collector):
             "sfu_rtcp_packets",
             "Compound RTCP datagrams received and sent.",
             "direction",
-            {"in": stats.rtcp_in, "out": stats.rtcp_out},
+            {"in": media.rtcp_in, "out": media.rtcp_out},
         )
         yield _counter(
             "sfu_srtp_failures",
             "SRTP/SRTCP packets that failed to unprotect or protect.",
             None,
-            {"": stats.srtp_failures},
+            {"": media.srtp_failures},
         )
         yield _counter(
             "sfu_dtls_handshakes",
             "DTLS handshakes by result (failed includes fingerprint mismatches).",
             "result",
-            {"ok": stats.dtls_ok, "failed": stats.dtls_failed},
+            {"ok": media.dtls_ok, "failed": media.dtls_failed},
         )
         yield _counter(
             "sfu_ice_checks",
             "ICE connectivity checks (STUN Binding requests) by how they were handled.",
             "result",
             {
-                "ok": agent.requests_ok,
-                "unauthenticated": agent.requests_unauthenticated,
-                "unknown_ufrag": agent.requests_unknown_ufrag,
-                "malformed": agent.malformed,
-                "role_conflict": agent.role_conflicts,
-                "bad_request": agent.bad_requests,
-                "address_cap": agent.address_cap_rejections,
+                "ok": media.ice_requests_ok,
+                "unauthenticated": media.ice_requests_unauthenticated,
+                "unknown_ufrag": media.ice_requests_unknown_ufrag,
+                "malformed": media.ice_malformed,
+                "role_conflict": media.ice_role_conflicts,
+                "bad_request": media.ice_bad_requests,
+                "address_cap": media.ice_address_cap_rejections,
             },
         )
         yield _counter(
             "sfu_ice_consent_expiries",
             "Transports closed because the client stopped sending ICE checks (RFC 7675).",
             None,
-            {"": agent.consent_expiries},
+            {"": media.ice_consent_expiries},
         )
         yield _counter(
             "sfu_udp_datagrams_dropped",
@@ -222,10 +233,10 @@ class MediaCollector(Collector):
             "authenticated, of no known protocol, or that raised while being handled.",
             "reason",
             {
-                "unknown_address": demux.dropped_unknown_address,
-                "unknown_type": demux.dropped_unknown_type,
-                "error": demux.errors,
-                "send_failed": demux.send_errors,
+                "unknown_address": media.dropped_unknown_address,
+                "unknown_type": media.dropped_unknown_type,
+                "error": media.demux_errors,
+                "send_failed": media.send_errors,
             },
         )
         yield _counter(
@@ -233,13 +244,13 @@ class MediaCollector(Collector):
             "Copies to one subscriber that could not be built or sent and were skipped; the "
             "other subscribers of the packet still got theirs. Logged once per subscriber track.",
             None,
-            {"": stats.forward_errors},
+            {"": media.forward_errors},
         )
         yield _counter(
             "sfu_rtp_unroutable",
             "RTP packets from publishers that matched no published track.",
             None,
-            {"": stats.rtp_unroutable},
+            {"": media.rtp_unroutable},
         )
         yield _counter(
             "sfu_nacks",
@@ -247,12 +258,12 @@ class MediaCollector(Collector):
             "cached, or not resent by the subscriber's retransmission budget).",
             "result",
             {
-                "received": stats.nacks_received,
-                "served": stats.nacks_served,
-                "missed": stats.nacks_missed,
-                "duplicate": stats.nacks_suppressed[0],
-                "too_old": stats.nacks_suppressed[1],
-                "over_budget": stats.nacks_suppressed[2],
+                "received": media.nacks_received,
+                "served": media.nacks_served,
+                "missed": media.nacks_missed,
+                "duplicate": media.nacks_duplicate,
+                "too_old": media.nacks_too_old,
+                "over_budget": media.nacks_over_budget,
             },
         )
         yield _counter(
@@ -262,9 +273,9 @@ class MediaCollector(Collector):
             "the asking subscriber's own budget (rtc.subscriber_keyframe_interval).",
             "result",
             {
-                "forwarded": stats.keyframe_requests[0],
-                "throttled": stats.keyframe_requests[1],
-                "suppressed": stats.keyframe_requests[2],
+                "forwarded": media.keyframe_requests_forwarded,
+                "throttled": media.keyframe_requests_throttled,
+                "suppressed": media.keyframe_requests_suppressed,
             },
         )
         yield _counter(
@@ -272,27 +283,27 @@ class MediaCollector(Collector):
             "Transport-wide congestion control feedback packets (RTCP RTPFB FMT 15) sent to "
             "publishers, whose own estimators set their send rate from them.",
             None,
-            {"": stats.twcc_feedback_sent},
+            {"": media.twcc_feedback_sent},
         )
         yield _counter(
             "sfu_transport_feedback_received",
             "Transport-wide congestion control feedback packets (RTCP RTPFB FMT 15) received "
             "from subscribers, about the transport-wide numbers the SFU stamps on their media.",
             None,
-            {"": stats.twcc_feedback_received},
+            {"": media.twcc_feedback_received},
         )
         yield _counter(
             "sfu_transport_feedback_reported_packets",
             "Packets the SFU stamped toward subscribers, as their feedback first reported them: "
             "received or lost.",
             "result",
-            {"received": stats.twcc_reported[0], "lost": stats.twcc_reported[1]},
+            {"received": media.twcc_reported_received, "lost": media.twcc_reported_lost},
         )
         yield _histogram(
             "sfu_subscriber_bandwidth_estimate_bps",
             "Send-side bandwidth estimates toward subscribers (bit/s, sfu/media/bwe.py), one "
             "observation per subscriber transport per second while it sends feedback.",
-            stats.bwe_estimates,
+            media.bwe_estimates,
         )
         switches = CounterMetricFamily(
             "sfu_simulcast_layer_switches",
@@ -304,51 +315,51 @@ class MediaCollector(Collector):
         for direction in ("up", "down"):
             for reason in ("bandwidth", "size", "publisher"):
                 switches.add_metric(
-                    [direction, reason], stats.layer_switches.get((direction, reason), 0)
+                    [direction, reason], media.layer_switches.get((direction, reason), 0)
                 )
         yield switches
         yield GaugeMetricFamily(
             "sfu_simulcast_paused_subscriptions",
             "Subscriptions to simulcast video whose video is paused now: no layer fits the "
             "subscriber's bandwidth, or it shows the video at 0 x 0 (audio continues).",
-            value=stats.video_paused,
+            value=media.video_paused,
         )
         yield _counter(
             "sfu_bandwidth_probes",
             "Bandwidth probes toward subscribers (padding on top of their media, to see whether "
             "a higher simulcast layer would get through), by how they ended.",
             "result",
-            {"succeeded": stats.probes[1], "failed": stats.probes[2]},
+            {"succeeded": media.probes_succeeded, "failed": media.probes_failed},
         )
         yield _counter(
             "sfu_probe_padding_bytes",
             "Padding bytes sent to subscribers by bandwidth probes (RTX padding-only packets).",
             None,
-            {"": stats.probes[3]},
+            {"": media.probe_padding_bytes},
         )
         yield _counter(
             "sfu_keyframe_cache_hits",
             "Subscriber video copies started on the track's cached packets since its last "
             "keyframe (rtc.keyframe_cache) instead of waiting for a new keyframe.",
             None,
-            {"": stats.keyframe_cache_hits},
+            {"": media.keyframe_cache_hits},
         )
         yield _counter(
             "sfu_rtx_packets_sent",
             "Retransmissions sent to subscribers on their RTX streams (RFC 4588).",
             None,
-            {"": stats.rtx_sent[0]},
+            {"": media.rtx_sent},
         )
         yield _histogram(
             "sfu_forward_latency_seconds",
             "Time from receiving an RTP packet to its last send to subscribers, sampled 1 in "
             f"{FORWARD_SAMPLE_EVERY} packets.",
-            stats.forward_latency,
+            media.forward_latency,
         )
         yield _histogram(
             "sfu_join_latency_seconds",
             "From a subscribe request to the first packet forwarded to that subscriber.",
-            stats.join_latency,
+            media.join_latency,
         )
         first = HistogramMetricFamily(
             "sfu_first_frame_seconds",
@@ -356,24 +367,20 @@ class MediaCollector(Collector):
             "waits for a keyframe).",
             labels=["kind"],
         )
-        for kind, histogram in sorted(stats.first_frame_latency.items()):
+        for kind, histogram in sorted(media.first_frame_latency.items()):
             first.add_metric([kind], _buckets(histogram), histogram.total)
         yield first
         states = GaugeMetricFamily(
             "sfu_transports", "Client transports by state (ICE/DTLS progress).", labels=["state"]
         )
-        by_state = dict.fromkeys(("new", "connecting", "connected"), 0)
-        for transport in self.engine.transports.values():
-            if transport.state.value in by_state:
-                by_state[transport.state.value] += 1
-        for state, count in by_state.items():
-            states.add_metric([state], count)
+        for state in ("new", "connecting", "connected"):
+            states.add_metric([state], media.transports_by_state.get(state, 0))
         yield states
         yield _counter(
             "sfu_keyframe_requests_received",
             "PLI and FIR messages received from subscribers.",
             "type",
-            {"pli": stats.pli_received, "fir": stats.fir_received},
+            {"pli": media.pli_received, "fir": media.fir_received},
         )
         frames = CounterMetricFamily(
             "sfu_e2ee_frames",
@@ -381,7 +388,7 @@ class MediaCollector(Collector):
             "SFrame header (envelope=sframe) or not (none); judged without any key.",
             labels=["kind", "envelope"],
         )
-        for kind, (none, sframe) in sorted(stats.e2ee_frames.items()):
+        for kind, (none, sframe) in sorted(media.e2ee_frames.items()):
             frames.add_metric([kind, "sframe"], sframe)
             frames.add_metric([kind, "none"], none)
         yield frames
@@ -391,43 +398,36 @@ class MediaCollector(Collector):
             "policy of their room.",
             labels=["state", "policy"],
         )
-        verdicts = {(state, policy): 0 for state in STATES for policy in ("required", "optional")}
-        published = {"audio": 0, "video": 0}
-        subscriptions = 0
-        participants: set[tuple[str, str]] = set(self.hub.participant_identities())
-        for session in self.rooms.all_sessions():
-            participants.add((session.room, session.identity))
-            subscriptions += len(session.downtracks)
-            for producer in session.producers:
-                policy = "required" if producer.e2ee_required else "optional"
-                verdicts[(producer.envelope.state, policy)] += 1
-                published[producer.kind] = published.get(producer.kind, 0) + 1
-        for (state, policy), count in verdicts.items():
-            tracks.add_metric([state, policy], count)
+        for state in STATES:
+            for policy in POLICIES:
+                tracks.add_metric([state, policy], media.e2ee_tracks.get((state, policy), 0))
         yield tracks
         tracks_gauge = GaugeMetricFamily(
             "sfu_published_tracks", "Tracks being published, by media kind.", labels=["kind"]
         )
+        published = {"audio": 0, "video": 0} | dict(media.published_tracks)
         for kind, count in sorted(published.items()):
             tracks_gauge.add_metric([kind], count)
         yield tracks_gauge
         yield GaugeMetricFamily(
             "sfu_subscriptions",
             "Subscribed tracks (one per subscriber and published track).",
-            value=subscriptions,
+            value=media.subscriptions,
         )
+        participants: set[tuple[str, str]] = set(self.hub.participant_identities())
+        for session in self.rooms.all_sessions():
+            participants.add((session.room, session.identity))
         yield GaugeMetricFamily(
             "sfu_participants",
             "Distinct identities with at least one session, counted per room.",
             value=len(participants),
         )
-        match, mismatch = stats.integrity
         yield _counter(
             "sfu_payload_integrity_checks",
             "Sampled comparisons of forwarded payload bytes with received ones; mismatch must "
             "stay 0.",
             "result",
-            {"match": match, "mismatch": mismatch},
+            {"match": media.integrity_match, "mismatch": media.integrity_mismatch},
         )
         sessions = GaugeMetricFamily(
             "sfu_media_sessions",
@@ -458,7 +458,7 @@ class MediaCollector(Collector):
             "Transports closed because the client did not complete ICE and DTLS within "
             "rtc.handshake_timeout.",
             None,
-            {"": self.engine.handshake_timeouts},
+            {"": media.handshake_timeouts},
         )
         yield _counter(
             "sfu_e2ee_relay_messages",
@@ -483,11 +483,11 @@ class MediaCollector(Collector):
             "sfu_media_fastpath_enabled",
             "1 while media is forwarded by the native fan-out core, 0 on the pure-Python path "
             "(rtc.fastpath: off, or the extension is not built).",
-            value=1 if self.engine.fastpath_enabled else 0,
+            value=1 if media.fastpath_enabled else 0,
         )
 
 
-def _buckets(histogram: LatencyHistogram) -> list[tuple[str, float]]:
+def _buckets(histogram: HistogramData) -> list[tuple[str, float]]:
     cumulative = 0
     out: list[tuple[str, float]] = []
     for bound, count in zip(histogram.bounds, histogram.counts, strict=False):
@@ -497,7 +497,7 @@ def _buckets(histogram: LatencyHistogram) -> list[tuple[str, float]]:
     return out
 
 
-def _histogram(name: str, documentation: str, histogram: LatencyHistogram) -> Metric:
+def _histogram(name: str, documentation: str, histogram: HistogramData) -> Metric:
     family = HistogramMetricFamily(name, documentation)
     family.add_metric([], _buckets(histogram), histogram.total)
     return family
