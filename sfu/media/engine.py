@@ -128,6 +128,8 @@ class MediaEngine(asyncio.DatagramProtocol):
         self._last_error_log = 0.0
         self.handshake_timeouts = 0
         self.candidates: list[tuple[str, int]] = []
+        # Called with the time at every timer tick (the media API's own periodic work).
+        self.tick_hooks: list[Callable[[float], None]] = []
 
     @property
     def stats(self) -> MediaStats:
@@ -601,6 +603,8 @@ class MediaEngine(asyncio.DatagramProtocol):
             self.allocate_layers(now)
         self._run_probes(now, now - self._last_tick if self._last_tick else TIMER_INTERVAL)
         self._last_tick = now
+        for hook in self.tick_hooks:
+            hook(now)
         for session in self.agent.expire(now):
             transport = self._by_ufrag.get(session.local_ufrag)
             if transport is not None:
