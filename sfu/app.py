@@ -15,11 +15,12 @@ from sfu import __version__
 from sfu.config import DEV_API_KEY, DEV_API_SECRET, Config
 from sfu.control.admission import REFUSAL_REASONS, Admission
 from sfu.control.http import ServerLog, create_app
+from sfu.control.media_events import MediaEvents
 from sfu.control.rooms import HUB_KEY, RoomHub
 from sfu.lifecycle import Lifecycle
 from sfu.media.dtls import DtlsCertificate
 from sfu.media.engine import MediaEngine, MediaSettings
-from sfu.media.snapshot import build_snapshot
+from sfu.media.local import LocalMedia
 from sfu.metrics import MediaCollector, Metrics, measure_loop_lag, stop_task
 from sfu.rooms import Rooms
 
@@ -57,8 +58,13 @@ class Server:
             ),
             _dtls_certificate(config),
         )
+        # The control plane reaches the media plane only through its API (ids, commands,
+        # events); in this process the engine implements it directly.
+        self.media = LocalMedia(self.engine)
+        self.events = MediaEvents()
+        self.media.sink = self.events
         self.rooms = Rooms(config.limits.max_rooms)
-        self.hub = RoomHub(config, self.engine, self.rooms)
+        self.hub = RoomHub(config, self.media, self.events, self.rooms)
         self.admission = Admission(
             config.limits,
             self.rooms,
@@ -68,12 +74,16 @@ class Server:
         for reason in REFUSAL_REASONS:
             self.metrics.admission_refusals.labels(reason)  # every series exported from 0
         self.metrics.registry.register(
-            MediaCollector(
-                lambda: build_snapshot(self.engine), self.rooms, self.hub, self.admission
-            )
+            MediaCollector(self.media.snapshot, self.rooms, self.hub, self.admission)
         )
         self.app = create_app(
-            config, self.lifecycle, self.metrics, self.engine, self.rooms, self.admission
+            config,
+            self.lifecycle,
+            self.metrics,
+            self.media,
+            self.events,
+            self.rooms,
+            self.admission,
         )
         self.app[HUB_KEY] = self.hub
         self._runner: web.AppRunner | None = None

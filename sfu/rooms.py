@@ -15,9 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sfu.media.downtrack import DownTrack, JoinTimer
-from sfu.media.simulcast import AnyProducer
-from sfu.media.transport import Transport
+from sfu.media.api import ProducerInfo, SubscriptionInfo, TransportInfo
 
 if TYPE_CHECKING:
     # Types only: the domain state imports nothing of the control plane at run time.
@@ -34,18 +32,19 @@ class LimitExceeded(Exception):
 
 @dataclass(eq=False)
 class MediaSession:
-    """A WHIP (publish) or WHEP (subscribe) session: one transport and its tracks."""
+    """A WHIP (publish) or WHEP (subscribe) session: one transport and its tracks, known
+    by the ids and descriptions the media plane gave (sfu/media/api.py)."""
 
     kind: str  # "whip" or "whep"
     room: str
     stream: str
     identity: str
-    transport: Transport
+    transport: TransportInfo
     release_drain: Callable[[], None]
     id: str = field(default_factory=lambda: secrets.token_urlsafe(12))
     created_at: float = field(default_factory=time.monotonic)
-    producers: list[AnyProducer] = field(default_factory=list)
-    downtracks: list[DownTrack] = field(default_factory=list)
+    producers: list[ProducerInfo] = field(default_factory=list)
+    subscriptions: list[SubscriptionInfo] = field(default_factory=list)
     etag: str = field(default_factory=lambda: f'"{secrets.token_hex(8)}"')
 
     @property
@@ -76,7 +75,7 @@ class Participant:
     overflowed: bool = False
     disconnected_at: float | None = None
     publication: MediaSession | None = None
-    subscriber: Transport | None = None
+    subscriber: TransportInfo | None = None
     offers: SubscriberOffers | None = None
     subscribe_all: bool = True
     wanted: set[str] = field(default_factory=set)
@@ -84,7 +83,6 @@ class Participant:
     video_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
     muted: dict[str, bool] = field(default_factory=dict)
     release_drain: Callable[[], None] = lambda: None
-    join: JoinTimer = field(default_factory=JoinTimer)
 
     def public(self) -> dict[str, Any]:
         return {

@@ -16,15 +16,17 @@ from sfu.control.admission import Admission
 from sfu.control.keys import (
     ADMISSION_KEY,
     CONFIG_KEY,
-    ENGINE_KEY,
     LIFECYCLE_KEY,
+    MEDIA_EVENTS_KEY,
+    MEDIA_KEY,
     METRICS_KEY,
     ROOMS_KEY,
 )
+from sfu.control.media_events import MediaEvents
 from sfu.control.problems import code_for_status, problem_response
 from sfu.control.rooms.socket import add_routes as add_room_routes
 from sfu.lifecycle import Lifecycle
-from sfu.media.engine import MediaEngine
+from sfu.media.api import MediaApi
 from sfu.metrics import Metrics
 from sfu.rooms import Rooms
 
@@ -43,7 +45,8 @@ def create_app(
     config: Config,
     lifecycle: Lifecycle,
     metrics: Metrics,
-    engine: MediaEngine,
+    media: MediaApi,
+    events: MediaEvents,
     rooms: Rooms,
     admission: Admission,
 ) -> web.Application:
@@ -54,7 +57,8 @@ def create_app(
     app[CONFIG_KEY] = config
     app[LIFECYCLE_KEY] = lifecycle
     app[METRICS_KEY] = metrics
-    app[ENGINE_KEY] = engine
+    app[MEDIA_KEY] = media
+    app[MEDIA_EVENTS_KEY] = events
     app[ROOMS_KEY] = rooms
     app[ADMISSION_KEY] = admission
     app.router.add_get("/healthz", healthz)

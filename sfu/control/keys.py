@@ -6,14 +6,17 @@ from aiohttp import web
 
 from sfu.config import Config
 from sfu.control.admission import Admission
+from sfu.control.media_events import MediaEvents
 from sfu.lifecycle import Lifecycle
-from sfu.media.engine import MediaEngine
+from sfu.media.api import MediaApi
 from sfu.metrics import Metrics
 from sfu.rooms import Rooms
 
 CONFIG_KEY = web.AppKey("config", Config)
 LIFECYCLE_KEY = web.AppKey("lifecycle", Lifecycle)
 METRICS_KEY = web.AppKey("metrics", Metrics)
-ENGINE_KEY = web.AppKey("engine", MediaEngine)
+# The media plane's commands (sfu/media/api.py) and where its events are routed.
+MEDIA_KEY = web.AppKey("media", MediaApi)
+MEDIA_EVENTS_KEY = web.AppKey("media_events", MediaEvents)
 ROOMS_KEY = web.AppKey("rooms", Rooms)
 ADMISSION_KEY = web.AppKey("admission", Admission)

@@ -9,7 +9,7 @@ order, to a published track of the same kind; the subscriber must offer the publ
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -244,14 +244,14 @@ class SubscribedTrack:
 
 
 class Track(Protocol):
-    """What matching needs of a published track (a Producer has these)."""
+    """What matching needs of a published track (a ProducerInfo has these)."""
 
     @property
     def kind(self) -> str: ...
     @property
     def codec(self) -> TrackCodec: ...
     @property
-    def ext_ids(self) -> dict[str, int]: ...
+    def ext_ids(self) -> Mapping[str, int]: ...
 
 
 def _inactive_body(m: MediaSection) -> list[str] | None:

@@ -2,30 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from sfu.control.negotiation import PublishedTrack
 from sfu.control.sdp import EXT_MID, EXT_REPAIRED_RID, EXT_RID, EXT_TRANSPORT_CC
-from sfu.media.engine import MediaEngine
-from sfu.media.simulcast import AnyProducer
-from sfu.media.transport import Transport
+from sfu.media.api import MediaApi, ProducerInfo
 
 
 def open_producers(
-    engine: MediaEngine,
-    transport: Transport,
+    media: MediaApi,
+    transport_id: str,
     tracks: Sequence[PublishedTrack],
     *,
     e2ee_required: bool,
-    on_violation: Callable[[AnyProducer, str], None],
-) -> list[AnyProducer]:
+    group: str,
+    owner: str,
+) -> list[ProducerInfo]:
     """One producer per negotiated track, with the room's E2EE policy attached; the
     transport learns the MID extension id so undeclared SSRCs can be bound (RFC 8843), and the
-    transport-wide sequence number's id so it can send congestion feedback."""
-    producers = []
-    for track in tracks:
-        producer = engine.add_producer(
-            transport,
+    transport-wide sequence number's id so it can send congestion feedback. `group` (the room)
+    and `owner` (the participant) name the track in active-speaker events."""
+    producers = [
+        media.add_producer(
+            transport_id,
             kind=track.kind,
             mid=track.mid,
             codec=track.codec,
@@ -33,19 +32,24 @@ def open_producers(
             ssrc=track.ssrc,
             rtx_ssrc=track.rtx_ssrc,
             rids=track.rids,
+            e2ee_required=e2ee_required,
+            group=group,
+            owner=owner,
         )
-        if e2ee_required:
-            producer.e2ee_required = True
-            producer.on_policy_violation = on_violation
-        producers.append(producer)
-    mid_ids = [t.ext_ids[EXT_MID] for t in tracks if EXT_MID in t.ext_ids]
-    if mid_ids:
-        transport.mid_ext_id = mid_ids[0]
-    for uri, attr in ((EXT_RID, "rid_ext_id"), (EXT_REPAIRED_RID, "repaired_rid_ext_id")):
-        ids = [t.ext_ids[uri] for t in tracks if t.rids and uri in t.ext_ids]
-        if ids:
-            setattr(transport, attr, ids[0])
-    twcc_ids = [t.ext_ids[EXT_TRANSPORT_CC] for t in tracks if EXT_TRANSPORT_CC in t.ext_ids]
-    if twcc_ids:
-        transport.enable_twcc(twcc_ids[0])
+        for track in tracks
+    ]
+
+    def first(uri: str, simulcast_only: bool = False) -> int | None:
+        ids = [
+            t.ext_ids[uri] for t in tracks if uri in t.ext_ids and (t.rids or not simulcast_only)
+        ]
+        return ids[0] if ids else None
+
+    media.set_publisher_extensions(
+        transport_id,
+        mid=first(EXT_MID),
+        rid=first(EXT_RID, simulcast_only=True),
+        repaired_rid=first(EXT_REPAIRED_RID, simulcast_only=True),
+        transport_cc=first(EXT_TRANSPORT_CC),
+    )
     return producers

@@ -15,15 +15,16 @@ its answer) and is told so; such a section stays rejected.
 Transport-cc is offered on every section under one id for the whole transport (the first
 publisher's own id when it fits the one-byte form, so Chrome's copies need no rename): a
 client that answers it gets the SFU's own transport-wide numbers in each copy's slot, and its
-feedback drives a bandwidth estimate (`Transport.bwe`). A later track whose publisher uses
-that id for another extension goes without that extension.
+feedback drives the media plane's bandwidth estimate for the transport. A later track whose
+publisher uses that id for another extension goes without that extension.
 
-A new section's down-track stays paused until the client's answer arrives: before that the
+A new section's subscription stays paused until the client's answer arrives: before that the
 client does not know the SSRC and could mis-route the packets by payload type.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from dataclasses import dataclass, field
 
@@ -39,9 +40,7 @@ from sfu.control.sdp import (
     parse_sdp,
     render,
 )
-from sfu.media.downtrack import DownTrack
-from sfu.media.simulcast import AnyProducer
-from sfu.media.transport import Transport
+from sfu.media.api import MediaApi, ProducerInfo, SubscriptionInfo
 
 SUBSCRIBER_FEEDBACK = ["nack", "nack pli", "ccm fir"]
 
@@ -50,9 +49,9 @@ SUBSCRIBER_FEEDBACK = ["nack", "nack pli", "ccm fir"]
 class OfferedTrack:
     mid: str
     kind: str
-    producer: AnyProducer
+    producer: ProducerInfo
     stream: str
-    downtrack: DownTrack
+    subscription: SubscriptionInfo
     ended: bool = False
     accepted: bool = False
     # The client's answer said port 0: the section is out of the BUNDLE group for good.
@@ -67,9 +66,12 @@ class OfferedTrack:
 
 @dataclass(eq=False)
 class SubscriberOffers:
-    """The m-sections offered so far, in order, and the offer/answer state."""
+    """The m-sections offered so far, in order, and the offer/answer state. Subscriptions
+    are made paused (the hub does that) and started here when the answer arrives."""
 
     local: LocalTransport
+    media: MediaApi
+    transport_id: str
     session_id: int = field(default_factory=lambda: secrets.randbits(62))
     version: int = 0
     sections: list[OfferedTrack] = field(default_factory=list)
@@ -87,24 +89,26 @@ class SubscriberOffers:
     # The transport-cc id offered on every section (chosen with the first track; 0 before).
     transport_cc: int = 0
 
-    def add(self, producer: AnyProducer, stream: str, downtrack: DownTrack) -> OfferedTrack:
-        downtrack.paused = True
-        self._map_transport_cc(producer, downtrack)
+    def add(
+        self, producer: ProducerInfo, stream: str, subscription: SubscriptionInfo
+    ) -> OfferedTrack:
         for index, old in enumerate(self.sections if self.recycle else ()):
             if old.free and old.kind == producer.kind:
-                track = OfferedTrack(old.mid, producer.kind, producer, stream, downtrack)
+                track = OfferedTrack(old.mid, producer.kind, producer, stream, subscription)
                 self.sections[index] = track
                 break
         else:
             mid = str(len(self.sections))
-            track = OfferedTrack(mid, producer.kind, producer, stream, downtrack)
+            track = OfferedTrack(mid, producer.kind, producer, stream, subscription)
             self.sections.append(track)
         self.dirty = True
         return track
 
-    def _map_transport_cc(self, producer: AnyProducer, downtrack: DownTrack) -> None:
-        """Point the publisher's transport-cc element at the transport's id (the slot the
-        SFU's number goes into) and drop an extension of this track that uses that id."""
+    def ext_map_for(self, producer: ProducerInfo) -> dict[int, int]:
+        """Publisher extension id -> the id this transport's copies carry it under: the
+        forwarded extensions keep their ids, the publisher's transport-cc element is pointed
+        at the transport's id (the slot the SFU's number goes into), and an extension of
+        this track that uses that id is dropped."""
         publisher_id = producer.ext_ids.get(EXT_TRANSPORT_CC, 0)
         forwarded = {
             i for uri, i in producer.ext_ids.items() if uri not in NOT_FORWARDED_EXTENSIONS
@@ -112,33 +116,29 @@ class SubscriberOffers:
         if not self.transport_cc:
             free = [i for i in range(1, 15) if i not in forwarded]
             self.transport_cc = publisher_id if 0 < publisher_id < 15 else (free or [0])[0]
+        ext_map = {i: i for i in forwarded}
         if not self.transport_cc:
-            return  # every one-byte id is taken by this track's extensions: offer none
-        table = list(downtrack.copy.ext_map)
-        table += [0] * (256 - len(table))
-        for i in forwarded:
-            if i == self.transport_cc:
-                table[i] = 0
+            return ext_map  # every one-byte id is taken by this track's extensions: offer none
+        ext_map.pop(self.transport_cc, None)
         if publisher_id:
-            table[publisher_id] = self.transport_cc
-        identity = all(i < len(table) and table[i] == i for i in producer.ext_ids.values())
-        downtrack.copy.set_ext_map(table, identity)
+            ext_map[publisher_id] = self.transport_cc
+        return ext_map
 
-    def end(self, producer: AnyProducer) -> OfferedTrack | None:
+    def end(self, producer_id: str) -> OfferedTrack | None:
         for track in self.sections:
-            if track.producer is producer and not track.ended:
+            if track.producer.id == producer_id and not track.ended:
                 track.ended = True
-                track.downtrack.stop()
+                self.media.end_subscription(track.subscription.id, bye=True)
                 self.dirty = True
                 return track
         return None
 
     def close(self) -> None:
-        """The transport is gone: stop every down-track (no BYE can reach the client)."""
+        """The transport is gone: stop every subscription (no BYE can reach the client)."""
         for track in self.sections:
             if not track.ended:
                 track.ended = True
-                track.downtrack.close()
+                self.media.end_subscription(track.subscription.id, bye=False)
 
     def live(self) -> list[OfferedTrack]:
         return [t for t in self.sections if not t.ended]
@@ -185,7 +185,7 @@ class SubscriberOffers:
             (list(SUBSCRIBER_FEEDBACK) if track.kind == "video" else []) + ["transport-cc"],
         )
         codecs = [media]
-        rtx_pt = track.downtrack.rtx_payload_type
+        rtx_pt = track.subscription.rtx_payload_type
         if rtx_pt is not None:
             codecs.append(Codec(rtx_pt, "rtx", codec.clock_rate, None, f"apt={codec.payload_type}"))
         formats = " ".join(str(c.payload_type) for c in codecs)
@@ -206,7 +206,7 @@ class SubscriberOffers:
                 *codec_lines(codecs),
             ]
         track_id = track.producer.id
-        downtrack = track.downtrack
+        subscription = track.subscription
         lines = [
             f"m={track.kind} 9 UDP/TLS/RTP/SAVPF {formats}",
             "c=IN IP4 0.0.0.0",
@@ -229,10 +229,10 @@ class SubscriberOffers:
             lines.append(f"a=extmap:{self.transport_cc} {EXT_TRANSPORT_CC}")
         lines += codec_lines(codecs)
         lines += ["a=sendonly", f"a=msid:{track.stream} {track_id}"]
-        ssrcs = [downtrack.ssrc]
-        if downtrack.rtx_ssrc is not None:
-            ssrcs.append(downtrack.rtx_ssrc)
-            lines.append(f"a=ssrc-group:FID {downtrack.ssrc} {downtrack.rtx_ssrc}")
+        ssrcs = [subscription.ssrc]
+        if subscription.rtx_ssrc is not None:
+            ssrcs.append(subscription.rtx_ssrc)
+            lines.append(f"a=ssrc-group:FID {subscription.ssrc} {subscription.rtx_ssrc}")
         for ssrc in ssrcs:
             lines.append(f"a=ssrc:{ssrc} cname:{self.cname}")
             lines.append(f"a=ssrc:{ssrc} msid:{track.stream} {track_id}")
@@ -267,7 +267,7 @@ class SubscriberOffers:
             if section.rejected or track.producer.codec.payload_type not in payload_types:
                 track.ended = True
                 track.rejected = section.rejected
-                track.downtrack.close()
+                self.media.end_subscription(track.subscription.id, bye=False)
                 rejected.append(track)
                 self.dirty = True
                 continue
@@ -276,12 +276,15 @@ class SubscriberOffers:
             accepted_ids = set(section.extmaps().values())
             if not self._answers_transport_cc(section, track):
                 accepted_ids.discard(self.transport_cc)
-            track.downtrack.restrict_extensions(accepted_ids)
-            if track.downtrack.rtx_payload_type not in payload_types:
-                track.downtrack.disable_rtx()
+            rtx = track.subscription.rtx_payload_type in payload_types
+            self.media.negotiated(track.subscription.id, extension_ids=accepted_ids, rtx=rtx)
+            if not rtx and track.subscription.rtx_payload_type is not None:
+                track.subscription = dataclasses.replace(
+                    track.subscription, rtx_ssrc=None, rtx_payload_type=None
+                )
             if not track.accepted:
                 track.accepted = True
-                track.downtrack.paused = False
+                self.media.set_paused(track.subscription.id, False)
                 started.append(track)
         self.awaiting_answer = False
         return started, rejected
@@ -296,7 +299,5 @@ class SubscriberOffers:
         ext_id = 0 if codec is None else subscriber_transport_cc(section.extmaps(), codec)
         if not ext_id or ext_id != self.transport_cc:
             return False
-        sink = track.downtrack.sink
-        if isinstance(sink, Transport) and sink.bwe is None:
-            sink.enable_bwe(ext_id)
+        self.media.enable_bandwidth_estimation(self.transport_id, ext_id)
         return True

@@ -17,7 +17,15 @@ from aiohttp import web
 from sfu.config import Config, IceServer
 from sfu.control.admission import Refused, request_ip
 from sfu.control.auth import AuthError, Grants, verify_token
-from sfu.control.keys import ADMISSION_KEY, CONFIG_KEY, ENGINE_KEY, LIFECYCLE_KEY, ROOMS_KEY
+from sfu.control.keys import (
+    ADMISSION_KEY,
+    CONFIG_KEY,
+    LIFECYCLE_KEY,
+    MEDIA_EVENTS_KEY,
+    MEDIA_KEY,
+    ROOMS_KEY,
+)
+from sfu.control.media_events import MediaEvents
 from sfu.control.negotiation import (
     SubscribedTrack,
     plan_publisher,
@@ -30,12 +38,9 @@ from sfu.control.problems import ApiError, problem_response
 from sfu.control.publishing import open_producers
 from sfu.control.sdp import LocalTransport, MediaSection, SdpError, SessionDescription, parse_sdp
 from sfu.logs import log_context
-from sfu.media.downtrack import JoinTimer
+from sfu.media.api import MediaApi, TransportClosed, TransportInfo
 from sfu.media.dtls import Fingerprint
-from sfu.media.engine import MediaEngine
 from sfu.media.layers import MAX_VIDEO_DIMENSION
-from sfu.media.simulcast import SimulcastDownTrack
-from sfu.media.transport import Transport
 from sfu.names import room_name_problem
 from sfu.rooms import LimitExceeded, MediaSession, Rooms
 
@@ -137,12 +142,12 @@ def _remote_transport(offer: SessionDescription) -> tuple[str, str, list[Fingerp
     return ufrag, pwd, fingerprints
 
 
-def _local(engine: MediaEngine, transport: Transport) -> LocalTransport:
+def _local(transport: TransportInfo) -> LocalTransport:
     return LocalTransport(
-        ice_ufrag=transport.ice.local_ufrag,
-        ice_pwd=transport.ice.local_pwd,
-        fingerprint=engine.fingerprint,
-        candidates=engine.candidates,
+        ice_ufrag=transport.ice_ufrag,
+        ice_pwd=transport.ice_pwd,
+        fingerprint=transport.fingerprint,
+        candidates=transport.candidates,
     )
 
 
@@ -204,9 +209,9 @@ def _open_session(
     stream: str,
     offer: SessionDescription,
 ) -> MediaSession:
-    engine, rooms = request.app[ENGINE_KEY], request.app[ROOMS_KEY]
+    media, rooms = request.app[MEDIA_KEY], request.app[ROOMS_KEY]
     ufrag, pwd, fingerprints = _remote_transport(offer)
-    transport = engine.create_transport(kind, ufrag, pwd, fingerprints)
+    transport = media.create_transport(kind, ufrag, pwd, fingerprints)
     session = MediaSession(
         kind=kind,
         room=room,
@@ -216,7 +221,9 @@ def _open_session(
         release_drain=request.app[LIFECYCLE_KEY].hold(f"{kind}_session"),
     )
     # A transport that dies by itself (consent expiry, DTLS failure) ends its session.
-    transport.on_closed = lambda _t: _forget(rooms, session, transport.close_reason or "closed")
+    request.app[MEDIA_EVENTS_KEY].watch_transport(
+        transport.id, closed=lambda event: _forget(rooms, session, event.reason)
+    )
     return session
 
 
@@ -233,20 +240,21 @@ def _forget(rooms: Rooms, session: MediaSession, reason: str) -> None:
             )
 
 
-def _stop_for_policy(rooms: Rooms, session: MediaSession, why: str) -> None:
+def _stop_for_policy(media: MediaApi, rooms: Rooms, session: MediaSession, why: str) -> None:
     """End a WHIP session whose track is not end-to-end encrypted in a room requiring it.
     WHIP has no channel to the publisher but the session URL, so the reason is kept for
     its next request there (410 e2ee_required), besides the log."""
     with log_context(room=session.room, participant=session.identity):
         log.warning("stopping whip session %s: %s", session.id, why)
     rooms.record_ended(session, "e2ee_required", why)
-    session.transport.close(f"e2ee policy: {why}")
+    media.close_transport(session.transport.id, f"e2ee policy: {why}")
 
 
 def _publish(
     request: web.Request, grants: Grants, room: str, stream: str, offer: SessionDescription
 ) -> web.Response:
-    rooms, engine = request.app[ROOMS_KEY], request.app[ENGINE_KEY]
+    rooms, media = request.app[ROOMS_KEY], request.app[MEDIA_KEY]
+    events: MediaEvents = request.app[MEDIA_EVENTS_KEY]
     existing = rooms.get(room)
     if existing is not None and stream in existing.publications:
         raise Problem(409, "stream_exists", f"stream {stream!r} is already published in {room!r}")
@@ -259,23 +267,31 @@ def _publish(
             f"{len(plan.tracks)} tracks exceed limits.max_tracks_per_participant ({limit})",
         )
     session = _open_session(request, "whip", grants, room, stream, offer)
+    transport_id = session.transport.id
     session.producers = open_producers(
-        engine,
-        session.transport,
+        media,
+        transport_id,
         plan.tracks,
         e2ee_required=request.app[CONFIG_KEY].e2ee.policy_for(room) == "required",
-        on_violation=lambda _p, why: _stop_for_policy(rooms, session, why),
+        group=room,
+        owner=session.id,
     )
+    for producer in session.producers:
+        events.watch_producer(
+            transport_id,
+            producer.id,
+            lambda event: _stop_for_policy(media, rooms, session, event.reason),
+        )
     # Added last, with its tracks in place: adding tells the room's participants about them.
     try:
         rooms.add(session)
     except LimitExceeded:
-        session.transport.on_closed = None
-        session.transport.close("refused")
+        events.unwatch_transport(transport_id)
+        media.close_transport(transport_id, "refused")
         session.release_drain()
         raise
     answer = render_answer(
-        offer, _local(engine, session.transport), plan.answer_sections, secrets.randbits(62)
+        offer, _local(session.transport), plan.answer_sections, secrets.randbits(62)
     )
     log.info(
         "whip session %s publishes %r: %s",
@@ -309,7 +325,7 @@ def _video_size_query(request: web.Request) -> tuple[int, int] | None:
 def _subscribe(
     request: web.Request, grants: Grants, room: str, stream: str, offer: SessionDescription
 ) -> web.Response:
-    rooms, engine = request.app[ROOMS_KEY], request.app[ENGINE_KEY]
+    rooms, media = request.app[ROOMS_KEY], request.app[MEDIA_KEY]
     existing = rooms.get(room)
     publication = existing.publications.get(stream) if existing is not None else None
     if publication is None:
@@ -321,7 +337,7 @@ def _subscribe(
     session = _open_session(request, "whep", grants, room, stream, offer)
     rooms.add(session)
     cname = secrets.token_hex(8)
-    join = JoinTimer()
+    transport_id = session.transport.id
     sections: list[tuple[MediaSection, list[str] | None]] = []
     for item in plan:
         if isinstance(item, MediaSection):
@@ -331,39 +347,47 @@ def _subscribe(
             sections.append(item)
             continue
         producer = publication.producers[item.track_index]
-        downtrack = engine.add_downtrack(
-            session.transport,
-            producer,
+        subscription = media.add_subscription(
+            transport_id,
+            producer.id,
             payload_type=item.payload_type,
             rtx_payload_type=item.rtx_payload_type,
             ext_map=item.ext_map,
-            join=join,
+            max_size=size,
         )
-        if size is not None and isinstance(downtrack, SimulcastDownTrack):
-            downtrack.max_width, downtrack.max_height = size
-        session.downtracks.append(downtrack)
+        session.subscriptions.append(subscription)
         sections.append(
             (
                 item.section,
-                subscriber_section_lines(item, stream, downtrack.ssrc, downtrack.rtx_ssrc, cname),
+                subscriber_section_lines(
+                    item, stream, subscription.ssrc, subscription.rtx_ssrc, cname
+                ),
             )
         )
 
-    def on_connected(_transport: Transport) -> None:
+    def on_connected() -> None:
         # A new subscriber needs a keyframe to start; ask once, throttled per track.
-        for downtrack in session.downtracks:
-            downtrack.producer.request_keyframe()
+        for subscription in session.subscriptions:
+            media.request_keyframe(subscription.producer_id)
 
-    session.transport.on_connected = on_connected
+    def on_closed(event: TransportClosed) -> None:
+        _forget(rooms, session, event.reason)
+
+    request.app[MEDIA_EVENTS_KEY].watch_transport(
+        transport_id, connected=on_connected, closed=on_closed
+    )
     # BUNDLE: one transport-cc id serves the transport; every section answers the same.
     transport_cc = next(
         (i.transport_cc for i in plan if isinstance(i, SubscribedTrack) and i.transport_cc), 0
     )
     if transport_cc:
-        session.transport.enable_bwe(transport_cc)
-    answer = render_answer(offer, _local(engine, session.transport), sections, secrets.randbits(62))
+        media.enable_bandwidth_estimation(transport_id, transport_cc)
+    answer = render_answer(offer, _local(session.transport), sections, secrets.randbits(62))
     log.info(
-        "whep session %s subscribes to %r (%d tracks)", session.id, stream, len(session.downtracks)
+        "whep session %s subscribes to %r (%d tracks)",
+        session.id,
+        stream,
+        len(session.subscriptions),
     )
     return _created(request, session, answer)
 
@@ -399,7 +423,9 @@ async def delete_session(request: web.Request) -> web.StreamResponse:
     _authorize(
         request, session.room, publish=session.kind == "whip", subscribe=session.kind == "whep"
     )
-    session.transport.close("client ended the session (DELETE)")
+    request.app[MEDIA_KEY].close_transport(
+        session.transport.id, "client ended the session (DELETE)"
+    )
     # on_closed normally does this; a transport that was already closed would not call it.
     _forget(request.app[ROOMS_KEY], session, "deleted")
     return web.Response(status=200)
@@ -424,7 +450,7 @@ async def patch_session(request: web.Request) -> web.StreamResponse:
         ),
         None,
     )
-    if ufrag is not None and ufrag != session.transport.ice.remote_ufrag:
+    if ufrag is not None and ufrag != session.transport.remote_ufrag:
         raise Problem(
             422,
             "ice_restart_unsupported",

@@ -140,7 +140,9 @@ async def test_an_ended_whep_session_is_freed_without_the_cycle_collector(
             forget_closed(sfu)
             assert sfu.rooms.count("whep") == 0
             (publication,) = sfu.rooms.sessions.values()
-            assert all(p.downtracks == [] for p in publication.producers)
+            producers = sfu.engine.transports[publication.transport.id].producers
+            assert producers
+            assert all(p.downtracks == [] for p in producers)
     ours = [thing for thing in leftovers if _ours(thing)]
     kinds = Counter(type(thing).__qualname__ for thing in ours)
     assert not ours, f"freed only by the cycle collector: {dict(kinds)}"
@@ -324,10 +326,11 @@ async def test_tracks_stopped_by_re_offers_leave_the_publisher_transport(
         (participant,) = sfu.hub.participants.values()
         session = participant.publication
         assert session is not None
-        transport = session.transport
-        live = [p for p in session.producers if not p.closed]
-        assert sorted(p.kind for p in live) == ["audio", "video"]
-        assert transport.producers == live
+        transport = sfu.engine.transports[session.transport.id]
+        live = transport.producers
+        assert sorted(p.kind for p in session.producers) == ["audio", "video"]
+        assert [p.id for p in live] == [p.id for p in session.producers]
+        assert not any(p.closed for p in live)
         assert set(transport.producers_by_ssrc.values()) == set(live)
         assert set(transport.rtx_by_ssrc.values()) <= set(live)
         assert set(transport.producers_by_mid.values()) == set(live)

@@ -54,7 +54,9 @@ async def test_e2ee_media_through_the_sfu(sfu: Server, marked_plaintext: list[by
         [ColourTrack((30, 160, 220)), ToneTrack()],
         E2eeConfig(send_kid=KID, send_key=KEY, on_frame=sent.append),
     )
-    publisher_transport = next(s.transport for s in sfu.rooms.sessions.values() if s.kind == "whip")
+    publisher_transport = sfu.engine.transports[
+        next(s.transport.id for s in sfu.rooms.sessions.values() if s.kind == "whip")
+    ]
 
     def tap(packet: bytes) -> None:
         hdr = parse_header(packet)

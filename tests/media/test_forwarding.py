@@ -108,9 +108,9 @@ async def test_payload_bytes_are_forwarded_unchanged(sfu: Server) -> None:
     received_by_sfu: dict[bytes, int] = {}
     received_by_sub: list[bytes] = []
     try:
-        publisher_transport = next(
-            s.transport for s in sfu.rooms.sessions.values() if s.kind == "whip"
-        )
+        publisher_transport = sfu.engine.transports[
+            next(s.transport.id for s in sfu.rooms.sessions.values() if s.kind == "whip")
+        ]
 
         def tap(packet: bytes) -> None:
             from sfu.media.rtp import parse_header
@@ -148,7 +148,8 @@ async def test_twenty_subscribers_on_one_publisher(sfu: Server) -> None:
             timeout=40,
             what="every one of 20 subscribers decoding video",
         )
-        producer = next(s for s in sfu.rooms.sessions.values() if s.kind == "whip").producers[0]
+        whip = next(s for s in sfu.rooms.sessions.values() if s.kind == "whip")
+        producer = sfu.engine.transports[whip.transport.id].producers[0]
         assert len(producer.downtracks) == 20
     finally:
         await pub.close()
@@ -178,7 +179,8 @@ async def test_keyframe_requests_are_budgeted_per_subscriber_and_throttled_per_t
         )
         await asyncio.sleep(2.2)  # past both subscribers' budgets for start-up requests
         before = len(plis)
-        producer = next(s for s in sfu.rooms.sessions.values() if s.kind == "whip").producers[0]
+        whip = next(s for s in sfu.rooms.sessions.values() if s.kind == "whip")
+        producer = sfu.engine.transports[whip.transport.id].producers[0]
         first, second = producer.downtracks
         receiver = sub.getReceivers()[0]
         # One subscriber asks five times in a row: the first reaches the publisher, the
@@ -303,7 +305,8 @@ async def test_five_percent_loss_is_repaired_by_nack_and_rtx(sfu: Server) -> Non
         sent0, decoded0 = track.sent, counter.frames["video"]
         await asyncio.sleep(6)
         sent, decoded = track.sent - sent0, counter.frames["video"] - decoded0
-        producer = next(s for s in sfu.rooms.sessions.values() if s.kind == "whip").producers[0]
+        whip = next(s for s in sfu.rooms.sessions.values() if s.kind == "whip")
+        producer = sfu.engine.transports[whip.transport.id].producers[0]
         assert relay.dropped >= 10, "the relay must actually have dropped packets"
         assert producer.rtx_packets_received > 0, "losses are repaired by the publisher's RTX"
         assert decoded >= 0.99 * sent - 3, f"decoded {decoded} of {sent} frames"
@@ -386,7 +389,7 @@ async def test_garbage_datagrams_do_not_disturb_a_live_session(sfu: Server) -> N
                     BINDING_REQUEST,
                     os.urandom(12),
                     [
-                        (0x0006, f"{session.transport.ice.local_ufrag}:x".encode()),
+                        (0x0006, f"{session.transport.ice_ufrag}:x".encode()),
                         (0x8029, os.urandom(8)),
                     ],
                     integrity_key=b"wrong-password",
@@ -406,7 +409,7 @@ async def test_garbage_datagrams_do_not_disturb_a_live_session(sfu: Server) -> N
         assert sfu.engine.agent.requests_unauthenticated >= 450
         assert sfu.engine.demux.dropped_unknown_address > 0
         # The forged checks allocated nothing: the session still knows only its real address.
-        assert len(session.transport.ice.addresses) == 1
+        assert len(sfu.engine.transports[session.transport.id].ice.addresses) == 1
     finally:
         sock.close()
         await pub.close()
@@ -422,7 +425,7 @@ async def test_a_session_the_sfu_ends_is_closed_on_the_client_at_once(sfu: Serve
     try:
         await wait_for(lambda: counter.frames["video"] >= 5, what="video decoding")
         session = next(s for s in sfu.rooms.sessions.values() if s.kind == "whep")
-        session.transport.close("ended by the operator")
+        sfu.media.close_transport(session.transport.id, "ended by the operator")
         await wait_for(
             lambda: sub.connectionState in ("closed", "failed"),
             timeout=2,

@@ -11,12 +11,13 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 import tests.media.harness  # noqa: F401  (aiortc peers gather 127.0.0.1 only)
 from sfu.control.sdp import LocalTransport, parse_sdp
 from sfu.control.subscriber import SubscriberOffers
+from sfu.media.api import ProducerInfo, SubscriptionInfo
 from sfu.media.bwe import START_BPS
 from sfu.media.downtrack import DownTrack
-from sfu.media.producer import Producer, TrackCodec
-from sfu.media.rtcp import Bye, parse_rtcp
+from sfu.media.local import LocalMedia
+from sfu.media.producer import TrackCodec
+from sfu.media.rtcp import Bye
 from tests.engine.harness import EngineHarness
-from tests.media.test_downtrack import Sink, Upstream
 
 VP8 = TrackCodec("VP8", 90000, payload_type=96, rtx_payload_type=97)
 OPUS = TrackCodec("opus", 48000, payload_type=111, channels=2, fmtp="minptime=10;useinbandfec=1")
@@ -26,32 +27,51 @@ LOCAL = LocalTransport(
 
 
 class Offers:
-    """A SubscriberOffers with producers and down-tracks of its own."""
+    """A SubscriberOffers on a real engine, through the media API: one connected subscriber
+    transport, and a publisher transport per name."""
 
     def __init__(self) -> None:
-        self.offers = SubscriberOffers(LOCAL, recycle=True)
-        self.sink = Sink()
+        self.harness = EngineHarness()
+        self.media = LocalMedia(self.harness.engine)
+        self.subscriber = self.harness.client("rtc-sub")
+        self.offers = SubscriberOffers(
+            LOCAL, self.media, self.subscriber.transport.id, recycle=True
+        )
         self.next_ssrc = 1000
 
-    def publish(self, name: str, kind: str) -> Producer:
+    def publish(self, name: str, kind: str) -> ProducerInfo:
         codec = VP8 if kind == "video" else OPUS
-        return Producer(f"{name}:{kind}", kind, "0", codec, {}, Upstream())
-
-    def subscribe(self, producer: Producer) -> DownTrack:
-        self.next_ssrc += 2
-        rtx = producer.codec.rtx_payload_type
-        downtrack = DownTrack(
-            producer,
-            self.sink,
+        self.next_ssrc += 1
+        publisher = self.harness.client("whip")
+        return self.media.add_producer(
+            publisher.transport.id,
+            kind=kind,
+            mid="0",
+            codec=codec,
+            ext_ids={},
             ssrc=self.next_ssrc,
-            payload_type=producer.codec.payload_type,
-            ext_map=[],
-            rtx_ssrc=self.next_ssrc + 1 if rtx is not None else None,
-            rtx_payload_type=rtx,
+            rtx_ssrc=None,
+            group="room",
+            owner=name,
         )
-        producer.attach(downtrack)
-        self.offers.add(producer, producer.id.split(":")[0], downtrack)
-        return downtrack
+
+    def subscribe(self, producer: ProducerInfo) -> SubscriptionInfo:
+        subscription = self.media.add_subscription(
+            self.subscriber.transport.id,
+            producer.id,
+            payload_type=producer.codec.payload_type,
+            rtx_payload_type=producer.codec.rtx_payload_type,
+            ext_map=self.offers.ext_map_for(producer),
+            paused=True,
+        )
+        self.offers.add(producer, producer.id.split(":")[0], subscription)
+        return subscription
+
+    def copy(self, subscription: SubscriptionInfo) -> DownTrack:
+        """The engine's down-track behind a subscription."""
+        return self.harness.engine.transports[subscription.transport_id].downtracks_by_ssrc[
+            subscription.ssrc
+        ]
 
 
 @pytest.fixture
@@ -101,8 +121,8 @@ async def test_a_retired_section_stays_in_the_bundle_and_is_never_port_zero(
     assert sections(first) == [("0", 9, "sendonly"), ("1", 9, "sendonly"), ("2", 9, "sendonly")]
 
     # Bob (the first track this subscriber received: the BUNDLE tag) leaves.
-    s.offers.end(bob_video)
-    s.offers.end(bob_audio)
+    s.offers.end(bob_video.id)
+    s.offers.end(bob_audio.id)
     second = await exchange(s.offers, client)
     assert sections(second) == [("0", 9, "inactive"), ("1", 9, "inactive"), ("2", 9, "sendonly")]
     assert bundle(second) == ["0", "1", "2"]
@@ -112,7 +132,7 @@ async def test_a_retired_section_stays_in_the_bundle_and_is_never_port_zero(
         "recvonly",
     ]
     # Each ended copy said BYE for its SSRC(s) before it went quiet.
-    byes = [p for raw in s.sink.rtcp for p in parse_rtcp(raw)[0] if isinstance(p, Bye)]
+    byes = [p for p in s.subscriber.receive().rtcp if isinstance(p, Bye)]
     assert len(byes) == 2
 
 
@@ -122,8 +142,8 @@ async def test_answered_retired_sections_are_recycled_by_kind(client: RTCPeerCon
     s.subscribe(bob_video)
     s.subscribe(bob_audio)
     await exchange(s.offers, client)
-    s.offers.end(bob_video)
-    s.offers.end(bob_audio)
+    s.offers.end(bob_video.id)
+    s.offers.end(bob_audio.id)
     await exchange(s.offers, client)
 
     # Bob rejoins with new tracks (new producers): the two retired sections carry them.
@@ -135,14 +155,14 @@ async def test_answered_retired_sections_are_recycled_by_kind(client: RTCPeerCon
     media = parse_sdp(third).media
     assert media[0].kind == "video"
     assert f"a=ssrc:{new_video.ssrc} " in third
-    assert "bob2:video" in third
-    assert "bob:video" not in third
-    assert not new_video.paused  # the answer arrived: the recycled copy may send
+    assert f" {again_video.id}\r\n" in third
+    assert f" {bob_video.id}\r\n" not in third
+    assert not s.copy(new_video).paused  # the answer arrived: the recycled copy may send
 
     # Many leave/rejoin rounds: the section count never grows.
     for round_ in range(5):
-        s.offers.end(again_video)
-        s.offers.end(again_audio)
+        s.offers.end(again_video.id)
+        s.offers.end(again_audio.id)
         await exchange(s.offers, client)
         again_video = s.publish(f"r{round_}", "video")
         again_audio = s.publish(f"r{round_}", "audio")
@@ -159,17 +179,17 @@ async def test_a_section_retired_but_not_yet_answered_is_not_reused(
     bob = s.publish("bob", "video")
     s.subscribe(bob)
     await exchange(s.offers, client)
-    s.offers.end(bob)
+    s.offers.end(bob.id)
     retire = s.offers.next_offer()  # outstanding: the client has not seen the retirement
     assert retire is not None
     carol = s.publish("carol", "video")
     carol_copy = s.subscribe(carol)
     assert [t.mid for t in s.offers.sections] == ["0", "1"]
     await answer(s.offers, client, retire)
-    assert carol_copy.paused  # not in the answered offer: waits for the next one
+    assert s.copy(carol_copy).paused  # not in the answered offer: waits for the next one
     offer = await exchange(s.offers, client)
     assert sections(offer) == [("0", 9, "inactive"), ("1", 9, "sendonly")]
-    assert not carol_copy.paused
+    assert not s.copy(carol_copy).paused
 
 
 async def test_a_track_added_while_an_offer_is_outstanding_waits_for_the_next_answer(
@@ -179,7 +199,7 @@ async def test_a_track_added_while_an_offer_is_outstanding_waits_for_the_next_an
     bob = s.publish("bob", "video")
     s.subscribe(bob)
     await exchange(s.offers, client)
-    s.offers.end(bob)
+    s.offers.end(bob.id)
     await exchange(s.offers, client)  # section 0 is free now
     carol = s.publish("carol", "video")
     s.subscribe(carol)
@@ -188,10 +208,10 @@ async def test_a_track_added_while_an_offer_is_outstanding_waits_for_the_next_an
     dave = s.publish("dave", "video")
     dave_copy = s.subscribe(dave)  # no free section: appended, not part of `pending`
     await answer(s.offers, client, pending)
-    assert dave_copy.paused
+    assert s.copy(dave_copy).paused
     offer = await exchange(s.offers, client)
     assert sections(offer) == [("0", 9, "sendonly"), ("1", 9, "sendonly")]
-    assert not dave_copy.paused
+    assert not s.copy(dave_copy).paused
 
 
 # -- transport-cc toward room subscribers ----------------------------------------------------
@@ -220,17 +240,41 @@ def test_transport_cc_is_offered_once_per_transport_and_enabled_by_the_answer(ke
     pub = h.client("whip")
     # Chrome's ids: transport-cc 3, MID 4. A second publisher (Firefox-like) uses 3 for the
     # audio level: that track goes without its audio level rather than clash.
-    video = h.add_producer(pub, kind="video", mid="0", ext_ids={TCC: 3, MID: 4})
+    media = LocalMedia(h.engine)
+    video = media.add_producer(
+        pub.transport.id,
+        kind="video",
+        mid="0",
+        codec=VP8,
+        ext_ids={TCC: 3, MID: 4},
+        ssrc=0x333,
+        rtx_ssrc=None,
+    )
     other = h.client("whip")
-    audio = h.add_producer(
-        other, codec=OPUS, kind="audio", mid="0", ssrc=0x444, ext_ids={LEVEL: 3, MID: 1}
+    audio = media.add_producer(
+        other.transport.id,
+        kind="audio",
+        mid="0",
+        codec=OPUS,
+        ssrc=0x444,
+        rtx_ssrc=None,
+        ext_ids={LEVEL: 3, MID: 1},
     )
     sub = h.client("whep", connect=False)
-    offers = SubscriberOffers(LOCAL)
-    video_down = h.add_downtrack(sub, video)
-    audio_down = h.add_downtrack(sub, audio, ext_map={3: 3})
-    offers.add(video, "alice", video_down)
-    offers.add(audio, "bob", audio_down)
+    offers = SubscriberOffers(LOCAL, media, sub.transport.id)
+    copies = []
+    for producer, stream in ((video, "alice"), (audio, "bob")):
+        subscription = media.add_subscription(
+            sub.transport.id,
+            producer.id,
+            payload_type=producer.codec.payload_type,
+            rtx_payload_type=None,
+            ext_map=offers.ext_map_for(producer),
+            paused=True,
+        )
+        offers.add(producer, stream, subscription)
+        copies.append(sub.transport.downtracks_by_ssrc[subscription.ssrc])
+    video_down, audio_down = copies
     offer = offers.next_offer()
     assert offer is not None
     assert offers.transport_cc == 3  # the first publisher's own id

@@ -391,8 +391,9 @@ async def test_a_real_publisher_negotiates_transport_cc_and_gets_feedback(
         await pub.setRemoteDescription(RTCSessionDescription(body, "answer"))
 
         session = next(s for s in sfu.rooms.sessions.values() if s.kind == "whip")
-        assert session.transport.twcc_ext_id == TCC_ID
-        twcc = session.transport.twcc
+        publisher = sfu.engine.transports[session.transport.id]
+        assert publisher.twcc_ext_id == TCC_ID
+        twcc = publisher.twcc
         assert twcc is not None
 
         # A subscriber offering transport-cc is answered with it: the SFU stamps its own
@@ -410,7 +411,7 @@ async def test_a_real_publisher_negotiates_transport_cc_and_gets_feedback(
         assert f"{pt} transport-cc" in sub_video.values("rtcp-fb")
         await sub.setRemoteDescription(RTCSessionDescription(body, "answer"))
         sub_session = next(s for s in sfu.rooms.sessions.values() if s.kind == "whep")
-        bwe = sub_session.transport.bwe
+        bwe = sfu.engine.transports[sub_session.transport.id].bwe
         assert bwe is not None
 
         stats = sfu.engine.stats
@@ -431,7 +432,7 @@ async def test_a_real_publisher_negotiates_transport_cc_and_gets_feedback(
 
         await wait_for(lambda: len(feedback_at_publisher()) > 5, what="feedback at aiortc")
         fbs = feedback_at_publisher()
-        assert all(fb.sender_ssrc == session.transport.rtcp_ssrc for fb in fbs)
+        assert all(fb.sender_ssrc == publisher.rtcp_ssrc for fb in fbs)
         # Consecutive, numbered feedback covering the publisher's numbers across the wrap.
         assert [fb.fb_count for fb in fbs] == [k & 0xFF for k in range(len(fbs))]
         assert fbs[0].base_seq == 65500

@@ -259,7 +259,7 @@ async def test_patch_trickle_and_restart(sfu: Server) -> None:
     auth = bearer(token(sfu, publish=True))
     session = next(iter(sfu.rooms.sessions.values()))
     frag = (
-        f"a=ice-ufrag:{session.transport.ice.remote_ufrag}\r\na=ice-pwd:x\r\n"
+        f"a=ice-ufrag:{session.transport.remote_ufrag}\r\na=ice-pwd:x\r\n"
         "m=audio 9 UDP/TLS/RTP/SAVPF 0\r\na=mid:0\r\n"
         "a=candidate:1 1 udp 1 127.0.0.1 9 typ host\r\n"
     )
@@ -276,7 +276,7 @@ async def test_patch_trickle_and_restart(sfu: Server) -> None:
                 f"{sfu.url}{location}", data=frag, headers={"Content-Type": "text/plain", **auth}
             ) as r:
                 assert r.status == 415
-            restart = frag.replace(session.transport.ice.remote_ufrag or "", "newufrag")
+            restart = frag.replace(session.transport.remote_ufrag or "", "newufrag")
             async with http.patch(f"{sfu.url}{location}", data=restart, headers=trickle) as r:
                 assert r.status == 422
                 assert (await r.json(content_type=None))["code"] == "ice_restart_unsupported"

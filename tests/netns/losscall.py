@@ -370,7 +370,7 @@ async def call_through_sfu(loss: float, seconds: float, drain: float) -> CallRes
         tally.watch_arrivals(subscription.pc)
         session = next(s for s in server.rooms.sessions.values() if s.kind == "whip")
         audio_pt = next(p.codec.payload_type for p in session.producers if p.kind == "audio")
-        session.transport.packet_tap = tally.tap_sfu(audio_pt)
+        server.engine.transports[session.transport.id].packet_tap = tally.tap_sfu(audio_pt)
         try:
             await _wait(tally.ready, "the call to decode audio and video")
             # Read through the engine each time: that folds in what the native core counted.

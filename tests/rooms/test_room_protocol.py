@@ -269,19 +269,21 @@ async def test_ice_restart_keeps_media_flowing(sfu: Server) -> None:
         await wait_for(lambda: seen.frames["video"] >= 5, what="bob decoding alice")
         session = sfu.hub.participants[alice.participant_id].publication
         assert session is not None
-        old_ufrag = session.transport.ice.local_ufrag
+        old_ufrag = session.transport.ice_ufrag
         # A re-offer with fresh ICE credentials (what restartIce() produces in a browser).
         pc = alice.publisher
         assert pc is not None
         await pc.setLocalDescription(await pc.createOffer())
         sdp = pc.localDescription.sdp
-        remote_ufrag = session.transport.ice.remote_ufrag
+        remote_ufrag = session.transport.remote_ufrag
         restarted = sdp.replace(f"a=ice-ufrag:{remote_ufrag}", "a=ice-ufrag:rstrt")
         _drain(alice)  # the first publish_answer is still queued as an event
         await alice.send({"type": "publish_offer", "sdp": restarted})
         answer = await alice.next_event("publish_answer")
         assert f"a=ice-ufrag:{old_ufrag}" not in answer["sdp"]
-        assert session.transport.ice.remote_ufrag == "rstrt"
+        assert session.transport.remote_ufrag == "rstrt"
+        # The media plane's transport itself runs on the new credentials.
+        assert sfu.engine.transports[session.transport.id].ice.remote_ufrag == "rstrt"
         assert len(session.producers) == len(transceivers)
         before = seen.frames["video"]
         await asyncio.sleep(1)

@@ -21,8 +21,8 @@ from typing import Any
 
 from sfu.config import Config, IceServer
 from sfu.control.auth import Grants
+from sfu.control.media_events import MediaEvents
 from sfu.control.negotiation import (
-    NOT_FORWARDED_EXTENSIONS,
     NegotiationError,
     plan_publisher,
     render_answer,
@@ -33,33 +33,41 @@ from sfu.control.rooms.messages import MUTE_USAGE, PROTOCOL_VERSION, Tracks
 from sfu.control.sdp import LocalTransport, SdpError, SessionDescription, parse_sdp
 from sfu.control.subscriber import SubscriberOffers
 from sfu.logs import log_context
+from sfu.media.api import (
+    ActiveSpeakers,
+    LayerChanged,
+    MediaApi,
+    ProducerInfo,
+    TransportClosed,
+    TransportInfo,
+)
 from sfu.media.dtls import Fingerprint
-from sfu.media.engine import MediaEngine
-from sfu.media.simulcast import AnyProducer, SimulcastDownTrack
-from sfu.media.speaker import SpeakerDetector
-from sfu.media.transport import Transport
 from sfu.names import room_name_problem
 from sfu.rooms import MediaSession, Participant, Room, Rooms
 
 log = logging.getLogger(__name__)
 
-SPEAKER_INTERVAL = 0.3
+# How often participants that did not reconnect in time are removed.
+TIMER_INTERVAL = 0.3
 
 
 class RoomHub:
     """Participants of every room, and what the room protocol does with them."""
 
-    def __init__(self, config: Config, engine: MediaEngine, rooms: Rooms) -> None:
+    def __init__(self, config: Config, media: MediaApi, events: MediaEvents, rooms: Rooms) -> None:
         self.config = config
-        self.engine = engine
+        self.media = media
+        self.events = events
         self.rooms = rooms
         self.participants: dict[str, Participant] = {}
         self.by_resume: dict[str, Participant] = {}
         self.relay_messages = 0
         self.relay_bytes = 0
-        self.speakers: dict[str, SpeakerDetector] = {}
+        # Each room's speakers as the media plane last announced them (loudest first).
+        self.speakers: dict[str, tuple[str, ...]] = {}
         self._timer: asyncio.Task[None] | None = None
         rooms.listeners.append(self)
+        events.speaker_listeners.append(self._speakers_changed)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -76,7 +84,7 @@ class RoomHub:
 
     async def _run_timer(self) -> None:
         while True:
-            await asyncio.sleep(SPEAKER_INTERVAL)
+            await asyncio.sleep(TIMER_INTERVAL)
             try:
                 self._tick(time.monotonic())
             except Exception:
@@ -88,14 +96,16 @@ class RoomHub:
             gone = participant.disconnected_at
             if gone is not None and now - gone > window:
                 self.remove(participant, "did not reconnect in time")
-        for room_name, detector in list(self.speakers.items()):
-            room = self.rooms.get(room_name)
-            if room is None:
-                del self.speakers[room_name]
-                continue
-            changed = detector.update(self._audio_producers(room), now)
-            if changed is not None:
-                self._broadcast(room, {"type": "active_speaker", "speakers": changed})
+        for room_name in [r for r in self.speakers if self.rooms.get(r) is None]:
+            del self.speakers[room_name]
+
+    def _speakers_changed(self, event: ActiveSpeakers) -> None:
+        """The media plane's detector (RFC 6464 levels) picked a new dominant speaker."""
+        room = self.rooms.get(event.group)
+        if room is None:
+            return
+        self.speakers[event.group] = event.speakers
+        self._broadcast(room, {"type": "active_speaker", "speakers": list(event.speakers)})
 
     # -- room state --------------------------------------------------------------------------
 
@@ -106,13 +116,6 @@ class RoomHub:
         """(room, identity) of every participant, for the metrics (`RoomsView`)."""
         return [(p.room, p.identity) for p in self.participants.values()]
 
-    def _audio_producers(self, room: Room) -> dict[str, list[AnyProducer]]:
-        out: dict[str, list[AnyProducer]] = {}
-        for session in room.publications.values():
-            owner = self._owner_id(session)
-            out[owner] = [p for p in session.producers if p.kind == "audio" and not p.closed]
-        return out
-
     def _owner_id(self, session: MediaSession) -> str:
         """Participant id of a publication: the room participant's, or the WHIP session's."""
         for participant in self.participants.values():
@@ -120,7 +123,7 @@ class RoomHub:
                 return participant.id
         return session.id
 
-    def _track_info(self, session: MediaSession, producer: AnyProducer) -> dict[str, Any]:
+    def _track_info(self, session: MediaSession, producer: ProducerInfo) -> dict[str, Any]:
         owner = self._owner_id(session)
         participant = self.participants.get(owner)
         muted = participant.muted.get(producer.id, False) if participant else False
@@ -138,7 +141,6 @@ class RoomHub:
             self._track_info(session, producer)
             for session in room.publications.values()
             for producer in session.producers
-            if not producer.closed
         ]
 
     def _participants(self, room: Room) -> list[dict[str, Any]]:
@@ -185,7 +187,7 @@ class RoomHub:
             self._broadcast(room, {"type": "participant_left", "participant": session.id})
 
     def tracks_published(
-        self, room: Room, session: MediaSession, producers: list[AnyProducer]
+        self, room: Room, session: MediaSession, producers: list[ProducerInfo]
     ) -> None:
         owner = self._owner_id(session)
         for producer in producers:
@@ -197,17 +199,25 @@ class RoomHub:
                 self._sync_subscriptions(member)
 
     def tracks_unpublished(
-        self, room: Room, session: MediaSession, producers: list[AnyProducer]
+        self, room: Room, session: MediaSession, producers: list[ProducerInfo]
     ) -> None:
         for producer in producers:
             self._broadcast(room, {"type": "track_unpublished", "track": producer.id})
             for member in self._members(room):
-                if member.offers is not None and member.offers.end(producer) is not None:
+                if member.offers is not None and self._end(member, producer.id):
                     self.send_offer(member)
+
+    def _end(self, member: Participant, producer_id: str) -> bool:
+        """End the member's subscription to a track, if it has one."""
+        assert member.offers is not None
+        ended = member.offers.end(producer_id)
+        if ended is not None:
+            self.events.forget(ended.subscription.id)
+        return ended is not None
 
     # -- subscriptions -----------------------------------------------------------------------
 
-    def _available(self, member: Participant) -> list[tuple[MediaSession, AnyProducer]]:
+    def _available(self, member: Participant) -> list[tuple[MediaSession, ProducerInfo]]:
         room = self.rooms.get(member.room)
         if room is None:
             return []
@@ -216,40 +226,38 @@ class RoomHub:
             for session in room.publications.values()
             if session is not member.publication
             for producer in session.producers
-            if not producer.closed
         ]
 
     def _sync_subscriptions(self, member: Participant) -> None:
         if member.offers is None or member.subscriber is None:
             return
-        offered = {t.producer for t in member.offers.live()}
+        offered = {t.producer.id for t in member.offers.live()}
+        transport_id = member.subscriber.id
         for session, producer in self._available(member):
-            if producer in offered:
+            if producer.id in offered:
                 continue
             if not member.subscribe_all and producer.id not in member.wanted:
                 continue
             rtx = producer.codec.rtx_payload_type if producer.kind == "video" else None
-            ext = {
-                i: i for uri, i in producer.ext_ids.items() if uri not in NOT_FORWARDED_EXTENSIONS
-            }
-            downtrack = self.engine.add_downtrack(
-                member.subscriber,
-                producer,
+            # Paused until the client's answer: before it, the client does not know the SSRC.
+            subscription = self.media.add_subscription(
+                transport_id,
+                producer.id,
                 payload_type=producer.codec.payload_type,
                 rtx_payload_type=rtx,
-                ext_map=ext,
-                join=member.join,
+                ext_map=member.offers.ext_map_for(producer),
+                paused=True,
+                max_size=member.video_sizes.get(producer.id),
             )
-            if isinstance(downtrack, SimulcastDownTrack):
-                size = member.video_sizes.get(producer.id)
-                if size is not None:
-                    downtrack.max_width, downtrack.max_height = size
-                downtrack.on_layer = functools.partial(self._video_layer, member)
-            member.offers.add(producer, session.stream, downtrack)
+            if producer.rids:
+                self.events.watch_subscription(
+                    transport_id, subscription.id, functools.partial(self._video_layer, member)
+                )
+            member.offers.add(producer, session.stream, subscription)
         if not member.subscribe_all:
             for track in member.offers.live():
                 if track.producer.id not in member.wanted:
-                    member.offers.end(track.producer)
+                    self._end(member, track.producer.id)
         self.send_offer(member)
 
     def send_offer(self, member: Participant) -> None:
@@ -309,24 +317,26 @@ class RoomHub:
         room.members[pid] = participant
         self.participants[pid] = participant
         self.by_resume[participant.resume_token] = participant
-        self.speakers.setdefault(room.name, SpeakerDetector())
         if grants.can_subscribe:
-            transport = self.engine.create_transport("rtc-sub", None, None, [])
-            transport.on_closed = lambda t: self._transport_closed(participant, t)
+            transport = self.media.create_transport("rtc-sub", None, None, [])
+            self.events.watch_transport(
+                transport.id,
+                connected=lambda: self._subscriber_connected(participant),
+                closed=lambda event: self._transport_closed(participant, event),
+            )
             participant.subscriber = transport
-            participant.offers = SubscriberOffers(self._local(transport), recycle=reuse_sections)
-            transport.on_connected = lambda _t: self._subscriber_connected(participant)
+            participant.offers = SubscriberOffers(
+                self._local(transport), self.media, transport.id, recycle=reuse_sections
+            )
         self._broadcast(
             room, {"type": "participant_joined", "participant": participant.public()}, exclude=pid
         )
         return participant
 
-    def _local(self, transport: Transport) -> LocalTransport:
+    @staticmethod
+    def _local(transport: TransportInfo) -> LocalTransport:
         return LocalTransport(
-            transport.ice.local_ufrag,
-            transport.ice.local_pwd,
-            self.engine.fingerprint,
-            self.engine.candidates,
+            transport.ice_ufrag, transport.ice_pwd, transport.fingerprint, transport.candidates
         )
 
     def joined_message(self, participant: Participant, resumed: bool) -> dict[str, Any]:
@@ -351,8 +361,12 @@ class RoomHub:
         }
 
     def _current_speakers(self, room: str) -> list[str]:
-        detector = self.speakers.get(room)
-        return [detector.dominant] if detector is not None and detector.dominant else []
+        # The dominant one; someone who left since is not announced again.
+        return [
+            s
+            for s in self.speakers.get(room, ())[:1]
+            if s in self.participants or s in self.rooms.sessions
+        ]
 
     @staticmethod
     def _ice_server(server: IceServer) -> dict[str, Any]:
@@ -366,18 +380,18 @@ class RoomHub:
         if participant.offers is None:
             return
         for track in participant.offers.live():
-            track.producer.request_keyframe()
+            self.media.request_keyframe(track.producer.id)
 
-    def _transport_closed(self, participant: Participant, transport: Transport) -> None:
+    def _transport_closed(self, participant: Participant, event: TransportClosed) -> None:
         if participant.left:
             return
-        if transport.closed_by_client:
+        if event.by_client:
             # A client closes its peer connection (DTLS close_notify) when it leaves: the
             # others should see it go now, not after the reconnect window.
             self.remove(participant, "closed its media connection")
             return
-        reason = transport.close_reason or "closed"
-        if transport is participant.subscriber:
+        reason = event.reason
+        if participant.subscriber is not None and participant.subscriber.id == event.transport_id:
             participant.subscriber = None
             participant.offers = None
         participant.send(
@@ -397,9 +411,11 @@ class RoomHub:
         self.participants.pop(participant.id, None)
         self.by_resume.pop(participant.resume_token, None)
         if participant.publication is not None:
-            participant.publication.transport.close(f"participant left: {reason}")
+            self.media.close_transport(
+                participant.publication.transport.id, f"participant left: {reason}"
+            )
         if participant.subscriber is not None:
-            participant.subscriber.close(f"participant left: {reason}")
+            self.media.close_transport(participant.subscriber.id, f"participant left: {reason}")
         room = self.rooms.get(participant.room)
         if room is not None:
             room.members.pop(participant.id, None)
@@ -435,7 +451,7 @@ class RoomHub:
         if session is None and participant.stream in room.publications:
             participant.stream = participant.id  # a WHIP publisher took the name meanwhile
         if session is None:
-            transport = self.engine.create_transport("rtc-pub", ufrag, pwd, fingerprints)
+            transport = self.media.create_transport("rtc-pub", ufrag, pwd, fingerprints)
             session = MediaSession(
                 kind="rtc",
                 room=participant.room,
@@ -445,25 +461,36 @@ class RoomHub:
                 release_drain=lambda: None,
             )
             participant.publication = session
-            transport.on_closed = lambda t: self._publication_closed(participant, session)
+            publication = session
+            self.events.watch_transport(
+                transport.id,
+                closed=lambda event: self._publication_closed(participant, publication, event),
+            )
             self.rooms.add(session)
-        elif session.transport.ice.remote_ufrag != ufrag:
-            self.engine.restart_ice(session.transport, ufrag, pwd)
+        elif session.transport.remote_ufrag != ufrag:
+            session.transport = self.media.restart_ice(session.transport.id, ufrag, pwd)
         transport = session.transport
-        by_mid = {p.mid: p for p in session.producers if not p.closed}
+        by_mid = {p.mid: p for p in session.producers}
         wanted = {t.mid for t in plan.tracks}
         ended = [p for mid, p in by_mid.items() if mid not in wanted]
         for producer in ended:
-            producer.close()
-            transport.remove_producer(producer)
-        session.producers = [p for p in session.producers if not p.closed]
+            self.media.close_producer(producer.id)
+            self.events.forget(producer.id)
+        session.producers = [p for p in session.producers if p.mid in wanted]
         added = open_producers(
-            self.engine,
-            transport,
+            self.media,
+            transport.id,
             [t for t in plan.tracks if t.mid not in by_mid],
             e2ee_required=self.config.e2ee.policy_for(participant.room) == "required",
-            on_violation=lambda _p, why: self._policy_violation(participant, why),
+            group=participant.room,
+            owner=participant.id,
         )
+        for producer in added:
+            self.events.watch_producer(
+                transport.id,
+                producer.id,
+                lambda event: self._policy_violation(participant, event.reason),
+            )
         session.producers.extend(added)
         if ended:
             self.tracks_unpublished(room, session, ended)
@@ -473,18 +500,20 @@ class RoomHub:
             offer, self._local(transport), plan.answer_sections, secrets.randbits(62)
         )
 
-    def _publication_closed(self, participant: Participant, session: MediaSession) -> None:
+    def _publication_closed(
+        self, participant: Participant, session: MediaSession, event: TransportClosed
+    ) -> None:
         if participant.publication is session:
             participant.publication = None
         self.rooms.remove(session)
-        if not participant.left and session.transport.closed_by_client:
+        if not participant.left and event.by_client:
             self.remove(participant, "closed its media connection")
         elif not participant.left:
             participant.send(
                 {
                     "type": "error",
                     "code": "transport_closed",
-                    "message": f"publish transport closed: {session.transport.close_reason}",
+                    "message": f"publish transport closed: {event.reason}",
                 }
             )
 
@@ -493,7 +522,7 @@ class RoomHub:
             log.warning("stopping publication of %s: %s", participant.id, why)
         participant.send({"type": "error", "code": "e2ee_required", "message": why})
         if participant.publication is not None:
-            participant.publication.transport.close(f"e2ee policy: {why}")
+            self.media.close_transport(participant.publication.transport.id, f"e2ee policy: {why}")
 
     # -- subscribing -------------------------------------------------------------------------
 
@@ -512,15 +541,16 @@ class RoomHub:
             answer = parse_sdp(sdp)
             started, rejected = offers.apply_answer(sdp)
             first = next((m for m in answer.media if not m.rejected), None)
-            if first is not None and transport.ice.remote_ufrag is None:
+            if first is not None and transport.remote_ufrag is None:
                 ufrag, pwd = answer.ice_credentials(first)
                 algorithm, digest = answer.fingerprint(first)
-                transport.ice.set_remote_credentials(ufrag, pwd)
-                transport.set_remote_fingerprints([Fingerprint(algorithm, digest)])
+                participant.subscriber = self.media.set_remote(
+                    transport.id, ufrag, pwd, [Fingerprint(algorithm, digest)]
+                )
         except (SdpError, ValueError) as exc:
             raise ProtocolError("invalid_sdp", str(exc)) from None
         for track in started:
-            track.producer.request_keyframe()
+            self.media.request_keyframe(track.producer.id)
         for track in rejected:
             participant.send(
                 {
@@ -549,25 +579,23 @@ class RoomHub:
             raise ProtocolError("unknown_track", f"{track_id!r} is not a track you can receive")
         participant.video_sizes[track_id] = (width, height)
         for offered in participant.offers.live() if participant.offers is not None else ():
-            downtrack = offered.downtrack
-            if offered.producer.id == track_id and isinstance(downtrack, SimulcastDownTrack):
-                downtrack.max_width, downtrack.max_height = width, height
+            if offered.producer.id == track_id and offered.producer.rids:
+                self.media.set_video_size(offered.subscription.id, width, height)
 
-    def _video_layer(self, member: Participant, downtrack: SimulcastDownTrack) -> None:
+    def _video_layer(self, member: Participant, event: LayerChanged) -> None:
         """Tell a subscriber which layer of a simulcast track it now gets, or that its video
         is paused (no layer fits its bandwidth, or it asked for none)."""
-        layer = None if downtrack.suspended else downtrack.producer
-        bwe = member.subscriber.bwe if member.subscriber is not None else None
+        layer = event.layer
         member.send(
             {
                 "type": "video_layer",
-                "track": downtrack.track.id,
-                "paused": downtrack.suspended,
-                "reason": downtrack.reason,
+                "track": event.producer_id,
+                "paused": event.paused,
+                "reason": event.reason,
                 "layer": None
                 if layer is None
                 else {"rid": layer.rid, "width": layer.width, "height": layer.height},
-                "bandwidth_estimate": None if bwe is None else round(bwe.estimate_bps),
+                "bandwidth_estimate": event.bandwidth_estimate,
             }
         )
 
