@@ -211,7 +211,7 @@ def _open_session(
 ) -> MediaSession:
     media, rooms = request.app[MEDIA_KEY], request.app[ROOMS_KEY]
     ufrag, pwd, fingerprints = _remote_transport(offer)
-    transport = media.create_transport(kind, ufrag, pwd, fingerprints)
+    transport = media.create_transport(kind, ufrag, pwd, fingerprints, group=room)
     session = MediaSession(
         kind=kind,
         room=room,

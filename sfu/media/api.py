@@ -146,10 +146,12 @@ class MediaApi(Protocol):
         remote_ufrag: str | None,
         remote_pwd: str | None,
         fingerprints: Sequence[Fingerprint],
+        *,
+        group: str | None = None,
     ) -> TransportInfo:
         """A transport for one client. `role`: whip, whep, rtc-pub or rtc-sub. When the SFU
         makes the offer, the client's ICE credentials and fingerprint come later
-        (`set_remote`)."""
+        (`set_remote`). `group` (the room) keeps a room's transports on one media worker."""
         ...
 
     def set_remote(

@@ -258,14 +258,26 @@ class MediaEngine(asyncio.DatagramProtocol):
         remote_ufrag: str | None,
         remote_pwd: str | None,
         fingerprints: Sequence[Fingerprint],
+        *,
+        transport_id: str | None = None,
+        local: tuple[str, str] | None = None,
     ) -> Transport:
         """A transport for one client. When the SFU makes the offer, the client's ICE
-        credentials and fingerprint come later with its answer (None and [] until then)."""
-        session = self.agent.create_session(remote_ufrag, remote_pwd)
+        credentials and fingerprint come later with its answer (None and [] until then).
+        `transport_id` and `local` (ICE ufrag, pwd) when the control plane chose them."""
+        if transport_id is not None and transport_id in self.transports:
+            raise ValueError(f"transport id {transport_id!r} is already in use")
+        session = self.agent.create_session(remote_ufrag, remote_pwd, local)
         dtls = DtlsServer(self._ssl_context, remote_fingerprints=fingerprints)
         peer = self._fastpath.Peer() if self._fastpath is not None else None
         transport = Transport(
-            secrets.token_urlsafe(9), role, session, dtls, self._sendto, self._stats, peer
+            transport_id or secrets.token_urlsafe(9),
+            role,
+            session,
+            dtls,
+            self._sendto,
+            self._stats,
+            peer,
         )
         self.transports[transport.id] = transport
         self._by_ufrag[session.local_ufrag] = transport
@@ -353,13 +365,24 @@ class MediaEngine(asyncio.DatagramProtocol):
         rtx_payload_type: int | None,
         ext_map: dict[int, int],
         join: JoinTimer | None = None,
+        ssrcs: tuple[int, int | None] | None = None,
     ) -> DownTrack:
+        """A subscriber's copy of `producer`; `ssrcs` (media, RTX) when the control plane
+        chose them, else fresh random ones."""
         for pt in (payload_type, rtx_payload_type):
             # Negotiation refuses others; the header rewrite packs the value into 7 bits.
             if pt is not None and not 0 <= pt <= 127:
                 raise ValueError(f"payload type {pt} is outside 0-127")
-        ssrc = self._new_ssrc(transport)
-        rtx_ssrc = self._new_ssrc(transport) if rtx_payload_type is not None else None
+        if ssrcs is not None:
+            ssrc, rtx_ssrc = ssrcs
+            if rtx_payload_type is None:
+                rtx_ssrc = None
+            taken = transport.downtracks_by_ssrc
+            if not ssrc or ssrc in taken or (rtx_ssrc is not None and rtx_ssrc in taken):
+                raise ValueError(f"SSRC {ssrc} or {rtx_ssrc} is taken on this transport")
+        else:
+            ssrc = self._new_ssrc(transport)
+            rtx_ssrc = self._new_ssrc(transport) if rtx_payload_type is not None else None
         kind: type[DownTrack] = DownTrack
         if isinstance(producer, SimulcastProducer):
             kind = SimulcastDownTrack
@@ -381,7 +404,13 @@ class MediaEngine(asyncio.DatagramProtocol):
             transport.downtracks_by_ssrc[rtx_ssrc] = downtrack
         return downtrack
 
-    def restart_ice(self, transport: Transport, remote_ufrag: str, remote_pwd: str) -> None:
+    def restart_ice(
+        self,
+        transport: Transport,
+        remote_ufrag: str,
+        remote_pwd: str,
+        local: tuple[str, str] | None = None,
+    ) -> None:
         """ICE restart (RFC 8445 §9): new credentials on both sides, same DTLS association.
 
         The old session is dropped at once: its addresses stay mapped until the new
@@ -389,7 +418,7 @@ class MediaEngine(asyncio.DatagramProtocol):
         consent is now judged by the new credentials only.
         """
         old = transport.ice
-        session = self.agent.create_session(remote_ufrag, remote_pwd)
+        session = self.agent.create_session(remote_ufrag, remote_pwd, local)
         session.addresses.update(old.addresses)
         session.selected = old.selected
         session.last_check = old.last_check

@@ -129,11 +129,21 @@ class IceLiteAgent:
         return ufrag in self._sessions
 
     def create_session(
-        self, remote_ufrag: str | None = None, remote_pwd: str | None = None
+        self,
+        remote_ufrag: str | None = None,
+        remote_pwd: str | None = None,
+        local: tuple[str, str] | None = None,
     ) -> IceLiteSession:
-        ufrag, pwd = generate_credentials()
-        while ufrag in self._sessions:
+        """A session with fresh local credentials, or `local` (ufrag, pwd) when the control
+        plane chose them (a media worker's transports); ValueError if that ufrag is taken."""
+        if local is not None:
+            ufrag, pwd = local
+            if ufrag in self._sessions:
+                raise ValueError(f"ICE ufrag {ufrag!r} is already in use")
+        else:
             ufrag, pwd = generate_credentials()
+            while ufrag in self._sessions:
+                ufrag, pwd = generate_credentials()
         session = IceLiteSession(
             local_ufrag=ufrag,
             local_pwd=pwd,

@@ -112,8 +112,16 @@ class LocalMedia:
         remote_ufrag: str | None,
         remote_pwd: str | None,
         fingerprints: Sequence[Fingerprint],
+        *,
+        group: str | None = None,
+        transport_id: str | None = None,
+        local: tuple[str, str] | None = None,
     ) -> TransportInfo:
-        transport = self.engine.create_transport(role, remote_ufrag, remote_pwd, fingerprints)
+        # `transport_id` and `local` (ICE ufrag, pwd): chosen by the control plane when this
+        # runs in a media worker, so its commands need no reply (sfu/media/workers.py).
+        transport = self.engine.create_transport(
+            role, remote_ufrag, remote_pwd, fingerprints, transport_id=transport_id, local=local
+        )
         if role in SUBSCRIBER_ROLES:
             # Join latency and time to first frame count from the subscribe request.
             self._joins[transport.id] = JoinTimer()
@@ -146,9 +154,11 @@ class LocalMedia:
         transport.set_remote_fingerprints(list(fingerprints))
         return self._info(transport)
 
-    def restart_ice(self, transport_id: str, ufrag: str, pwd: str) -> TransportInfo:
+    def restart_ice(
+        self, transport_id: str, ufrag: str, pwd: str, *, local: tuple[str, str] | None = None
+    ) -> TransportInfo:
         transport = self._transport(transport_id)
-        self.engine.restart_ice(transport, ufrag, pwd)
+        self.engine.restart_ice(transport, ufrag, pwd, local)
         return self._info(transport)
 
     def close_transport(self, transport_id: str, reason: str) -> None:
@@ -248,6 +258,7 @@ class LocalMedia:
         ext_map: Mapping[int, int],
         paused: bool = False,
         max_size: tuple[int, int] | None = None,
+        ssrcs: tuple[int, int | None] | None = None,
     ) -> SubscriptionInfo:
         transport = self._transport(transport_id)
         producer = self._producer(producer_id)
@@ -258,6 +269,7 @@ class LocalMedia:
             rtx_payload_type=rtx_payload_type,
             ext_map=dict(ext_map),
             join=self._joins.get(transport_id),
+            ssrcs=ssrcs,
         )
         if paused:
             downtrack.paused = True

@@ -196,3 +196,39 @@ def test_a_plaintext_track_in_a_required_room_is_a_policy_violation_event() -> N
     violations = [e for e in api.events if isinstance(e, PolicyViolation)]
     assert [v.producer_id for v in violations] == [plain.id]
     assert "without an SFrame envelope" in violations[0].reason
+
+
+def test_ids_chosen_by_the_control_plane_are_used_and_clashes_refused(api: Api) -> None:
+    """A media worker's commands carry the ids the control plane chose (so they need no
+    reply): the transport id, its ICE credentials and a subscription's SSRCs."""
+    local = ("wkufrag1", "p" * 24)
+    info = api.media.create_transport(
+        "whep", "cliufrag", "c" * 24, [], transport_id="w0.abc", local=local
+    )
+    assert (info.id, info.ice_ufrag, info.ice_pwd) == ("w0.abc", *local)
+    with pytest.raises(ValueError, match="already in use"):
+        api.media.create_transport("whep", None, None, [], transport_id="w0.abc")
+    with pytest.raises(ValueError, match="already in use"):
+        api.media.create_transport("whep", None, None, [], local=local)
+    publisher_id, _ = api.client("whip")
+    track = api.media.add_producer(
+        publisher_id, kind="video", mid="0", codec=VP8, ext_ids={}, ssrc=VIDEO_SSRC, rtx_ssrc=None
+    )
+    subscription = api.media.add_subscription(
+        info.id,
+        track.id,
+        payload_type=VP8.payload_type,
+        rtx_payload_type=VP8.rtx_payload_type,
+        ext_map={},
+        ssrcs=(1111, 2222),
+    )
+    assert (subscription.ssrc, subscription.rtx_ssrc) == (1111, 2222)
+    with pytest.raises(ValueError, match="taken"):
+        api.media.add_subscription(
+            info.id,
+            track.id,
+            payload_type=96,
+            rtx_payload_type=None,
+            ext_map={},
+            ssrcs=(2222, None),
+        )

@@ -318,7 +318,7 @@ class RoomHub:
         self.participants[pid] = participant
         self.by_resume[participant.resume_token] = participant
         if grants.can_subscribe:
-            transport = self.media.create_transport("rtc-sub", None, None, [])
+            transport = self.media.create_transport("rtc-sub", None, None, [], group=room.name)
             self.events.watch_transport(
                 transport.id,
                 connected=lambda: self._subscriber_connected(participant),
@@ -451,7 +451,9 @@ class RoomHub:
         if session is None and participant.stream in room.publications:
             participant.stream = participant.id  # a WHIP publisher took the name meanwhile
         if session is None:
-            transport = self.media.create_transport("rtc-pub", ufrag, pwd, fingerprints)
+            transport = self.media.create_transport(
+                "rtc-pub", ufrag, pwd, fingerprints, group=participant.room
+            )
             session = MediaSession(
                 kind="rtc",
                 room=participant.room,
