@@ -76,7 +76,14 @@ SDP_HEADERS = {"Content-Type": "application/sdp"}
 TOKEN_TTL = 6 * 3600.0
 # Gauges that describe the server's state or configuration, not things that churn.
 STATE_GAUGES = frozenset(
-    {"sfu_build_info", "sfu_ready", "sfu_admitted_sessions_limit", "sfu_media_fastpath_enabled"}
+    {
+        "sfu_build_info",
+        "sfu_ready",
+        "sfu_admitted_sessions_limit",
+        "sfu_media_fastpath_enabled",
+        "sfu_media_workers",
+        "sfu_media_worker_info",
+    }
 )
 GENEROUS = 1_000_000
 

@@ -97,7 +97,13 @@ CALL_ROOM = "soak-call"
 CALL_STREAM = "cam"
 LOOP_LAG = "sfu_event_loop_lag_seconds"
 # Gauges that are not 0 on an idle server by design: state flags, and configured caps.
-IDLE_NONZERO = ("sfu_ready", "sfu_build_info", "sfu_media_fastpath_enabled")
+IDLE_NONZERO = (
+    "sfu_ready",
+    "sfu_build_info",
+    "sfu_media_fastpath_enabled",
+    "sfu_media_workers",
+    "sfu_media_worker_info",
+)
 CAP_SUFFIX = "_limit"
 # Counters worth a column of their own (the flood shows up in the first two).
 COUNTERS = (

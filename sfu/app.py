@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import signal
 import ssl
 from typing import Any
@@ -21,7 +22,15 @@ from sfu.lifecycle import Lifecycle
 from sfu.media.dtls import DtlsCertificate
 from sfu.media.engine import MediaEngine, MediaSettings
 from sfu.media.local import LocalMedia
-from sfu.metrics import MediaCollector, Metrics, measure_loop_lag, stop_task
+from sfu.media.workers import WorkerPool
+from sfu.metrics import (
+    MediaCollector,
+    Metrics,
+    WorkerCollector,
+    WorkerStatus,
+    measure_loop_lag,
+    stop_task,
+)
 from sfu.rooms import Rooms
 
 log = logging.getLogger("sfu.app")
@@ -40,27 +49,45 @@ class Server:
         self.lifecycle = Lifecycle()
         self.metrics = Metrics(event_loop_name)
         rtc = config.rtc
-        self.engine = MediaEngine(
-            MediaSettings(
-                bind_host=rtc.bind_host,
-                udp_port=rtc.udp_port,
-                announced_ips=rtc.announced_ips,
-                consent_timeout=rtc.consent_timeout,
-                handshake_timeout=rtc.handshake_timeout,
-                video_buffer=rtc.video_buffer_packets,
-                audio_buffer=rtc.audio_buffer_packets,
-                keyframe_interval=rtc.keyframe_request_interval,
-                subscriber_keyframe_interval=rtc.subscriber_keyframe_interval,
-                e2ee_grace_period=config.e2ee.grace_period,
-                integrity_sample_every=config.metrics.integrity_sample_every,
-                fastpath=rtc.fastpath,
-                keyframe_cache=rtc.keyframe_cache,
-            ),
-            _dtls_certificate(config),
+        settings = MediaSettings(
+            bind_host=rtc.bind_host,
+            udp_port=rtc.udp_port,
+            announced_ips=rtc.announced_ips,
+            consent_timeout=rtc.consent_timeout,
+            handshake_timeout=rtc.handshake_timeout,
+            video_buffer=rtc.video_buffer_packets,
+            audio_buffer=rtc.audio_buffer_packets,
+            keyframe_interval=rtc.keyframe_request_interval,
+            subscriber_keyframe_interval=rtc.subscriber_keyframe_interval,
+            e2ee_grace_period=config.e2ee.grace_period,
+            integrity_sample_every=config.metrics.integrity_sample_every,
+            fastpath=rtc.fastpath,
+            keyframe_cache=rtc.keyframe_cache,
         )
+        certificate = _dtls_certificate(config)
+        workers = rtc.worker_count()
+        if rtc.udp_port and rtc.udp_port + workers - 1 > 65535:
+            raise StartupError(
+                f"rtc.udp_port {rtc.udp_port} + rtc.workers {workers} runs past port 65535"
+            )
         # The control plane reaches the media plane only through its API (ids, commands,
-        # events); in this process the engine implements it directly.
-        self.media = LocalMedia(self.engine)
+        # events): in this process with one worker, else over a channel to each worker.
+        self.engine: MediaEngine | None = None
+        self.pool: WorkerPool | None = None
+        self.media: LocalMedia | WorkerPool
+        if workers == 1:
+            self.engine = MediaEngine(settings, certificate)
+            self.media = LocalMedia(self.engine)
+        else:
+            self.pool = WorkerPool(
+                workers,
+                settings,
+                certificate,
+                log_level=config.logging.level,
+                log_json=config.logging.json_lines,
+                secrets=log_secrets(config),
+            )
+            self.media = self.pool
         self.events = MediaEvents()
         self.media.sink = self.events
         self.rooms = Rooms(config.limits.max_rooms)
@@ -76,6 +103,7 @@ class Server:
         self.metrics.registry.register(
             MediaCollector(self.media.snapshot, self.rooms, self.hub, self.admission)
         )
+        self.metrics.registry.register(WorkerCollector(self._worker_status))
         self.app = create_app(
             config,
             self.lifecycle,
@@ -101,9 +129,14 @@ class Server:
     async def start(self) -> None:
         http, rtc = self.config.http, self.config.rtc
         try:
-            await self.engine.start()
+            if self.engine is not None:
+                await self.engine.start()
+            elif self.pool is not None:
+                await self.pool.start()
         except OSError as exc:
             hint = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+            if self.pool is not None and exc.errno is None:
+                hint = str(exc)
             raise StartupError(
                 f"cannot bind UDP {rtc.bind_host}:{rtc.udp_port} (rtc.bind_host, rtc.udp_port): "
                 f"{hint}"
@@ -127,7 +160,7 @@ class Server:
             await site.start()
         except OSError as exc:
             await self._runner.cleanup()
-            await self.engine.close()
+            await self._close_media()
             hint = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
             raise StartupError(
                 f"cannot listen on {http.host}:{http.port} (http.host, http.port): {hint}"
@@ -203,10 +236,42 @@ class Server:
         await stop_task(self._lag_task)
         self._lag_task = None
         await self.hub.close()
-        await self.engine.close()
+        await self._close_media()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    def _worker_status(self) -> list[WorkerStatus]:
+        if self.pool is None:
+            port = self.engine.candidates[0][1] if self.engine and self.engine.candidates else 0
+            return [WorkerStatus(0, os.getpid(), port, True, 0)]
+        return [
+            WorkerStatus(
+                remote.index,
+                remote.pid,
+                remote.candidates[0][1] if remote.candidates else 0,
+                remote.running,
+                self.pool.restarts[remote.index],
+            )
+            for remote in self.pool.workers
+        ]
+
+    async def _close_media(self) -> None:
+        if self.engine is not None:
+            await self.engine.close()
+        if self.pool is not None:
+            await self.pool.close()
+
+
+def log_secrets(config: Config) -> list[str]:
+    """Values the log must never show: API secrets and TURN credentials."""
+    secrets = [s.get_secret_value() for s in config.auth.keys.values()]
+    secrets += [
+        server.credential.get_secret_value()
+        for server in config.rtc.ice_servers
+        if server.credential is not None
+    ]
+    return secrets
 
 
 def _dtls_certificate(config: Config) -> DtlsCertificate:

@@ -199,14 +199,8 @@ def _healthcheck(config: Config, timeout: float) -> int:
 
 
 def _serve(config: Config) -> int:
-    from sfu.app import run
+    from sfu.app import log_secrets, run
     from sfu.logs import setup_logging
 
-    secrets = [s.get_secret_value() for s in config.auth.keys.values()]
-    secrets += [
-        server.credential.get_secret_value()
-        for server in config.rtc.ice_servers
-        if server.credential is not None
-    ]
-    setup_logging(config.logging.level, config.logging.json_lines, secrets)
+    setup_logging(config.logging.level, config.logging.json_lines, log_secrets(config))
     return run(config)

@@ -45,6 +45,8 @@ DEV_API_KEY = "devkey"
 # loopback listener could read this source anyway. Refused outside dev mode.
 DEV_API_SECRET = "blindfold-dev-secret-public-do-not-use-in-production"  # noqa: S105
 MIN_PRODUCTION_SECRET_LEN = 32
+# Media workers one server runs at most (each takes one UDP port above rtc.udp_port).
+MAX_WORKERS = 64
 
 Loc = tuple[str | int, ...]
 
@@ -255,11 +257,35 @@ class RtcConfig(_Section):
         "packets, 1 MiB) so that a new subscriber starts at once instead of after a keyframe "
         "request's round trip.",
     )
+    workers: int | Literal["auto"] = Field(
+        1,
+        description="Media worker processes, each forwarding on its own UDP port "
+        "(rtc.udp_port + i, i = 0..N-1) on its own core; all of a room's participants use one "
+        "worker. 1: media runs inside the server process. 'auto': one per CPU core.",
+    )
     fastpath: Literal["auto", "off"] = Field(
         "auto",
         description="Forward media with the native fan-out core: 'auto' uses it when it was "
         "built (else pure Python, with one warning line); 'off' always uses pure Python.",
     )
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers_range(cls, value: object) -> object:
+        # One clear message instead of one per member of the union.
+        if value == "auto":
+            return value
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_WORKERS:
+            return value
+        raise ValueError(f"{value!r} is not 'auto' or a whole number from 1 to {MAX_WORKERS}")
+
+    def worker_count(self) -> int:
+        """How many media workers to run ('auto': the CPU cores this process may use)."""
+        if self.workers == "auto":
+            return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+        return self.workers
 
     @field_validator("fastpath", mode="before")
     @classmethod
@@ -939,7 +965,8 @@ def _type_label(annotation: Any, metadata: Sequence[Any]) -> str:
         return "one of " + ", ".join(repr(a) for a in args)
     if origin in (Union, types.UnionType):
         options = [a for a in args if a is not type(None)]
-        return _type_label(options[0], ()) + " or null"
+        labels = " or ".join(_type_label(option, ()) for option in options)
+        return labels + (" or null" if len(options) < len(args) else "")
     if annotation is Path:
         return "file path"
     return getattr(annotation, "__name__", str(annotation))

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import platform
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import (
@@ -485,6 +486,50 @@ class MediaCollector(Collector):
             "(rtc.fastpath: off, or the extension is not built).",
             value=1 if media.fastpath_enabled else 0,
         )
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    """One media worker as /metrics shows it (the server process itself with one worker)."""
+
+    index: int
+    pid: int
+    udp_port: int
+    running: bool
+    restarts: int
+
+
+class WorkerCollector(Collector):
+    """How many media workers run, which process and port each is, and their restarts."""
+
+    def __init__(self, status: Callable[[], list[WorkerStatus]]) -> None:
+        self.status = status
+
+    def collect(self) -> Iterator[Metric]:
+        workers = self.status()
+        yield GaugeMetricFamily(
+            "sfu_media_workers",
+            "Media workers running (rtc.workers; 1: the media plane runs in the server process).",
+            value=sum(1 for w in workers if w.running),
+        )
+        info = GaugeMetricFamily(
+            "sfu_media_worker_info",
+            "Always 1 per running media worker; the labels say its process and UDP port.",
+            labels=["worker", "pid", "udp_port"],
+        )
+        for w in workers:
+            if w.running:
+                info.add_metric([str(w.index), str(w.pid), str(w.udp_port)], 1)
+        yield info
+        restarts = CounterMetricFamily(
+            "sfu_media_worker_restarts",
+            "Media workers restarted by the supervisor after they exited unexpectedly (their "
+            "transports were closed; clients reconnect).",
+            labels=["worker"],
+        )
+        for w in workers:
+            restarts.add_metric([str(w.index)], w.restarts)
+        yield restarts
 
 
 def _buckets(histogram: HistogramData) -> list[tuple[str, float]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -235,3 +236,16 @@ def test_shipped_config_validates_against_the_schema() -> None:
     jsonschema.validate(data, json_schema())
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"rtc": {"udp_port": 70000}}, json_schema())
+
+
+@pytest.mark.parametrize("value", ["0", "65", "many", "-1"])
+def test_workers_must_be_auto_or_a_count(tmp_path: Path, value: str) -> None:
+    found = issues(tmp_path, f"rtc:\n  workers: {value}\n")
+    assert len(found) == 1
+    assert found[0].startswith("rtc.workers: "), found
+
+
+def test_workers_auto_is_the_usable_cores(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "rtc:\n  workers: auto\n"), env={})
+    assert config.rtc.worker_count() == len(os.sched_getaffinity(0))
+    assert load_config(None, env={}).rtc.worker_count() == 1

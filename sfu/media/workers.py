@@ -1,0 +1,704 @@
+"""Media worker processes (`rtc.workers` > 1): the media API over local channels.
+
+Each worker (sfu/media/worker.py) is a process with its own engine on UDP port
+`rtc.udp_port + index`, sharing the server's DTLS certificate. The control plane talks to it
+through `RemoteMedia`, which implements the media API by sending commands down the worker's
+channel without waiting: it chooses every id itself (transport id, ICE credentials,
+subscription SSRCs), so it can describe the result at once, exactly as the worker will
+create it. `WorkerPool` is the media API the control plane sees: it places each room on the
+least-loaded worker (fewest transports; a room's transports all stay on its worker, since
+relays between workers do not exist yet) and routes every other command by the worker index
+in the id ("w<index>.<token>").
+
+A worker that exits unexpectedly is restarted on the same port by its supervisor. Its
+transports are gone with it: each is reported as closed (reason "media worker N exited"), so
+WHIP/WHEP sessions end and room participants are told their transport closed, the same as
+any other transport loss. `/metrics` merges the workers' snapshots, each at most
+SNAPSHOT_INTERVAL old; a restarted worker's counters start again from zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from sfu.media import channel
+from sfu.media.api import (
+    EventSink,
+    MediaEvent,
+    ProducerInfo,
+    SubscriptionInfo,
+    TransportClosed,
+    TransportInfo,
+    UnknownMediaId,
+)
+from sfu.media.dtls import DtlsCertificate, Fingerprint
+from sfu.media.engine import MediaEngine, MediaSettings
+from sfu.media.ice import generate_credentials
+from sfu.media.producer import TrackCodec
+from sfu.media.snapshot import MediaSnapshot, build_snapshot, merge
+from sfu.media.worker import LogLevel, WorkerStart
+
+log = logging.getLogger(__name__)
+
+# How long a worker may take from spawn to hello (imports, binding, certificate).
+START_TIMEOUT = 20.0
+# Restart backoff for a worker that keeps dying: doubles from the first to the last.
+RESTART_DELAYS = (0.2, 1.0, 5.0, 30.0)
+# A worker that ran this long before dying restarts at the first delay again.
+STABLE_AFTER = 60.0
+
+
+class WorkerExited(Exception):
+    pass
+
+
+class RemoteMedia:
+    """The media API of one worker process, as seen from the control plane."""
+
+    def __init__(self, index: int, sink: Callable[[RemoteMedia, MediaEvent], None]) -> None:
+        self.index = index
+        self._sink = sink
+        self.pid = 0
+        self.fingerprint = ""
+        self.candidates: tuple[tuple[str, int], ...] = ()
+        self.last_snapshot: MediaSnapshot | None = None
+        self.transports: dict[str, TransportInfo] = {}
+        self._ssrcs: dict[str, set[int]] = {}
+        # Producer id -> kind, for the subscriptions' descriptions.
+        self._kinds: dict[str, str] = {}
+        self._writer: asyncio.StreamWriter | None = None
+        self.commands_failed = 0
+
+    # -- channel -----------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._writer is not None
+
+    def attach(self, writer: asyncio.StreamWriter, hello: tuple[Any, ...]) -> None:
+        _, self.pid, self.fingerprint, candidates = hello
+        self.candidates = tuple((str(ip), int(port)) for ip, port in candidates)
+        self._writer = writer
+
+    def detach(self) -> list[str]:
+        """The worker is gone: its transports with it (their ids, to report closed)."""
+        self._writer = None
+        gone = list(self.transports)
+        self.transports.clear()
+        self._ssrcs.clear()
+        self._kinds.clear()
+        return gone
+
+    def on_message(self, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "event":
+            event = message[1]
+            if isinstance(event, TransportClosed):
+                self.transports.pop(event.transport_id, None)
+                self._ssrcs.pop(event.transport_id, None)
+                prefix = event.transport_id + ":"
+                for producer_id in [p for p in self._kinds if p.startswith(prefix)]:
+                    del self._kinds[producer_id]
+            self._sink(self, event)
+        elif kind == "snapshot":
+            self.last_snapshot = MediaSnapshot.from_dict(message[1])
+        elif kind == "failed":
+            self.commands_failed += 1
+            log.info("media worker %d: %s failed: %s", self.index, message[1], message[2])
+
+    def _call(self, method: str, **kwargs: Any) -> None:
+        writer = self._writer
+        if writer is None or writer.is_closing():
+            raise UnknownMediaId(f"media worker {self.index} is not running")
+        writer.write(channel.encode(("call", method, kwargs)))
+
+    def _known(self, transport_id: str) -> TransportInfo:
+        info = self.transports.get(transport_id)
+        if info is None:
+            raise UnknownMediaId(f"no transport {transport_id!r}")
+        return info
+
+    # -- the media API -----------------------------------------------------------------------
+
+    def create_transport(
+        self,
+        role: str,
+        remote_ufrag: str | None,
+        remote_pwd: str | None,
+        fingerprints: Sequence[Fingerprint],
+        *,
+        group: str | None = None,
+    ) -> TransportInfo:
+        transport_id = f"w{self.index}.{secrets.token_urlsafe(9)}"
+        ufrag, pwd = generate_credentials()
+        self._call(
+            "create_transport",
+            role=role,
+            remote_ufrag=remote_ufrag,
+            remote_pwd=remote_pwd,
+            fingerprints=list(fingerprints),
+            group=group,
+            transport_id=transport_id,
+            local=(ufrag, pwd),
+        )
+        info = TransportInfo(
+            transport_id, role, ufrag, pwd, self.fingerprint, self.candidates, remote_ufrag
+        )
+        self.transports[transport_id] = info
+        self._ssrcs[transport_id] = set()
+        return info
+
+    def set_remote(
+        self, transport_id: str, ufrag: str, pwd: str, fingerprints: Sequence[Fingerprint]
+    ) -> TransportInfo:
+        info = replace(self._known(transport_id), remote_ufrag=ufrag)
+        self._call(
+            "set_remote",
+            transport_id=transport_id,
+            ufrag=ufrag,
+            pwd=pwd,
+            fingerprints=list(fingerprints),
+        )
+        self.transports[transport_id] = info
+        return info
+
+    def restart_ice(self, transport_id: str, ufrag: str, pwd: str) -> TransportInfo:
+        local_ufrag, local_pwd = generate_credentials()
+        info = replace(
+            self._known(transport_id),
+            ice_ufrag=local_ufrag,
+            ice_pwd=local_pwd,
+            remote_ufrag=ufrag,
+        )
+        self._call(
+            "restart_ice",
+            transport_id=transport_id,
+            ufrag=ufrag,
+            pwd=pwd,
+            local=(local_ufrag, local_pwd),
+        )
+        self.transports[transport_id] = info
+        return info
+
+    def close_transport(self, transport_id: str, reason: str) -> None:
+        if transport_id in self.transports and self._writer is not None:
+            self._call("close_transport", transport_id=transport_id, reason=reason)
+
+    def add_producer(
+        self,
+        transport_id: str,
+        *,
+        kind: str,
+        mid: str,
+        codec: TrackCodec,
+        ext_ids: Mapping[str, int],
+        ssrc: int | None,
+        rtx_ssrc: int | None,
+        rids: Sequence[str] = (),
+        e2ee_required: bool = False,
+        group: str | None = None,
+        owner: str | None = None,
+    ) -> ProducerInfo:
+        self._known(transport_id)
+        self._call(
+            "add_producer",
+            transport_id=transport_id,
+            kind=kind,
+            mid=mid,
+            codec=codec,
+            ext_ids=dict(ext_ids),
+            ssrc=ssrc,
+            rtx_ssrc=rtx_ssrc,
+            rids=tuple(rids),
+            e2ee_required=e2ee_required,
+            group=group,
+            owner=owner,
+        )
+        producer_id = f"{transport_id}:{mid}"
+        self._kinds[producer_id] = kind
+        return ProducerInfo(producer_id, transport_id, kind, mid, codec, dict(ext_ids), tuple(rids))
+
+    def set_publisher_extensions(
+        self,
+        transport_id: str,
+        *,
+        mid: int | None,
+        rid: int | None,
+        repaired_rid: int | None,
+        transport_cc: int | None,
+    ) -> None:
+        self._known(transport_id)
+        self._call(
+            "set_publisher_extensions",
+            transport_id=transport_id,
+            mid=mid,
+            rid=rid,
+            repaired_rid=repaired_rid,
+            transport_cc=transport_cc,
+        )
+
+    def close_producer(self, producer_id: str) -> None:
+        self._kinds.pop(producer_id, None)
+        self._call("close_producer", producer_id=producer_id)
+
+    def request_keyframe(self, producer_id: str) -> None:
+        self._call("request_keyframe", producer_id=producer_id)
+
+    def _new_ssrc(self, transport_id: str) -> int:
+        taken = self._ssrcs.setdefault(transport_id, set())
+        while True:
+            ssrc = secrets.randbits(32)
+            if ssrc and ssrc not in taken:
+                taken.add(ssrc)
+                return ssrc
+
+    def add_subscription(
+        self,
+        transport_id: str,
+        producer_id: str,
+        *,
+        payload_type: int,
+        rtx_payload_type: int | None,
+        ext_map: Mapping[int, int],
+        paused: bool = False,
+        max_size: tuple[int, int] | None = None,
+    ) -> SubscriptionInfo:
+        self._known(transport_id)
+        kind = self._kinds.get(producer_id)
+        if kind is None:
+            raise UnknownMediaId(f"no producer {producer_id!r} on media worker {self.index}")
+        ssrc = self._new_ssrc(transport_id)
+        rtx_ssrc = self._new_ssrc(transport_id) if rtx_payload_type is not None else None
+        self._call(
+            "add_subscription",
+            transport_id=transport_id,
+            producer_id=producer_id,
+            payload_type=payload_type,
+            rtx_payload_type=rtx_payload_type,
+            ext_map=dict(ext_map),
+            paused=paused,
+            max_size=max_size,
+            ssrcs=(ssrc, rtx_ssrc),
+        )
+        return SubscriptionInfo(
+            f"{transport_id}/{ssrc}",
+            transport_id,
+            producer_id,
+            kind,
+            ssrc,
+            rtx_ssrc,
+            payload_type,
+            rtx_payload_type,
+        )
+
+    def set_paused(self, subscription_id: str, paused: bool) -> None:
+        self._call("set_paused", subscription_id=subscription_id, paused=paused)
+
+    def set_video_size(self, subscription_id: str, width: int, height: int) -> None:
+        self._call("set_video_size", subscription_id=subscription_id, width=width, height=height)
+
+    def negotiated(self, subscription_id: str, *, extension_ids: set[int], rtx: bool) -> None:
+        self._call(
+            "negotiated", subscription_id=subscription_id, extension_ids=extension_ids, rtx=rtx
+        )
+
+    def enable_bandwidth_estimation(self, transport_id: str, transport_cc: int) -> None:
+        self._call(
+            "enable_bandwidth_estimation", transport_id=transport_id, transport_cc=transport_cc
+        )
+
+    def end_subscription(self, subscription_id: str, *, bye: bool) -> None:
+        if self._writer is not None:
+            self._call("end_subscription", subscription_id=subscription_id, bye=bye)
+
+    def snapshot(self) -> MediaSnapshot | None:
+        return self.last_snapshot
+
+
+class WorkerPool:
+    """The media API over several worker processes: rooms placed, commands routed by id."""
+
+    def __init__(
+        self,
+        count: int,
+        settings: MediaSettings,
+        certificate: DtlsCertificate,
+        *,
+        log_level: LogLevel = "info",
+        log_json: bool = False,
+        secrets: Sequence[str] = (),
+    ) -> None:
+        if count < 1:
+            raise ValueError("a worker pool needs at least one worker")
+        self.settings = settings
+        self.certificate = certificate
+        self._log = (log_level, log_json, tuple(secrets))
+        self.sink: EventSink | None = None
+        self.workers = [RemoteMedia(i, self._event) for i in range(count)]
+        self.restarts = [0] * count
+        # Room -> the worker its transports live on, and how many transports it has there.
+        self._rooms: dict[str, int] = {}
+        self._room_transports: dict[str, int] = {}
+        self._transport_rooms: dict[str, str] = {}
+        self._processes: list[asyncio.subprocess.Process | None] = [None] * count
+        self._tasks: list[asyncio.Task[None]] = []
+        self._dir = Path(tempfile.mkdtemp(prefix="sfu-workers-"))
+        self._closing = False
+        self._empty: MediaSnapshot | None = None
+        # Called when a worker (re)started or exited: metrics keep per-worker state.
+        self.on_change: Callable[[], None] | None = None
+
+    def closing(self) -> bool:
+        return self._closing
+
+    def port_of(self, index: int) -> int:
+        # Port 0 (tests): every worker takes an ephemeral port of its own.
+        return self.settings.udp_port + index if self.settings.udp_port else 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Spawn every worker and wait until each has bound its port; OSError names the
+        port a worker could not bind."""
+        self._dir.chmod(0o700)
+        try:
+            for index in range(len(self.workers)):
+                await self._spawn(index)
+        except BaseException:
+            await self.close()
+            raise
+        for index in range(len(self.workers)):
+            self._tasks.append(asyncio.create_task(self._supervise(index)))
+
+    async def _spawn(self, index: int) -> None:
+        path = str(self._dir / f"worker-{index}.sock")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        connected: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = (
+            asyncio.get_running_loop().create_future()
+        )
+
+        async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            if not connected.done():
+                connected.set_result((reader, writer))
+            else:
+                writer.close()
+
+        server = await asyncio.start_unix_server(accept, path)
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sfu.media.worker", path, stdin=asyncio.subprocess.DEVNULL
+        )
+        self._processes[index] = process
+        try:
+            exited: asyncio.Future[Any] = asyncio.ensure_future(process.wait())
+            waiting: list[asyncio.Future[Any]] = [connected, exited]
+            done, _ = await asyncio.wait(
+                waiting, timeout=START_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+            )
+            if connected not in done:
+                exited.cancel()
+                raise WorkerExited(
+                    f"media worker {index} exited with {process.returncode} before it connected"
+                    if process.returncode is not None
+                    else f"media worker {index} did not connect within {START_TIMEOUT:g} s"
+                )
+            reader, writer = connected.result()
+            settings = replace(self.settings, udp_port=self.port_of(index))
+            level, json_lines, hidden = self._log
+            start = WorkerStart(
+                index=index,
+                settings=settings,
+                certificate_pem=self.certificate.certificate_pem(),
+                key_pem=self.certificate.private_key_pem(),
+                log_level=level,
+                log_json=json_lines,
+                secrets=hidden,
+            )
+            writer.write(channel.encode(("start", start)))
+            hello = await asyncio.wait_for(channel.read(reader), START_TIMEOUT)
+        except (channel.ChannelClosed, TimeoutError):
+            raise OSError(
+                f"media worker {index} could not start on UDP "
+                f"{self.settings.bind_host}:{self.port_of(index)} (rtc.udp_port + {index}); "
+                "see its log line above"
+            ) from None
+        finally:
+            server.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        remote = self.workers[index]
+        remote.attach(writer, hello)
+        remote.on_message(("snapshot", (await channel.read(reader))[1]))
+        self._tasks.append(asyncio.create_task(self._read(index, reader)))
+        log.info(
+            "media worker %d (pid %d) forwards on UDP %s:%d",
+            index,
+            remote.pid,
+            self.settings.bind_host,
+            remote.candidates[0][1] if remote.candidates else self.port_of(index),
+        )
+        if self.on_change is not None:
+            self.on_change()
+
+    async def _read(self, index: int, reader: asyncio.StreamReader) -> None:
+        remote = self.workers[index]
+        while True:
+            try:
+                message = await channel.read(reader)
+            except channel.ChannelClosed:
+                return
+            try:
+                remote.on_message(message)
+            except Exception:
+                log.exception("media worker %d: handling %s failed", index, message[0])
+
+    async def _supervise(self, index: int) -> None:
+        failures = 0
+        while not self.closing():
+            process = self._processes[index]
+            if process is None:
+                return
+            started = time.monotonic()
+            code = await process.wait()
+            if self.closing():
+                return
+            self._worker_lost(index, code)
+            failures = 0 if time.monotonic() - started > STABLE_AFTER else failures + 1
+            await asyncio.sleep(RESTART_DELAYS[min(failures, len(RESTART_DELAYS) - 1)])
+            try:
+                await self._spawn(index)
+            except (OSError, WorkerExited) as exc:
+                log.error("media worker %d did not restart: %s (trying again)", index, exc)
+                self._processes[index] = None
+                await asyncio.sleep(RESTART_DELAYS[-1])
+                with contextlib.suppress(OSError, WorkerExited):
+                    await self._spawn(index)
+                continue
+            self.restarts[index] += 1
+
+    def _worker_lost(self, index: int, code: int) -> None:
+        how = f"signal {-code}" if code < 0 else f"status {code}"
+        remote = self.workers[index]
+        gone = remote.detach()
+        log.error(
+            "media worker %d (pid %d) exited (%s): its %d transports are closed; restarting it",
+            index,
+            remote.pid,
+            how,
+            len(gone),
+        )
+        reason = f"media worker {index} exited ({how}); reconnect"
+        for transport_id in gone:
+            self._event(remote, TransportClosed(transport_id, reason, by_client=False))
+        if self.on_change is not None:
+            self.on_change()
+
+    async def close(self) -> None:
+        self._closing = True
+        for remote in self.workers:
+            writer = remote._writer
+            remote.detach()
+            if writer is not None:
+                writer.close()
+        for process in self._processes:
+            if process is not None and process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signal.SIGTERM)
+        for process in self._processes:
+            if process is None:
+                continue
+            try:
+                await asyncio.wait_for(process.wait(), 5.0)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        with contextlib.suppress(OSError):
+            self._dir.rmdir()
+
+    # -- events and placement -----------------------------------------------------------------
+
+    def _event(self, remote: RemoteMedia, event: MediaEvent) -> None:
+        if isinstance(event, TransportClosed):
+            room = self._transport_rooms.pop(event.transport_id, None)
+            if room is not None:
+                left = self._room_transports.get(room, 1) - 1
+                if left <= 0:
+                    self._room_transports.pop(room, None)
+                    self._rooms.pop(room, None)
+                else:
+                    self._room_transports[room] = left
+        if self.sink is not None:
+            self.sink(event)
+
+    def _place(self, group: str | None) -> RemoteMedia:
+        index = self._rooms.get(group) if group is not None else None
+        if index is None:
+            live = [r for r in self.workers if r.running]
+            if not live:
+                raise UnknownMediaId("no media worker is running")
+            index = min(live, key=lambda r: (len(r.transports), r.index)).index
+            if group is not None:
+                self._rooms[group] = index
+        return self.workers[index]
+
+    def _route(self, media_id: str) -> RemoteMedia:
+        head = media_id.partition(".")[0]
+        if head[:1] == "w" and head[1:].isdigit() and int(head[1:]) < len(self.workers):
+            return self.workers[int(head[1:])]
+        raise UnknownMediaId(f"no media object {media_id!r}")
+
+    # -- the media API -----------------------------------------------------------------------
+
+    def create_transport(
+        self,
+        role: str,
+        remote_ufrag: str | None,
+        remote_pwd: str | None,
+        fingerprints: Sequence[Fingerprint],
+        *,
+        group: str | None = None,
+    ) -> TransportInfo:
+        remote = self._place(group)
+        info = remote.create_transport(role, remote_ufrag, remote_pwd, fingerprints, group=group)
+        if group is not None:
+            self._transport_rooms[info.id] = group
+            self._room_transports[group] = self._room_transports.get(group, 0) + 1
+        return info
+
+    def set_remote(
+        self, transport_id: str, ufrag: str, pwd: str, fingerprints: Sequence[Fingerprint]
+    ) -> TransportInfo:
+        return self._route(transport_id).set_remote(transport_id, ufrag, pwd, fingerprints)
+
+    def restart_ice(self, transport_id: str, ufrag: str, pwd: str) -> TransportInfo:
+        return self._route(transport_id).restart_ice(transport_id, ufrag, pwd)
+
+    def close_transport(self, transport_id: str, reason: str) -> None:
+        with contextlib.suppress(UnknownMediaId):
+            self._route(transport_id).close_transport(transport_id, reason)
+
+    def add_producer(
+        self,
+        transport_id: str,
+        *,
+        kind: str,
+        mid: str,
+        codec: TrackCodec,
+        ext_ids: Mapping[str, int],
+        ssrc: int | None,
+        rtx_ssrc: int | None,
+        rids: Sequence[str] = (),
+        e2ee_required: bool = False,
+        group: str | None = None,
+        owner: str | None = None,
+    ) -> ProducerInfo:
+        return self._route(transport_id).add_producer(
+            transport_id,
+            kind=kind,
+            mid=mid,
+            codec=codec,
+            ext_ids=ext_ids,
+            ssrc=ssrc,
+            rtx_ssrc=rtx_ssrc,
+            rids=rids,
+            e2ee_required=e2ee_required,
+            group=group,
+            owner=owner,
+        )
+
+    def set_publisher_extensions(
+        self,
+        transport_id: str,
+        *,
+        mid: int | None,
+        rid: int | None,
+        repaired_rid: int | None,
+        transport_cc: int | None,
+    ) -> None:
+        self._route(transport_id).set_publisher_extensions(
+            transport_id, mid=mid, rid=rid, repaired_rid=repaired_rid, transport_cc=transport_cc
+        )
+
+    def close_producer(self, producer_id: str) -> None:
+        with contextlib.suppress(UnknownMediaId):
+            self._route(producer_id).close_producer(producer_id)
+
+    def request_keyframe(self, producer_id: str) -> None:
+        with contextlib.suppress(UnknownMediaId):
+            self._route(producer_id).request_keyframe(producer_id)
+
+    def add_subscription(
+        self,
+        transport_id: str,
+        producer_id: str,
+        *,
+        payload_type: int,
+        rtx_payload_type: int | None,
+        ext_map: Mapping[int, int],
+        paused: bool = False,
+        max_size: tuple[int, int] | None = None,
+    ) -> SubscriptionInfo:
+        remote = self._route(transport_id)
+        if self._route(producer_id) is not remote:
+            # A room's transports all live on its worker; only a relay could bridge two.
+            raise UnknownMediaId(
+                f"track {producer_id!r} is on another media worker than {transport_id!r}"
+            )
+        return remote.add_subscription(
+            transport_id,
+            producer_id,
+            payload_type=payload_type,
+            rtx_payload_type=rtx_payload_type,
+            ext_map=ext_map,
+            paused=paused,
+            max_size=max_size,
+        )
+
+    def set_paused(self, subscription_id: str, paused: bool) -> None:
+        self._route(subscription_id).set_paused(subscription_id, paused)
+
+    def set_video_size(self, subscription_id: str, width: int, height: int) -> None:
+        self._route(subscription_id).set_video_size(subscription_id, width, height)
+
+    def negotiated(self, subscription_id: str, *, extension_ids: set[int], rtx: bool) -> None:
+        self._route(subscription_id).negotiated(
+            subscription_id, extension_ids=extension_ids, rtx=rtx
+        )
+
+    def enable_bandwidth_estimation(self, transport_id: str, transport_cc: int) -> None:
+        self._route(transport_id).enable_bandwidth_estimation(transport_id, transport_cc)
+
+    def end_subscription(self, subscription_id: str, *, bye: bool) -> None:
+        with contextlib.suppress(UnknownMediaId):
+            self._route(subscription_id).end_subscription(subscription_id, bye=bye)
+
+    def snapshot(self) -> MediaSnapshot:
+        """The workers' latest snapshots merged (a dead worker's last one until its
+        successor reports)."""
+        snapshots = [s for s in (r.snapshot() for r in self.workers) if s is not None]
+        if not snapshots:
+            # Before the first worker reported (metrics registration): all zeros, with the
+            # histogram bounds a worker uses, from an engine that never starts.
+            if self._empty is None:
+                self._empty = build_snapshot(MediaEngine(self.settings, self.certificate))
+            return self._empty
+        return merge(snapshots)
