@@ -9,7 +9,9 @@ SFrame-shaped frames), subscribes each of S subscribers to every stream over WHE
 sessions), waits until every subscriber receives video and audio, warms up, then measures for
 --seconds:
 
-- SFU CPU (utime+stime from /proc/<pid>/stat) per forwarded packet, and as % of one core;
+- SFU CPU (utime+stime from /proc/<pid>/stat, summed over the server process and its
+  descendants, i.e. its media workers with rtc.workers > 1) per forwarded packet, and as % of
+  one core;
 - forwarded packets/s: the SFU's own `sfu_rtp_packets_total{direction="out"}` counter when
   /metrics exports it, else the packets the subscribers received (the output says which); the
   CPU per packet the subscribers received is reported as well (what bench/compare.py compares);
@@ -17,8 +19,16 @@ sessions), waits until every subscriber receives video and audio, warms up, then
 - added latency: the kernel's receive timestamp minus the send time carried inside the
   encrypted payload (one clock, one machine): both loopback hops plus everything the SFU does,
   but not the time the generator takes to get to the packet;
-- SFU RSS (VmRSS, VmHWM), the generator's achieved send rate and CPU, and the CPU the rest of
-  the machine used meanwhile (the numbers are only as quiet as the machine).
+- SFU RSS (VmRSS, VmHWM, summed over the same processes), the generator's achieved send rate
+  and CPU, and the CPU the rest of the machine used meanwhile (the numbers are only as quiet
+  as the machine).
+
+--rooms R spreads the publishers round-robin over rooms bench-0 .. bench-(R-1); every
+subscriber still subscribes to every stream, each subscription a session in its publisher's
+room (P x S sessions whatever R), so with `--sfu-set rtc.workers=N` the rooms can be placed on
+different media workers. A media worker sends its counters to /metrics once a second, so a
+scrape may lag by up to 1 s: with workers the forwarded packets are the ones the subscribers
+received (the counter's rate is printed alongside).
 
 The clients are `bench.loadgen_peer` (our STUN codec, a pyOpenSSL DTLS client, our SRTP), in
 one worker process (--procs 1) or with publishers in one and subscribers over the rest
@@ -30,13 +40,13 @@ number from the clear RTP header (loss from sequence gaps) and decrypt 1 packet 
 --capacity steps the subscribers up (from --subscribers, by --step, --seconds per step, one SFU
 and one set of sessions throughout) until a step fails -- it loses >= --max-loss % (0.1), fewer
 than 99 % of the packets sent in the window arrive in it (a growing backlog), or its sampled
-latency p99 exceeds --max-p99-ms (50) -- or the SFU uses --max-cpu % of one core, new sessions
-cannot connect, or the generator saturates; it reports the highest passing step's forwarded
-packets/s.
+latency p99 exceeds --max-p99-ms (50) -- or the SFU (its busiest process, with media workers)
+uses --max-cpu % of one core, new sessions cannot connect, or the generator saturates; it
+reports the highest passing step's forwarded packets/s.
 
 --profile runs the SFU under cProfile, --perf records it with `perf record` for the window;
---pin puts the SFU on CPU 0 and the generator on CPU 1. bench/compare.py runs the same load
-against Janus. See docs/performance.md.
+--pin puts the SFU (all its processes) on CPU 0 and the generator on CPU 1. bench/compare.py
+runs the same load against Janus. See docs/performance.md.
 """
 
 from __future__ import annotations
@@ -115,6 +125,7 @@ class WorkerPlan:
     backend: str  # "blindfold" (WHIP/WHEP) or "janus" (its HTTP API, VideoRoom plugin)
     base_url: str
     room: str
+    rooms: int = 1  # publisher p publishes in room_of(room, rooms, p)
     publishers: list[int] = field(default_factory=list)
     pub_tokens: dict[int, str] = field(default_factory=dict)
     count_only: bool = False  # CountingStream receivers instead of decrypting every packet
@@ -196,14 +207,16 @@ class BlindfoldSignaling:
     async def publish(self, index: int, peer: Peer, ssrcs: Ssrcs) -> str:
         offer = peer.offer(send=True, ssrcs=ssrcs)
         token = self.plan.pub_tokens[index]
-        url = f"{self.plan.base_url}/whip/{self.plan.room}/p{index}"
+        room = room_of(self.plan.room, self.plan.rooms, index)
+        url = f"{self.plan.base_url}/whip/{room}/p{index}"
         answer, location = await _post(self.http, url, offer, token)
         self.sessions.append((location, token))
         return answer
 
     async def subscribe(self, _subscriber: int, publisher: int, peer: Peer, token: str) -> str:
         offer = peer.offer(send=False, ssrcs=None)
-        url = f"{self.plan.base_url}/whep/{self.plan.room}/p{publisher}"
+        room = room_of(self.plan.room, self.plan.rooms, publisher)
+        url = f"{self.plan.base_url}/whep/{room}/p{publisher}"
         answer, location = await _post(self.http, url, offer, token)
         self.sessions.append((location, token))
         return answer
@@ -228,6 +241,14 @@ class BlindfoldSignaling:
 
 
 Signaling = BlindfoldSignaling | JanusSignaling
+
+
+def room_of(base: str, rooms: int, publisher: int) -> str:
+    """Publisher p's room: `base` itself with one room, else base-(p mod rooms). Every
+    subscription to p is a session in p's room."""
+    return base if rooms == 1 else f"{base}-{publisher % rooms}"
+
+
 Stream = SubscriberStream | CountingStream
 
 
@@ -314,7 +335,12 @@ async def _worker(plan: WorkerPlan, conn: Connection) -> None:
                     new_streams = list(
                         await asyncio.gather(
                             *(
-                                subscribe(s, p, tokens.get(s, ""), signaling)
+                                subscribe(
+                                    s,
+                                    p,
+                                    tokens.get((s, room_of(plan.room, plan.rooms, p)), ""),
+                                    signaling,
+                                )
                                 for s, p in subscriptions
                             )
                         )
@@ -519,7 +545,7 @@ class Sfu:
         assert self.process is not None
         return self.process.pid
 
-    def token(self, identity: str, *, publish: bool, ttl: float) -> str:
+    def token(self, identity: str, *, publish: bool, ttl: float, room: str = ROOM) -> str:
         from sfu.config import load_config
         from sfu.control.auth import mint_token
 
@@ -527,7 +553,7 @@ class Sfu:
             self._config = load_config(self.config_path, env={})
         return mint_token(
             self._config,
-            room=ROOM,
+            room=room,
             identity=identity,
             publish=publish,
             subscribe=not publish,
@@ -597,6 +623,51 @@ def cpu_ticks(pid: int) -> int:
     return sum(cpu_split(pid))
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants, parents first (a server's media worker processes are
+    its children), from the parent pid in every /proc/<pid>/stat."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rpartition(")")[2].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        parents.setdefault(ppid, []).append(int(entry))
+    tree = [pid]
+    for node in tree:  # grows while it is walked: breadth first
+        tree += sorted(parents.get(node, []))
+    return tree
+
+
+def tree_cpu(pid: int) -> dict[int, tuple[int, int]]:
+    """(utime, stime) clock ticks of `pid` and of each of its descendants, by pid."""
+    out = {}
+    for node in process_tree(pid):
+        with contextlib.suppress(OSError):
+            out[node] = cpu_split(node)
+    return out
+
+
+def tree_cpu_ticks(pid: int) -> int:
+    return sum(u + s for u, s in tree_cpu(pid).values())
+
+
+def process_label(pid: int, root: int) -> str:
+    if pid == root:
+        return "server"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return f"pid {pid}"
+    if "sfu.media.worker" in argv:
+        return f"media worker (pid {pid})"
+    return f"{Path(argv[0]).name} (pid {pid})"
+
+
 def machine_ticks() -> tuple[int, int]:
     """(busy, steal) clock ticks of the whole machine, from /proc/stat's "cpu" line."""
     with open("/proc/stat") as f:
@@ -606,20 +677,26 @@ def machine_ticks() -> tuple[int, int]:
 
 
 def memory_kb(pid: int) -> dict[str, int]:
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = int(value.split()[0])
+    """VmRSS and VmHWM of `pid` and its descendants, each summed over the processes (pages
+    they share, such as the interpreter's, count once per process)."""
+    out = {"VmRSS": 0, "VmHWM": 0}
+    for node in process_tree(pid):
+        with contextlib.suppress(OSError), open(f"/proc/{node}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in out:
+                    out[key] += int(value.split()[0])
     return out
 
 
 def pin(pid: int, cpus: set[int]) -> None:
-    """Every thread of `pid` onto `cpus` (threads it starts later inherit the mask)."""
-    for tid in os.listdir(f"/proc/{pid}/task"):
+    """Every thread of `pid` and of its descendants onto `cpus` (threads and processes
+    started later inherit the mask)."""
+    for node in process_tree(pid):
         with contextlib.suppress(OSError):
-            os.sched_setaffinity(int(tid), cpus)
+            for tid in os.listdir(f"/proc/{node}/task"):
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(int(tid), cpus)
 
 
 def percentile(sorted_values: list[int], q: float) -> float:
@@ -656,16 +733,28 @@ class Load:
     def __init__(self, args: argparse.Namespace, server: Server) -> None:
         self.args = args
         self.server = server
+        self.rooms: int = getattr(args, "rooms", 1)
+        if self.rooms > 1 and not isinstance(server, Sfu):
+            raise ValueError("more than one room needs Blindfold (WHIP/WHEP)")
         self.ttl = 3600.0
         self.workers: list[tuple[multiprocessing.process.BaseProcess, Connection]] = []
         self.subscribers = 0
         self.broken = False  # a worker failed: stop the rest without waiting for replies
 
+    def room(self, publisher: int) -> str:
+        return room_of(self.server.room, self.rooms, publisher)
+
+    def token(self, identity: str, *, publish: bool, room: str) -> str:
+        if room == self.server.room:
+            return self.server.token(identity, publish=publish, ttl=self.ttl)
+        assert isinstance(self.server, Sfu)
+        return self.server.token(identity, publish=publish, ttl=self.ttl, room=room)
+
     def __enter__(self) -> Load:
         args, server = self.args, self.server
         pubs = list(range(args.publishers))
         pub_tokens = (
-            {p: server.token(f"pub{p}", publish=True, ttl=self.ttl) for p in pubs}
+            {p: self.token(f"pub{p}", publish=True, room=self.room(p)) for p in pubs}
             if server.backend == "blindfold"
             else {}
         )
@@ -675,6 +764,7 @@ class Load:
                 backend=server.backend,
                 base_url=server.url,
                 room=server.room,
+                rooms=self.rooms,
                 publishers=pubs if k == 0 else [],
                 pub_tokens=pub_tokens if k == 0 else {},
                 count_only=args.count_only,
@@ -715,7 +805,10 @@ class Load:
         return float(max(_expect(conn, "published", 60)["seconds"] for _, conn in self.workers))
 
     def subscribe(self, count: int) -> float:
-        """Add subscribers self.subscribers .. + count, each to every publisher's stream."""
+        """Add subscribers self.subscribers .. + count, each to every publisher's stream.
+
+        With several rooms each subscription is a session in its publisher's room, so a
+        subscriber is one participant in every room, watching that room's publishers."""
         new = range(self.subscribers, self.subscribers + count)
         self.subscribers += count
         pubs = range(self.args.publishers)
@@ -725,8 +818,13 @@ class Load:
             mine = [s for s in new if s % len(targets) == k]
             if not mine:
                 continue
+            rooms = sorted({self.room(p) for p in pubs})
             tokens = (
-                {s: self.server.token(f"sub{s}", publish=False, ttl=self.ttl) for s in mine}
+                {
+                    (s, room): self.token(f"sub{s}", publish=False, room=room)
+                    for s in mine
+                    for room in rooms
+                }
                 if self.server.backend == "blindfold"
                 else {}
             )
@@ -750,12 +848,13 @@ class Load:
         m0 = time.monotonic_ns()
         metrics0 = server.metrics()
         t0 = time.monotonic_ns()
-        user0, sys0 = cpu_split(server.pid)
-        recorder = start_perf(perf, server.pid)
+        # The server and its descendants (media workers), which exist for the whole window.
+        tree0 = tree_cpu(server.pid)
+        recorder = start_perf(perf, list(tree0))
         gen0 = [cpu_ticks(pid) for pid in pids]
         busy0, steal0 = machine_ticks()
         time.sleep(max(0.0, (end_ns - time.monotonic_ns()) / 1e9))
-        user1, sys1 = cpu_split(server.pid)
+        tree1 = tree_cpu(server.pid)
         gen1 = [cpu_ticks(pid) for pid in pids]
         busy1, steal1 = machine_ticks()
         t1 = time.monotonic_ns()
@@ -765,13 +864,27 @@ class Load:
         memory = memory_kb(server.pid)
         results = [_expect(conn, "result", args.grace + 30) for _, conn in self.workers]
         measured = (t1 - t0) / 1e9
-        server_cpu = (user1 - user0 + sys1 - sys0) / CLK_TCK
+        # A process that started in the window counts from zero; one that ended in it is
+        # missing from the sum (its CPU went to its parent's cutime when it was reaped).
+        by_process = {
+            pid: (
+                (u1 - tree0.get(pid, (0, 0))[0]) / CLK_TCK,
+                (s1 - tree0.get(pid, (0, 0))[1]) / CLK_TCK,
+            )
+            for pid, (u1, s1) in tree1.items()
+        }
+        server_cpu = sum(u + s for u, s in by_process.values())
         gen_cpu = [(b - a) / CLK_TCK for a, b in zip(gen0, gen1, strict=True)]
         return {
             "results": results,
             "measured": measured,
             "sfu_cpu_s": server_cpu,
-            "sfu_sys_s": (sys1 - sys0) / CLK_TCK,
+            "sfu_sys_s": sum(s for _, s in by_process.values()),
+            "sfu_cpu_by_process": [
+                {"process": process_label(pid, server.pid), "cpu_s": u + s}
+                for pid, (u, s) in by_process.items()
+            ],
+            "sfu_processes_ended": len(set(tree0) - set(tree1)),
             "gen_cpu_s": gen_cpu,
             # Whatever else ran on the machine meanwhile (other users' jobs, the kernel's
             # softirqs for loopback), and time the hypervisor took: context for noisy results.
@@ -785,10 +898,11 @@ class Load:
 
 
 def idle_cpu(pid: int, seconds: float) -> float:
-    """CPU share of the idle server (timers, loop-lag probe) before any session exists."""
-    t0, c0 = time.monotonic(), cpu_ticks(pid)
+    """CPU share of the idle server (timers, loop-lag probe; its media workers included)
+    before any session exists."""
+    t0, c0 = time.monotonic(), tree_cpu_ticks(pid)
     time.sleep(seconds)
-    return (cpu_ticks(pid) - c0) / CLK_TCK / (time.monotonic() - t0)
+    return (tree_cpu_ticks(pid) - c0) / CLK_TCK / (time.monotonic() - t0)
 
 
 def measure_once(args: argparse.Namespace, server: Server) -> dict[str, Any]:
@@ -816,8 +930,9 @@ def judge(s: dict[str, Any], args: argparse.Namespace) -> str:
 
 def capacity_on(args: argparse.Namespace, server: Server) -> dict[str, Any]:
     """Step the subscribers up by --step from --subscribers until a step fails (judge()),
-    the server reaches --max-cpu % of one core, new sessions fail to connect, the generator
-    saturates, or --max-subscribers; the highest passing step is the capacity."""
+    the server (its busiest process) reaches --max-cpu % of one core, new sessions fail to
+    connect, the generator saturates, or --max-subscribers; the highest passing step is the
+    capacity."""
     idle = idle_cpu(server.pid, args.idle)
     steps: list[dict[str, Any]] = []
     stop_reason = f"reached --max-subscribers {args.max_subscribers}"
@@ -844,8 +959,14 @@ def capacity_on(args: argparse.Namespace, server: Server) -> dict[str, Any]:
             if step["verdict"] != "pass":
                 stop_reason = f"{step['verdict']} at {target} subscribers"
                 break
-            if step["sfu_cpu_percent"] >= args.max_cpu:
-                stop_reason = f"the server used {step['sfu_cpu_percent']:.0f} % of a core"
+            # One core is the limit of each of the server's processes (media workers).
+            busiest = step["sfu_max_process_cpu_percent"]
+            if busiest >= args.max_cpu:
+                stop_reason = (
+                    f"the server used {step['sfu_cpu_percent']:.0f} % of a core"
+                    if step["sfu_processes"] == 1
+                    else f"a server process used {busiest:.0f} % of a core"
+                )
                 break
             if gen["max_process_cpu_percent"] >= 90 or gen["achieved_percent"] < 99:
                 stop_reason = "the generator saturated: the result is a lower bound"
@@ -921,9 +1042,23 @@ def summarise(
     before, after = raw["metrics"]
     span = raw["metrics_seconds"]
     received_pps = received / seconds if seconds else 0.0
+    by_process = raw.get("sfu_cpu_by_process", [])
+    counter_pps = None
     if FORWARDED_METRIC in before and FORWARDED_METRIC in after:
-        forwarded_pps = (after[FORWARDED_METRIC] - before[FORWARDED_METRIC]) / span
+        counter_pps = (after[FORWARDED_METRIC] - before[FORWARDED_METRIC]) / span
+    workers = any(p["process"].startswith("media worker") for p in by_process)
+    if counter_pps is not None and not workers:
+        forwarded_pps = counter_pps
         forwarded_source = f"SFU counter {FORWARDED_METRIC}"
+    elif counter_pps is not None:
+        # Media workers send their counters to /metrics once a second: each scrape may lag by
+        # up to 1 s, and a window edge that falls between the two scrapes' phases moves a
+        # second of one worker's packets in or out of the count. The receivers count exactly.
+        forwarded_pps = received_pps
+        forwarded_source = (
+            "packets received by all subscribers (the media workers' counter, sent once a "
+            f"second, said {counter_pps:,.0f}/s)"
+        )
     else:
         forwarded_pps = received_pps
         forwarded_source = "packets received by all subscribers (server exports no counter)"
@@ -942,6 +1077,7 @@ def summarise(
         "server": server.name,
         "publishers": args.publishers,
         "subscribers": subscribers,
+        "rooms": getattr(args, "rooms", 1),
         "sessions": args.publishers * (subscribers + 1),
         "seconds": seconds,
         "video_kbps": args.video_kbps,
@@ -952,6 +1088,7 @@ def summarise(
         "pinned": bool(args.pin),
         "forwarded_pps": forwarded_pps,
         "forwarded_source": forwarded_source,
+        "sfu_counter_pps": counter_pps,
         "received_pps": received_pps,
         "sfu_received_pps": sfu_in,
         "sfu_cpu_us_per_packet": sfu_cpu_s * 1e6 / forwarded if forwarded else None,
@@ -962,6 +1099,17 @@ def summarise(
             sfu_cpu_s * 1e6 / received_in_cpu_window if received_in_cpu_window else None
         ),
         "sfu_cpu_percent": 100 * sfu_cpu_s / measured,
+        # The server process and its descendants (media workers): how many, and each one's
+        # share of sfu_cpu_percent.
+        "sfu_processes": max(1, len(by_process)),
+        "sfu_cpu_by_process": [
+            {"process": p["process"], "cpu_percent": 100 * p["cpu_s"] / measured}
+            for p in by_process
+        ],
+        "sfu_max_process_cpu_percent": max(
+            (100 * p["cpu_s"] / measured for p in by_process), default=100 * sfu_cpu_s / measured
+        ),
+        "sfu_processes_ended": raw.get("sfu_processes_ended", 0),
         "sfu_idle_cpu_percent": 100 * idle,
         # Kernel time is mostly the sendto/recvfrom system calls (loopback delivery included).
         "sfu_cpu_system_share_percent": 100 * sfu_sys_s / sfu_cpu_s if sfu_cpu_s else None,
@@ -1035,9 +1183,14 @@ def table(s: dict[str, Any]) -> str:
     sys_share = s["sfu_cpu_system_share_percent"] or 0.0
     loss = s["loss_percent"]
     sampled = "" if s["receivers"] == "decrypting" else f" ({lat['samples']:,} samples)"
+    rooms = f" in {s['rooms']} rooms" if s.get("rooms", 1) > 1 else ""
+    processes = s.get("sfu_processes", 1)
+    rss = f"{s['rss_mb']:.1f} MB (peak {s['rss_peak_mb']:.1f} MB)"
+    if processes > 1:
+        rss = f"{rss}, summed over {processes} processes"
     rows = [
         ("server", s["server"]),
-        ("publishers x subscribers", f"{s['publishers']} x {s['subscribers']}"),
+        ("publishers x subscribers", f"{s['publishers']} x {s['subscribers']}{rooms}"),
         ("WHIP + WHEP sessions", f"{s['sessions']}"),
         ("measured", f"{s['seconds']:g} s"),
         ("forwarded packets/s", f"{s['forwarded_pps']:,.0f}"),
@@ -1059,7 +1212,7 @@ def table(s: dict[str, Any]) -> str:
         ("  video p50 / p99", f"{lat['video_p50']:.2f} / {lat['video_p99']:.2f} ms"),
         ("  audio p50 / p99", f"{lat['audio_p50']:.2f} / {lat['audio_p99']:.2f} ms"),
         ("  max", f"{lat['max']:.2f} ms"),
-        ("SFU RSS", f"{s['rss_mb']:.1f} MB (peak {s['rss_peak_mb']:.1f} MB)"),
+        ("SFU RSS", rss),
         (
             "generator send rate",
             f"{gen['achieved_pps']:,.0f} of {gen['intended_pps']:,.0f} packets/s "
@@ -1079,6 +1232,12 @@ def table(s: dict[str, Any]) -> str:
     ]
     if s["delivery_percent"] is not None:
         rows.insert(9, ("  arrived / sent in the window", f"{s['delivery_percent']:.2f} %"))
+    if processes > 1:
+        at = next(i for i, (name, _) in enumerate(rows) if name == "SFU CPU") + 1
+        shares = ", ".join(
+            f"{p['process']} {p['cpu_percent']:.1f} %" for p in s["sfu_cpu_by_process"]
+        )
+        rows.insert(at, ("  summed over processes", shares))
     width = max(len(name) for name, _ in rows)
     lines = [f"| {'metric':<{width}} | value |", f"|{'-' * (width + 2)}|-------|"]
     lines += [f"| {name:<{width}} | {value} |" for name, value in rows]
@@ -1107,6 +1266,11 @@ def warnings_for(s: dict[str, Any], max_loss: float = 0.1) -> list[str]:
             f"{s['server']}: loss {'n/a' if loss is None else f'{loss:.3f} %'} (>= {max_loss} %): "
             "its per-packet figure does not count"
         )
+    if s.get("sfu_processes_ended"):
+        out.append(
+            f"{s['sfu_processes_ended']} of the server's processes ended during the window: "
+            "their CPU is missing from its figures"
+        )
     if s["machine"]["other_cpu_percent"] >= 30:
         out.append(
             f"the rest of the machine used {s['machine']['other_cpu_percent']:.0f} % CPU "
@@ -1115,15 +1279,17 @@ def warnings_for(s: dict[str, Any], max_loss: float = 0.1) -> list[str]:
     return out
 
 
-def start_perf(path: Path | None, pid: int) -> subprocess.Popen[bytes] | None:
-    """`perf record` of the SFU for the window: C, libsrtp and kernel time that cProfile
-    cannot see (it charges a C call's whole cost, system call included, to its caller)."""
+def start_perf(path: Path | None, pids: list[int]) -> subprocess.Popen[bytes] | None:
+    """`perf record` of the SFU's processes for the window: C, libsrtp and kernel time that
+    cProfile cannot see (it charges a C call's whole cost, system call included, to its
+    caller)."""
     if path is None:
         return None
     if shutil.which("perf") is None:
         print("warning: --perf given but perf is not installed", file=sys.stderr)
         return None
-    command = ["perf", "record", "-F", "999", "-g", "-p", str(pid), "-o", str(path)]
+    target = ",".join(str(pid) for pid in pids)
+    command = ["perf", "record", "-F", "999", "-g", "-p", target, "-o", str(path)]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -1225,6 +1391,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--sfu-root", type=Path, help="run the SFU from this source tree")
     parser.add_argument(
+        "--rooms",
+        type=int,
+        default=1,
+        help="spread the publishers round-robin over this many rooms (bench-0 ..); each "
+        "subscription is a session in its publisher's room, so with rtc.workers > 1 rooms "
+        "can land on different media workers",
+    )
+    parser.add_argument(
         "--sfu-set",
         action="append",
         default=[],
@@ -1236,7 +1410,7 @@ def main(argv: list[str] | None = None) -> int:
         "--capacity",
         action="store_true",
         help="step the subscribers up from --subscribers by --step until loss >= --max-loss "
-        "or the SFU uses --max-cpu %% of a core; implies --count-only",
+        "or the SFU (its busiest process) uses --max-cpu %% of a core; implies --count-only",
     )
     capacity.add_argument("--step", type=int, default=20, help="subscribers added per step")
     capacity.add_argument("--max-subscribers", type=int, default=400)
@@ -1248,6 +1422,8 @@ def main(argv: list[str] | None = None) -> int:
     capacity.add_argument("--max-minutes", type=float, default=10.0, help="stop stepping after")
     args = parser.parse_args(argv)
     check_load_arguments(parser, args)
+    if not 1 <= args.rooms <= args.publishers:
+        parser.error("--rooms must be 1 to --publishers")
     if args.capacity:
         args.count_only = True
         if args.seconds > 20:
