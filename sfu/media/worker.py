@@ -4,8 +4,9 @@
 start message (settings, DTLS certificate, log settings), binds its UDP port and answers
 `hello` with its pid, fingerprint and ICE candidates. From then on it runs the commands it
 is sent on its `LocalMedia` (sfu/media/local.py), sends back every media event, and a stats
-snapshot every SNAPSHOT_INTERVAL. It exits when the channel closes: a worker never outlives
-the control plane that supervises it.
+snapshot every SNAPSHOT_INTERVAL. It exits when the channel closes (and ignores SIGINT and
+SIGTERM, which a terminal or a service manager sends the whole process group): a worker
+never outlives the control plane that supervises it, nor stops before it.
 
 Messages (all tuples, sfu/media/channel.py):
 - control -> worker: ("start", WorkerStart), ("call", method, kwargs);
@@ -20,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
@@ -149,6 +151,10 @@ async def main(path: str) -> int:
 
 
 def run() -> int:
+    # The server decides when a worker stops (it closes the channel after its drain): a
+    # Ctrl-C or a SIGTERM sent to the whole process group must not cut calls short.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         import uvloop
     except ImportError:

@@ -24,7 +24,6 @@ import contextlib
 import logging
 import os
 import secrets
-import signal
 import sys
 import tempfile
 import time
@@ -512,10 +511,7 @@ class WorkerPool:
             remote.detach()
             if writer is not None:
                 writer.close()
-        for process in self._processes:
-            if process is not None and process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    process.send_signal(signal.SIGTERM)
+        # A worker exits when its channel closes (it ignores SIGTERM, see worker.py).
         for process in self._processes:
             if process is None:
                 continue
