@@ -64,6 +64,9 @@ class LocalMedia:
         self.sink: EventSink | None = None
         self._tracks: dict[str, _Track] = {}
         self._subscriptions: dict[str, DownTrack] = {}
+        # Transport id -> the ids of its producers and subscriptions, so that a closing
+        # transport forgets its own without scanning everyone's (churn on a busy server).
+        self._owned: dict[str, set[str]] = {}
         self._joins: dict[str, JoinTimer] = {}
         self._speakers: dict[str, SpeakerDetector] = {}
         self._next_speakers = 0.0
@@ -134,12 +137,9 @@ class LocalMedia:
 
     def _closed(self, transport: Transport) -> None:
         self._joins.pop(transport.id, None)
-        for producer_id in [i for i, t in self._tracks.items() if t.transport_id == transport.id]:
-            del self._tracks[producer_id]
-        for subscription_id in [
-            i for i, d in self._subscriptions.items() if d.sink is transport or d.closed
-        ]:
-            del self._subscriptions[subscription_id]
+        for key in self._owned.pop(transport.id, ()):
+            self._tracks.pop(key, None)
+            self._subscriptions.pop(key, None)
         self._emit(
             TransportClosed(
                 transport.id, transport.close_reason or "closed", transport.closed_by_client
@@ -198,6 +198,7 @@ class LocalMedia:
             producer.e2ee_required = True
             producer.on_policy_violation = self._violation
         self._tracks[producer.id] = _Track(producer, transport_id, group, owner)
+        self._owned.setdefault(transport_id, set()).add(producer.id)
         if group is not None and kind == "audio":
             self._speakers.setdefault(group, SpeakerDetector())
         return ProducerInfo(
@@ -236,6 +237,7 @@ class LocalMedia:
         track = self._tracks.pop(producer_id, None)
         if track is None:
             return
+        self._owned.get(track.transport_id, set()).discard(producer_id)
         track.producer.close()
         transport = self.engine.transports.get(track.transport_id)
         if transport is not None:
@@ -275,6 +277,7 @@ class LocalMedia:
             downtrack.paused = True
         subscription_id = f"{transport_id}/{downtrack.ssrc}"
         self._subscriptions[subscription_id] = downtrack
+        self._owned.setdefault(transport_id, set()).add(subscription_id)
         if isinstance(downtrack, SimulcastDownTrack):
             if max_size is not None:
                 downtrack.max_width, downtrack.max_height = max_size
@@ -327,6 +330,8 @@ class LocalMedia:
         downtrack = self._subscriptions.pop(subscription_id, None)
         if downtrack is None:
             return
+        # The id is "<transport id>/<ssrc>" (add_subscription).
+        self._owned.get(subscription_id.rpartition("/")[0], set()).discard(subscription_id)
         if bye:
             downtrack.stop()
         else:

@@ -28,6 +28,7 @@ from bench.loadgen_peer import Ssrcs, build_offer, random_ice
 from sfu.app import Server
 from sfu.control.admission import MAX_BUCKETS, RateTable
 from sfu.media.dtls import Fingerprint
+from sfu.media.local import LocalMedia
 from sfu.metrics import Metrics
 from tests.engine.harness import EngineHarness, vp8_packet
 from tests.media.harness import running_server, token, wait_for
@@ -254,7 +255,13 @@ async def test_churn_leaves_registries_empty_gauges_zero_and_fds_as_they_were(
     await _churn(sfu, range(20, 620), range(4, 64))
 
     engine, rooms, hub = sfu.engine, sfu.rooms, sfu.hub
+    assert engine is not None
     assert engine.transports == {}
+    # The media API's id tables and the control plane's event watchers forget ended sessions.
+    media = sfu.media
+    assert isinstance(media, LocalMedia)
+    assert (media._tracks, media._subscriptions, media._owned, media._joins) == ({}, {}, {}, {})
+    assert (sfu.events._watches, sfu.events._owner) == ({}, {})
     assert engine._by_ufrag == {}
     assert engine._by_addr == {}
     assert len(engine.agent) == 0
