@@ -403,7 +403,7 @@ DOWN_AFTER = 0.5
 DOWN_AT_ONCE = 0.5
 PAUSE_AFTER = 2.0
 # 8 s leaves a subscriber whose limit was lifted time for a probe and a keyframe within
-# 10 s; at 16 s one run in ten of the browser test stayed held past that.
+# 10 s (docs/performance.md, "Back up").
 UP_HOLD_MAX = 8.0
 UP_TRIAL = 20.0
 
