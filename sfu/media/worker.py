@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
 from sfu.media import channel
-from sfu.media.api import MediaEvent
+from sfu.media.api import MediaApi, MediaEvent
 from sfu.media.dtls import DtlsCertificate
 from sfu.media.engine import MediaEngine, MediaSettings
 from sfu.media.local import LocalMedia
@@ -36,24 +36,10 @@ log = logging.getLogger(__name__)
 
 # How often a worker sends its stats snapshot (what /metrics shows lags by up to this).
 SNAPSHOT_INTERVAL = 1.0
-# The commands a worker runs: the media API's, nothing else (a typo fails loudly).
+# The commands a worker runs: the media API's (sfu/media/api.py), nothing else (a typo fails
+# loudly); snapshots go out by themselves every SNAPSHOT_INTERVAL.
 COMMANDS = frozenset(
-    {
-        "create_transport",
-        "set_remote",
-        "restart_ice",
-        "close_transport",
-        "add_producer",
-        "set_publisher_extensions",
-        "close_producer",
-        "request_keyframe",
-        "add_subscription",
-        "set_paused",
-        "set_video_size",
-        "negotiated",
-        "enable_bandwidth_estimation",
-        "end_subscription",
-    }
+    name for name in vars(MediaApi) if not name.startswith("_") and name != "snapshot"
 )
 
 

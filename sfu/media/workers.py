@@ -78,7 +78,6 @@ class RemoteMedia:
         # Producer id -> kind, for the subscriptions' descriptions.
         self._kinds: dict[str, str] = {}
         self._writer: asyncio.StreamWriter | None = None
-        self.commands_failed = 0
 
     # -- channel -----------------------------------------------------------------------------
 
@@ -114,7 +113,6 @@ class RemoteMedia:
         elif kind == "snapshot":
             self.last_snapshot = MediaSnapshot.from_dict(message[1])
         elif kind == "failed":
-            self.commands_failed += 1
             log.info("media worker %d: %s failed: %s", self.index, message[1], message[2])
 
     def _call(self, method: str, **kwargs: Any) -> None:
@@ -400,14 +398,13 @@ class WorkerPool:
             sys.executable, "-m", "sfu.media.worker", path, stdin=asyncio.subprocess.DEVNULL
         )
         self._processes[index] = process
+        exited: asyncio.Future[Any] = asyncio.ensure_future(process.wait())
         try:
-            exited: asyncio.Future[Any] = asyncio.ensure_future(process.wait())
             waiting: list[asyncio.Future[Any]] = [connected, exited]
             done, _ = await asyncio.wait(
                 waiting, timeout=START_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
             )
             if connected not in done:
-                exited.cancel()
                 raise WorkerExited(
                     f"media worker {index} exited with {process.returncode} before it connected"
                     if process.returncode is not None
@@ -427,13 +424,18 @@ class WorkerPool:
             )
             writer.write(channel.encode(("start", start)))
             hello = await asyncio.wait_for(channel.read(reader), START_TIMEOUT)
+        except WorkerExited:
+            self._abandon(index)
+            raise
         except (channel.ChannelClosed, TimeoutError):
+            self._abandon(index)
             raise OSError(
                 f"media worker {index} could not start on UDP "
                 f"{self.settings.bind_host}:{self.port_of(index)} (rtc.udp_port + {index}); "
                 "see its log line above"
             ) from None
         finally:
+            exited.cancel()  # the supervisor waits for the exit from here on
             server.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
@@ -451,6 +453,14 @@ class WorkerPool:
         if self.on_change is not None:
             self.on_change()
 
+    def _abandon(self, index: int) -> None:
+        """A worker that failed to start: kill it if it still runs, and forget it."""
+        process = self._processes[index]
+        self._processes[index] = None
+        if process is not None and process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+
     async def _read(self, index: int, reader: asyncio.StreamReader) -> None:
         remote = self.workers[index]
         while True:
@@ -464,26 +474,25 @@ class WorkerPool:
                 log.exception("media worker %d: handling %s failed", index, message[0])
 
     async def _supervise(self, index: int) -> None:
+        """Wait for the worker to exit; restart it, again and again with growing delays for
+        as long as restarts fail, until the pool closes."""
         failures = 0
         while not self.closing():
             process = self._processes[index]
-            if process is None:
-                return
-            started = time.monotonic()
-            code = await process.wait()
-            if self.closing():
-                return
-            self._worker_lost(index, code)
-            failures = 0 if time.monotonic() - started > STABLE_AFTER else failures + 1
+            if process is not None:
+                started = time.monotonic()
+                code = await process.wait()
+                if self.closing():
+                    return
+                self._worker_lost(index, code)
+                failures = 0 if time.monotonic() - started > STABLE_AFTER else failures + 1
+            else:
+                failures += 1  # the last restart failed
             await asyncio.sleep(RESTART_DELAYS[min(failures, len(RESTART_DELAYS) - 1)])
             try:
                 await self._spawn(index)
             except (OSError, WorkerExited) as exc:
                 log.error("media worker %d did not restart: %s (trying again)", index, exc)
-                self._processes[index] = None
-                await asyncio.sleep(RESTART_DELAYS[-1])
-                with contextlib.suppress(OSError, WorkerExited):
-                    await self._spawn(index)
                 continue
             self.restarts[index] += 1
 

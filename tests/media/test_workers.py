@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -234,3 +235,33 @@ async def test_room_participants_call_through_a_worker_and_hear_when_it_dies(sfu
         for participant in (alice, bob):
             with contextlib.suppress(Exception):
                 await participant.leave()
+
+
+async def test_a_worker_whose_restart_fails_is_tried_again(sfu: Server) -> None:
+    """Its port is taken when the supervisor first tries to restart it: the supervisor keeps
+    trying (with growing delays) and brings it back once the port is free."""
+    assert sfu.pool is not None
+    victim = sfu.pool.workers[1]
+    port = victim.candidates[0][1]
+    old_pid = victim.pid
+    os.kill(old_pid, signal.SIGKILL)
+    squatter = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        deadline = asyncio.get_running_loop().time() + 2
+        while True:
+            try:
+                squatter.bind(("127.0.0.1", port))
+                break
+            except OSError:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                await asyncio.sleep(0.005)
+        await wait_for(lambda: not victim.running, timeout=5, what="the worker seen dead")
+        await asyncio.sleep(2.0)  # past the first restart attempt, which cannot bind
+        assert not victim.running
+        assert sfu.pool.restarts[1] == 0
+    finally:
+        squatter.close()
+    await wait_for(lambda: victim.running and victim.pid != old_pid, timeout=15, what="the retry")
+    assert victim.candidates[0][1] == port
+    assert sfu.pool.restarts[1] == 1
