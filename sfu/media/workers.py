@@ -75,8 +75,8 @@ class RemoteMedia:
         self.last_snapshot: MediaSnapshot | None = None
         self.transports: dict[str, TransportInfo] = {}
         self._ssrcs: dict[str, set[int]] = {}
-        # Producer id -> kind, for the subscriptions' descriptions.
-        self._kinds: dict[str, str] = {}
+        # Transport id -> {producer id: kind}, for the subscriptions' descriptions.
+        self._kinds: dict[str, dict[str, str]] = {}
         self._writer: asyncio.StreamWriter | None = None
 
     # -- channel -----------------------------------------------------------------------------
@@ -106,9 +106,7 @@ class RemoteMedia:
             if isinstance(event, TransportClosed):
                 self.transports.pop(event.transport_id, None)
                 self._ssrcs.pop(event.transport_id, None)
-                prefix = event.transport_id + ":"
-                for producer_id in [p for p in self._kinds if p.startswith(prefix)]:
-                    del self._kinds[producer_id]
+                self._kinds.pop(event.transport_id, None)
             self._sink(self, event)
         elif kind == "snapshot":
             self.last_snapshot = MediaSnapshot.from_dict(message[1])
@@ -224,7 +222,7 @@ class RemoteMedia:
             owner=owner,
         )
         producer_id = f"{transport_id}:{mid}"
-        self._kinds[producer_id] = kind
+        self._kinds.setdefault(transport_id, {})[producer_id] = kind
         return ProducerInfo(producer_id, transport_id, kind, mid, codec, dict(ext_ids), tuple(rids))
 
     def set_publisher_extensions(
@@ -247,7 +245,7 @@ class RemoteMedia:
         )
 
     def close_producer(self, producer_id: str) -> None:
-        self._kinds.pop(producer_id, None)
+        self._kinds.get(producer_id.partition(":")[0], {}).pop(producer_id, None)
         self._call("close_producer", producer_id=producer_id)
 
     def request_keyframe(self, producer_id: str) -> None:
@@ -273,7 +271,7 @@ class RemoteMedia:
         max_size: tuple[int, int] | None = None,
     ) -> SubscriptionInfo:
         self._known(transport_id)
-        kind = self._kinds.get(producer_id)
+        kind = self._kinds.get(producer_id.partition(":")[0], {}).get(producer_id)
         if kind is None:
             raise UnknownMediaId(f"no producer {producer_id!r} on media worker {self.index}")
         ssrc = self._new_ssrc(transport_id)
