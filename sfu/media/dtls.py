@@ -233,7 +233,17 @@ def create_server_context(certificate: DtlsCertificate) -> SSL.Context:
     pyOpenSSL forbids changing a context after a connection has used it, so everything is
     configured here, once.
     """
-    context = SSL.Context(SSL.DTLS_SERVER_METHOD)
+    return _context(certificate, SSL.DTLS_SERVER_METHOD)
+
+
+def create_client_context(certificate: DtlsCertificate) -> SSL.Context:
+    """The context of the DTLS client end of SFU-to-SFU relays (`DtlsServer(client=True)`):
+    the same certificate, versions, ciphers and SRTP profiles as the server side."""
+    return _context(certificate, SSL.DTLS_CLIENT_METHOD)
+
+
+def _context(certificate: DtlsCertificate, method: int) -> SSL.Context:
+    context = SSL.Context(method)
     # DTLS 1.2 only: RFC 8827 requires at least 1.2, and DTLS 1.3 (ACK-based retransmission,
     # different record headers) is not something this code or its tests have exercised.
     context.set_min_proto_version(_DTLS1_2_VERSION)
@@ -327,7 +337,8 @@ def _ssl_error_text(exc: Exception) -> str:
 
 @dataclass(eq=False)
 class DtlsServer:
-    """DTLS server endpoint of one client transport.
+    """DTLS server endpoint of one client transport, or with `client=True` the client end of
+    a relay to another media plane (`start` sends its ClientHello).
 
     `remote_fingerprints` may be empty at first: when the SFU makes the offer, the client's
     handshake can arrive before its answer does. The handshake then completes but the
@@ -341,6 +352,7 @@ class DtlsServer:
     clock: Callable[[], float] = time.monotonic
     # Application data (DTLS-carried SCTP, i.e. data channels), which nothing consumes yet.
     on_application_data: Callable[[bytes], None] | None = None
+    client: bool = False
 
     state: DtlsState = field(default=DtlsState.NEW, init=False)
     failure_reason: str | None = field(default=None, init=False)
@@ -370,7 +382,10 @@ class DtlsServer:
         connection = self._connection
         if connection is None:
             connection = self._connection = SSL.Connection(self.context, None)
-            connection.set_accept_state()
+            if self.client:
+                connection.set_connect_state()
+            else:
+                connection.set_accept_state()
             # The MTU is per connection in OpenSSL; OP_NO_QUERY_MTU on the context keeps it.
             connection.set_ciphertext_mtu(self.mtu)
         return connection
@@ -389,6 +404,20 @@ class DtlsServer:
 
     # -- packet path -------------------------------------------------------------------------
 
+    def start(self) -> list[bytes]:
+        """Client end only: begin the handshake; returns the ClientHello to send."""
+        if not self.client or self.state is not DtlsState.NEW:
+            return []
+        self.state = DtlsState.CONNECTING
+        self._deadline = self.clock() + self.handshake_timeout
+        try:
+            self._ssl.do_handshake()
+        except SSL.WantReadError:
+            return self._drain()
+        except Exception as exc:
+            return self._fail(f"handshake failed: {_ssl_error_text(exc)}")
+        return self._drain()
+
     def feed(self, datagram: bytes) -> list[bytes]:
         """Process one datagram from the client; returns the datagrams to send back."""
         self.datagrams_received += 1
@@ -405,7 +434,8 @@ class DtlsServer:
         # so one forged datagram would kill a transport before its client ever spoke. Until a
         # handshake starts, only a ClientHello (handshake record, message type 1) gets through.
         if self.state is DtlsState.NEW and (
-            datagram[0] != _HANDSHAKE
+            self.client
+            or datagram[0] != _HANDSHAKE
             or len(datagram) <= _RECORD_HEADER
             or datagram[_RECORD_HEADER] != _CLIENT_HELLO
         ):
@@ -465,7 +495,7 @@ class DtlsServer:
             return self._fail("no SRTP profile negotiated")
         certificate = self._ssl.get_peer_certificate(as_cryptography=True)
         if certificate is None:
-            return self._fail("client sent no certificate")
+            return self._fail("peer sent no certificate")
         self.peer_certificate = certificate
         try:
             material = self._ssl.export_keying_material(EXPORTER_LABEL, profile.exporter_length)

@@ -19,7 +19,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,9 +27,16 @@ from OpenSSL import SSL
 
 from sfu.media import fastpath
 from sfu.media.downtrack import DownTrack, JoinTimer
-from sfu.media.dtls import DtlsCertificate, DtlsServer, Fingerprint, create_server_context
+from sfu.media.dtls import (
+    DtlsCertificate,
+    DtlsServer,
+    Fingerprint,
+    create_client_context,
+    create_server_context,
+)
 from sfu.media.ice import Address, IceLiteAgent
 from sfu.media.producer import Producer, TrackCodec
+from sfu.media.relay import RelayDialer
 from sfu.media.router import Router
 from sfu.media.rtp import id_map_list
 from sfu.media.simulcast import SimulcastDownTrack, SimulcastProducer, allocate_transport
@@ -103,6 +110,8 @@ class MediaEngine(asyncio.DatagramProtocol):
         self.settings = settings
         self.certificate = certificate or DtlsCertificate.generate()
         self._ssl_context: SSL.Context = create_server_context(self.certificate)
+        # Made on the first relay this engine dials (most never dial one).
+        self._client_context: SSL.Context | None = None
         self.agent = IceLiteAgent(consent_timeout=settings.consent_timeout)
         self._stats = MediaStats()
         self._fastpath = fastpath.load(settings.fastpath)
@@ -127,6 +136,9 @@ class MediaEngine(asyncio.DatagramProtocol):
         self._timer: asyncio.Task[None] | None = None
         self._last_error_log = 0.0
         self.handshake_timeouts = 0
+        # RTP packets and payload bytes sent into relays by feeds that have ended (the live
+        # ones are added at snapshot time).
+        self.relay_sent = (0, 0)
         self.candidates: list[tuple[str, int]] = []
         # Called with the time at every timer tick (the media API's own periodic work).
         self.tick_hooks: list[Callable[[float], None]] = []
@@ -283,6 +295,39 @@ class MediaEngine(asyncio.DatagramProtocol):
         self._by_ufrag[session.local_ufrag] = transport
         return transport
 
+    def create_relay(
+        self,
+        transport_id: str,
+        local: tuple[str, str],
+        remote_ufrag: str,
+        remote_pwd: str,
+        fingerprints: Sequence[Fingerprint],
+        dial: Address | None,
+    ) -> Transport:
+        """One end of an SFU-to-SFU relay (sfu/media/relay.py). With `dial`, this end checks
+        that address and is the DTLS client; without, it answers like any client transport."""
+        transport = self.create_transport(
+            "relay",
+            remote_ufrag,
+            remote_pwd,
+            fingerprints,
+            transport_id=transport_id,
+            local=local,
+        )
+        if dial is not None:
+            if self._client_context is None:
+                self._client_context = create_client_context(self.certificate)
+            transport.dtls = DtlsServer(
+                self._client_context, remote_fingerprints=fingerprints, client=True
+            )
+            transport.dialer = RelayDialer(dial, local[0], remote_ufrag, remote_pwd)
+            # Its answers, handshake and media all come from the address it dials.
+            transport.ice.addresses.add(dial)
+            self._by_addr[dial] = transport
+            self._map_native(dial, transport)
+            transport.dial(time.monotonic())
+        return transport
+
     def add_producer(
         self,
         transport: Transport,
@@ -437,7 +482,19 @@ class MediaEngine(asyncio.DatagramProtocol):
             if ssrc and ssrc not in transport.downtracks_by_ssrc:
                 return ssrc
 
+    def retire_relay_feeds(self, downtracks: Iterable[DownTrack]) -> None:
+        """Fold ended relay feeds' counts into `relay_sent`, so the counter never goes back."""
+        packets, octets = self.relay_sent
+        for downtrack in downtracks:
+            packets += downtrack.packets_sent
+            octets += downtrack.octets_sent
+        self.relay_sent = (packets, octets)
+
     def _forget(self, transport: Transport) -> None:
+        if transport.role == "relay":
+            self.retire_relay_feeds(
+                {id(d): d for d in transport.downtracks_by_ssrc.values()}.values()
+            )
         self.transports.pop(transport.id, None)
         self._by_ufrag.pop(transport.ice.local_ufrag, None)
         self.agent.remove(transport.ice.local_ufrag)
@@ -549,6 +606,11 @@ class MediaEngine(asyncio.DatagramProtocol):
 
     def _on_stun(self, data: bytes, addr: Address) -> None:
         self.demux.stun += 1
+        known = self._by_addr.get(addr)
+        if known is not None and known.dialer is not None:
+            # Answers to a relay's own checks (ICE-lite answers requests, never sends them).
+            known.on_relay_answer(data, addr, time.monotonic())
+            return
         response = self.agent.handle_stun(data, addr)
         if response is None:
             return
@@ -654,6 +716,8 @@ class MediaEngine(asyncio.DatagramProtocol):
                     f"no ICE and DTLS within {self.settings.handshake_timeout:g} s "
                     "(rtc.handshake_timeout)"
                 )
+            if transport.dialer is not None:
+                transport.dial(now)
             if transport.state is TransportState.CLOSED:
                 self._forget(transport)
             elif transport.state is TransportState.CONNECTING:

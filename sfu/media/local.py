@@ -132,6 +132,27 @@ class LocalMedia:
         transport.on_closed = self._closed
         return self._info(transport)
 
+    def create_relay(
+        self,
+        transport_id: str,
+        *,
+        local: tuple[str, str],
+        remote_ufrag: str,
+        remote_pwd: str,
+        fingerprints: Sequence[Fingerprint],
+        dial: tuple[str, int] | None,
+    ) -> TransportInfo:
+        """One end of a relay to another media plane (sfu/media/relay.py): `dial` is the
+        other end's address when this end dials it. Its producers mirror the other plane's
+        tracks, its subscriptions feed the other plane; the pool that joins the two
+        (sfu/media/workers.py) adds both like a client's."""
+        transport = self.engine.create_relay(
+            transport_id, local, remote_ufrag, remote_pwd, fingerprints, dial
+        )
+        transport.on_connected = self._connected
+        transport.on_closed = self._closed
+        return self._info(transport)
+
     def _connected(self, transport: Transport) -> None:
         self._emit(TransportConnected(transport.id))
 
@@ -331,7 +352,11 @@ class LocalMedia:
         if downtrack is None:
             return
         # The id is "<transport id>/<ssrc>" (add_subscription).
-        self._owned.get(subscription_id.rpartition("/")[0], set()).discard(subscription_id)
+        transport_id = subscription_id.rpartition("/")[0]
+        self._owned.get(transport_id, set()).discard(subscription_id)
+        transport = self.engine.transports.get(transport_id)
+        if transport is not None and transport.role == "relay":
+            self.engine.retire_relay_feeds([downtrack])
         if bye:
             downtrack.stop()
         else:

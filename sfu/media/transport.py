@@ -19,6 +19,7 @@ from sfu.media.bwe import BandwidthEstimator
 from sfu.media.dtls import DtlsServer, DtlsState, Fingerprint
 from sfu.media.ice import Address, IceLiteSession
 from sfu.media.probe import Prober
+from sfu.media.relay import RelayDialer
 from sfu.media.rtcp import (
     Fir,
     Nack,
@@ -83,6 +84,7 @@ class Transport:
         "close_reason",
         "closed_by_client",
         "created_at",
+        "dialer",
         "downtracks_by_ssrc",
         "dtls",
         "ice",
@@ -162,6 +164,9 @@ class Transport:
         self.bwe: BandwidthEstimator | None = None
         self.prober: Prober | None = None
         self._bwe_observed_at = -BWE_OBSERVE_INTERVAL
+        # The dialing end of an SFU-to-SFU relay (sfu/media/relay.py); None for clients and
+        # for a relay's answering end.
+        self.dialer: RelayDialer | None = None
         self.on_connected: Callable[[Transport], None] | None = None
         self.on_closed: Callable[[Transport], None] | None = None
         # Test hook: sees every decrypted RTP packet this transport receives (None in service).
@@ -369,6 +374,29 @@ class Transport:
         if not was_ready and self.ready:
             self._became_ready()
 
+    def on_relay_answer(self, data: bytes, addr: Address, now: float) -> None:
+        """A STUN datagram from the peer this relay end dials: an answer to one of its checks
+        renews consent, and the first one starts the DTLS handshake (as the client)."""
+        dialer = self.dialer
+        if dialer is None or self.state is TransportState.CLOSED:
+            return
+        first = not dialer.answered
+        if not dialer.on_response(data, now):
+            return
+        self.ice.last_check = now
+        if first:
+            self.addr = addr
+            self.state = TransportState.CONNECTING
+            for out in self.dtls.start():
+                self._sendto(out, addr)
+            self._after_dtls()
+
+    def dial(self, now: float) -> None:
+        """The relay's next check, when due (the engine's timer calls this)."""
+        dialer = self.dialer
+        if dialer is not None and self.state is not TransportState.CLOSED and dialer.due(now):
+            self._sendto(dialer.check(now), dialer.target)
+
     # -- DTLS --------------------------------------------------------------------------------
 
     def on_dtls(self, data: bytes, addr: Address) -> None:
@@ -395,7 +423,7 @@ class Transport:
             keys = self.dtls.srtp_keys
             if keys is None:
                 return
-            self.srtp = SrtpSession(keys)
+            self.srtp = SrtpSession(keys, "client" if self.dtls.client else "server")
             self.state = TransportState.CONNECTED
             if self.ready:
                 self._became_ready()

@@ -36,11 +36,11 @@ log = logging.getLogger(__name__)
 
 # How often a worker sends its stats snapshot (what /metrics shows lags by up to this).
 SNAPSHOT_INTERVAL = 1.0
-# The commands a worker runs: the media API's (sfu/media/api.py), nothing else (a typo fails
-# loudly); snapshots go out by themselves every SNAPSHOT_INTERVAL.
+# The commands a worker runs: the media API's (sfu/media/api.py) and the pool's relay setup,
+# nothing else (a typo fails loudly); snapshots go out by themselves every SNAPSHOT_INTERVAL.
 COMMANDS = frozenset(
     name for name in vars(MediaApi) if not name.startswith("_") and name != "snapshot"
-)
+) | {"create_relay"}
 
 
 LogLevel: TypeAlias = Literal["debug", "info", "warning", "error"]
