@@ -25,6 +25,7 @@ from sfu.media.local import LocalMedia
 from sfu.media.workers import WorkerPool
 from sfu.metrics import (
     MediaCollector,
+    MeshStatus,
     Metrics,
     WorkerCollector,
     WorkerStatus,
@@ -86,6 +87,7 @@ class Server:
                 log_level=config.logging.level,
                 log_json=config.logging.json_lines,
                 secrets=log_secrets(config),
+                room_transports_per_worker=rtc.room_transports_per_worker,
             )
             self.media = self.pool
         self.events = MediaEvents()
@@ -103,7 +105,7 @@ class Server:
         self.metrics.registry.register(
             MediaCollector(self.media.snapshot, self.rooms, self.hub, self.admission)
         )
-        self.metrics.registry.register(WorkerCollector(self._worker_status))
+        self.metrics.registry.register(WorkerCollector(self._worker_status, self._mesh_status))
         self.app = create_app(
             config,
             self.lifecycle,
@@ -244,7 +246,8 @@ class Server:
     def _worker_status(self) -> list[WorkerStatus]:
         if self.pool is None:
             port = self.engine.candidates[0][1] if self.engine and self.engine.candidates else 0
-            return [WorkerStatus(0, os.getpid(), port, True, 0)]
+            transports = len(self.engine.transports) if self.engine else 0
+            return [WorkerStatus(0, os.getpid(), port, True, 0, transports)]
         return [
             WorkerStatus(
                 remote.index,
@@ -252,9 +255,16 @@ class Server:
                 remote.candidates[0][1] if remote.candidates else 0,
                 remote.running,
                 self.pool.restarts[remote.index],
+                remote.load,
             )
             for remote in self.pool.workers
         ]
+
+    def _mesh_status(self) -> MeshStatus:
+        if self.pool is None:
+            return MeshStatus()
+        mesh = self.pool.mesh
+        return MeshStatus(mesh.relays(), mesh.mirrors(), mesh.relays_opened, mesh.relays_failed)
 
     async def _close_media(self) -> None:
         if self.engine is not None:

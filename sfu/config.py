@@ -260,8 +260,17 @@ class RtcConfig(_Section):
     workers: int | Literal["auto"] = Field(
         1,
         description="Media worker processes, each forwarding on its own UDP port "
-        "(rtc.udp_port + i, i = 0..N-1) on its own core; all of a room's participants use one "
-        "worker. 1: media runs inside the server process. 'auto': one per CPU core.",
+        "(rtc.udp_port + i, i = 0..N-1) on its own core. A room starts on the least-loaded "
+        "worker (see rtc.room_transports_per_worker). 1: media runs inside the server process. "
+        "'auto': one per CPU core.",
+    )
+    room_transports_per_worker: int = Field(
+        0,
+        ge=0,
+        description="With several workers: how many of one room's transports (a room-protocol "
+        "participant has two, a WHIP or WHEP session one) a worker takes before the room's "
+        "next ones go to the least-loaded worker, joined to the others by relays that carry "
+        "one copy of each track per worker. 0: a room never leaves its first worker.",
     )
     fastpath: Literal["auto", "off"] = Field(
         "auto",

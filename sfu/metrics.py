@@ -461,6 +461,25 @@ class MediaCollector(Collector):
             None,
             {"": media.handshake_timeouts},
         )
+        yield GaugeMetricFamily(
+            "sfu_relay_transports",
+            "Ends of relays between media workers that are open (each relay has one end on "
+            "each of its two workers; not counted in sfu_transports).",
+            value=media.relay_transports,
+        )
+        yield _counter(
+            "sfu_relay_packets_sent",
+            "RTP packets sent into relays to other media workers (one copy per track and "
+            "receiving worker).",
+            None,
+            {"": media.relay_packets_sent},
+        )
+        yield _counter(
+            "sfu_relay_bytes_sent",
+            "RTP payload bytes sent into relays to other media workers.",
+            None,
+            {"": media.relay_bytes_sent},
+        )
         yield _counter(
             "sfu_e2ee_relay_messages",
             "E2EE key-exchange messages forwarded by the blind relay (one per recipient); "
@@ -497,13 +516,30 @@ class WorkerStatus:
     udp_port: int
     running: bool
     restarts: int
+    # Client transports on it (what room placement balances).
+    transports: int = 0
+
+
+@dataclass(frozen=True)
+class MeshStatus:
+    """Rooms across workers: relays and the tracks they carry (all zero with one worker)."""
+
+    relays: int = 0
+    relayed_tracks: int = 0
+    relays_opened: int = 0
+    relays_failed: int = 0
 
 
 class WorkerCollector(Collector):
     """How many media workers run, which process and port each is, and their restarts."""
 
-    def __init__(self, status: Callable[[], list[WorkerStatus]]) -> None:
+    def __init__(
+        self,
+        status: Callable[[], list[WorkerStatus]],
+        mesh: Callable[[], MeshStatus] = MeshStatus,
+    ) -> None:
         self.status = status
+        self.mesh = mesh
 
     def collect(self) -> Iterator[Metric]:
         workers = self.status()
@@ -530,6 +566,40 @@ class WorkerCollector(Collector):
         for w in workers:
             restarts.add_metric([str(w.index)], w.restarts)
         yield restarts
+        load = GaugeMetricFamily(
+            "sfu_media_worker_transports",
+            "Client transports on each running media worker (rooms are placed by this).",
+            labels=["worker"],
+        )
+        for w in workers:
+            if w.running:
+                load.add_metric([str(w.index)], w.transports)
+        yield load
+        mesh = self.mesh()
+        yield GaugeMetricFamily(
+            "sfu_relays",
+            "Relays open between pairs of media workers (a room spans workers).",
+            value=mesh.relays,
+        )
+        yield GaugeMetricFamily(
+            "sfu_relayed_tracks",
+            "Tracks copied to another media worker through a relay (one per track and "
+            "receiving worker, however many subscribers it has there).",
+            value=mesh.relayed_tracks,
+        )
+        yield _counter(
+            "sfu_relays_opened",
+            "Relays opened between media workers.",
+            None,
+            {"": mesh.relays_opened},
+        )
+        yield _counter(
+            "sfu_relays_failed",
+            "Relays that closed before both ends had connected, or broke while both workers "
+            "ran (their subscribers were closed and reconnect).",
+            None,
+            {"": mesh.relays_failed},
+        )
 
 
 def _buckets(histogram: HistogramData) -> list[tuple[str, float]]:

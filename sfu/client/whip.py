@@ -238,7 +238,9 @@ async def _offer_answer(
         if not location:
             raise WhipError(response.status, code="missing_location", detail="201 without Location")
     # RFC 9725 section 4.2: a relative Location is resolved against the endpoint URL.
-    resource = URL(url).join(URL(location))
+    # After a redirect (a cluster node sending the client to the room's node), the endpoint
+    # is where the request ended up.
+    resource = URL(str(response.url)).join(URL(location))
     answer = body.decode("utf-8", "replace")
     try:
         if not answer.strip():

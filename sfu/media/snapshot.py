@@ -145,6 +145,12 @@ class MediaSnapshot:
     e2ee_tracks: Mapping[tuple[str, str], int]
     # Gauge: down-tracks not closed on all transports (WHEP and room-protocol subscribers).
     subscriptions: int
+    # Gauge: ends of relays to other media planes (not counted as transports above; their
+    # mirrored tracks and feeds are not counted as tracks or subscriptions either).
+    relay_transports: int = 0
+    # Counters: RTP packets and payload bytes this plane sent into relays.
+    relay_packets_sent: int = 0
+    relay_bytes_sent: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: string keys, lists for tuples; `from_dict` restores it exactly."""
@@ -204,7 +210,15 @@ def build_snapshot(engine: MediaEngine) -> MediaSnapshot:
     published = dict.fromkeys(MEDIA_KINDS, 0)
     verdicts = {(state, policy): 0 for state in STATES for policy in POLICIES}
     subscriptions = 0
+    relays = 0
+    relay_packets, relay_bytes = engine.relay_sent
     for transport in engine.transports.values():
+        if transport.role == "relay":
+            relays += transport.state.value != "closed"
+            for d in {id(d): d for d in transport.downtracks_by_ssrc.values()}.values():
+                relay_packets += d.packets_sent
+                relay_bytes += d.octets_sent
+            continue
         state = transport.state.value
         by_state[state] = by_state.get(state, 0) + 1
         for producer in transport.producers:
@@ -278,6 +292,9 @@ def build_snapshot(engine: MediaEngine) -> MediaSnapshot:
         published_tracks=published,
         e2ee_tracks=verdicts,
         subscriptions=subscriptions,
+        relay_transports=relays,
+        relay_packets_sent=relay_packets,
+        relay_bytes_sent=relay_bytes,
     )
 
 

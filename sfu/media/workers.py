@@ -6,9 +6,11 @@ through `RemoteMedia`, which implements the media API by sending commands down t
 channel without waiting: it chooses every id itself (transport id, ICE credentials,
 subscription SSRCs), so it can describe the result at once, exactly as the worker will
 create it. `WorkerPool` is the media API the control plane sees: it places each room on the
-least-loaded worker (fewest transports; a room's transports all stay on its worker, since
-relays between workers do not exist yet) and routes every other command by the worker index
-in the id ("w<index>.<token>").
+least-loaded worker (fewest client transports), keeps it there up to
+`rtc.room_transports_per_worker` transports per worker and then spreads it over the others,
+and routes every other command by the worker index in the id ("w<index>.<token>"). A
+subscriber on one worker receives a track published on another through the relay between
+the two (sfu/media/mesh.py).
 
 A worker that exits unexpectedly is restarted on the same port by its supervisor. Its
 transports are gone with it: each is reported as closed (reason "media worker N exited"), so
@@ -34,17 +36,21 @@ from typing import Any
 
 from sfu.media import channel
 from sfu.media.api import (
+    ActiveSpeakers,
     EventSink,
+    LayerChanged,
     MediaEvent,
     ProducerInfo,
     SubscriptionInfo,
     TransportClosed,
+    TransportConnected,
     TransportInfo,
     UnknownMediaId,
 )
 from sfu.media.dtls import DtlsCertificate, Fingerprint
 from sfu.media.engine import MediaEngine, MediaSettings
 from sfu.media.ice import generate_credentials
+from sfu.media.mesh import RelayMesh
 from sfu.media.producer import TrackCodec
 from sfu.media.snapshot import MediaSnapshot, build_snapshot, merge
 from sfu.media.worker import LogLevel, WorkerStart
@@ -70,10 +76,13 @@ class RemoteMedia:
         self.index = index
         self._sink = sink
         self.pid = 0
+        self.bind_host = "127.0.0.1"
         self.fingerprint = ""
         self.candidates: tuple[tuple[str, int], ...] = ()
         self.last_snapshot: MediaSnapshot | None = None
         self.transports: dict[str, TransportInfo] = {}
+        # The ends of relays to other workers among `transports` (not clients: no load).
+        self.relays: set[str] = set()
         self._ssrcs: dict[str, set[int]] = {}
         # Transport id -> {producer id: kind}, for the subscriptions' descriptions.
         self._kinds: dict[str, dict[str, str]] = {}
@@ -85,6 +94,23 @@ class RemoteMedia:
     def running(self) -> bool:
         return self._writer is not None
 
+    @property
+    def load(self) -> int:
+        """Client transports on this worker (what placement balances)."""
+        return len(self.transports) - len(self.relays)
+
+    def relay_address(self) -> tuple[str, int] | None:
+        """Where another worker on this host reaches this one's UDP port: its bound port on
+        loopback (a wildcard bind accepts loopback too)."""
+        if not self.candidates:
+            return None
+        host = self.bind_host
+        if host in ("", "0.0.0.0"):  # noqa: S104 (recognising a wildcard, not binding one)
+            host = "127.0.0.1"
+        elif host == "::":
+            host = "::1"
+        return host, self.candidates[0][1]
+
     def attach(self, writer: asyncio.StreamWriter, hello: tuple[Any, ...]) -> None:
         _, self.pid, self.fingerprint, candidates = hello
         self.candidates = tuple((str(ip), int(port)) for ip, port in candidates)
@@ -93,8 +119,9 @@ class RemoteMedia:
     def detach(self) -> list[str]:
         """The worker is gone: its transports with it (their ids, to report closed)."""
         self._writer = None
-        gone = list(self.transports)
+        gone = [t for t in self.transports if t not in self.relays]
         self.transports.clear()
+        self.relays.clear()
         self._ssrcs.clear()
         self._kinds.clear()
         return gone
@@ -105,6 +132,7 @@ class RemoteMedia:
             event = message[1]
             if isinstance(event, TransportClosed):
                 self.transports.pop(event.transport_id, None)
+                self.relays.discard(event.transport_id)
                 self._ssrcs.pop(event.transport_id, None)
                 self._kinds.pop(event.transport_id, None)
             self._sink(self, event)
@@ -185,6 +213,38 @@ class RemoteMedia:
             local=(local_ufrag, local_pwd),
         )
         self.transports[transport_id] = info
+        return info
+
+    def create_relay(
+        self,
+        transport_id: str,
+        *,
+        local: tuple[str, str],
+        remote_ufrag: str,
+        remote_pwd: str,
+        fingerprints: Sequence[Fingerprint],
+        dial: tuple[str, int] | None,
+    ) -> TransportInfo:
+        self._call(
+            "create_relay",
+            transport_id=transport_id,
+            local=local,
+            remote_ufrag=remote_ufrag,
+            remote_pwd=remote_pwd,
+            fingerprints=list(fingerprints),
+            dial=dial,
+        )
+        info = TransportInfo(
+            transport_id,
+            "relay",
+            local[0],
+            local[1],
+            self.fingerprint,
+            self.candidates,
+            remote_ufrag,
+        )
+        self.transports[transport_id] = info
+        self.relays.add(transport_id)
         return info
 
     def close_transport(self, transport_id: str, reason: str) -> None:
@@ -334,6 +394,7 @@ class WorkerPool:
         log_level: LogLevel = "info",
         log_json: bool = False,
         secrets: Sequence[str] = (),
+        room_transports_per_worker: int = 0,
     ) -> None:
         if count < 1:
             raise ValueError("a worker pool needs at least one worker")
@@ -342,11 +403,16 @@ class WorkerPool:
         self._log = (log_level, log_json, tuple(secrets))
         self.sink: EventSink | None = None
         self.workers = [RemoteMedia(i, self._event) for i in range(count)]
+        for remote in self.workers:
+            remote.bind_host = settings.bind_host
         self.restarts = [0] * count
-        # Room -> the worker its transports live on, and how many transports it has there.
+        self.room_transports_per_worker = room_transports_per_worker
+        # Room -> its first worker (whose active-speaker events speak for the room), and
+        # how many of its transports each worker has.
         self._rooms: dict[str, int] = {}
-        self._room_transports: dict[str, int] = {}
+        self._room_load: dict[str, dict[int, int]] = {}
         self._transport_rooms: dict[str, str] = {}
+        self.mesh = RelayMesh(self.workers, lambda: [self.certificate.fingerprint])
         self._processes: list[asyncio.subprocess.Process | None] = [None] * count
         self._tasks: list[asyncio.Task[None]] = []
         self._dir = Path(tempfile.mkdtemp(prefix="sfu-workers-"))
@@ -498,6 +564,7 @@ class WorkerPool:
         how = f"signal {-code}" if code < 0 else f"status {code}"
         remote = self.workers[index]
         gone = remote.detach()
+        self.mesh.worker_lost(index)
         log.error(
             "media worker %d (pid %d) exited (%s): its %d transports are closed; restarting it",
             index,
@@ -540,28 +607,72 @@ class WorkerPool:
     # -- events and placement -----------------------------------------------------------------
 
     def _event(self, remote: RemoteMedia, event: MediaEvent) -> None:
+        if isinstance(event, TransportConnected) and self.mesh.is_relay(event.transport_id):
+            self.mesh.relay_connected(event.transport_id, remote.index)
+            return
         if isinstance(event, TransportClosed):
-            room = self._transport_rooms.pop(event.transport_id, None)
-            if room is not None:
-                left = self._room_transports.get(room, 1) - 1
-                if left <= 0:
-                    self._room_transports.pop(room, None)
-                    self._rooms.pop(room, None)
-                else:
-                    self._room_transports[room] = left
+            relay = self.mesh.is_relay(event.transport_id)
+            orphans = self.mesh.transport_closed(event.transport_id)
+            if relay:
+                log.warning(
+                    "relay %s on media worker %d closed (%s): %d subscriber transports "
+                    "received through it and are closed too",
+                    event.transport_id,
+                    remote.index,
+                    event.reason,
+                    len(orphans),
+                )
+                for transport_id, index in orphans:
+                    self.workers[index].close_transport(
+                        transport_id,
+                        f"relay between media workers lost ({event.reason}); reconnect",
+                    )
+                return
+            self._unplace(event.transport_id)
+        elif isinstance(event, LayerChanged) and self.mesh.is_mirror(event.producer_id):
+            event = replace(event, producer_id=self.mesh.original(event.producer_id))
+        elif isinstance(event, ActiveSpeakers) and self._rooms.get(event.group) not in (
+            None,
+            remote.index,
+        ):
+            # Every worker the room spans detects its speakers; its first worker speaks for
+            # it (the others' subscribers' audio reaches it through the relays too).
+            return
         if self.sink is not None:
             self.sink(event)
 
+    def _unplace(self, transport_id: str) -> None:
+        room = self._transport_rooms.pop(transport_id, None)
+        if room is None:
+            return
+        load = self._room_load.get(room, {})
+        index = self._route(transport_id).index
+        load[index] = load.get(index, 1) - 1
+        if load[index] <= 0:
+            del load[index]
+        if not load:
+            self._room_load.pop(room, None)
+            self._rooms.pop(room, None)
+
     def _place(self, group: str | None) -> RemoteMedia:
-        index = self._rooms.get(group) if group is not None else None
-        if index is None:
-            live = [r for r in self.workers if r.running]
-            if not live:
-                raise UnknownMediaId("no media worker is running")
-            index = min(live, key=lambda r: (len(r.transports), r.index)).index
-            if group is not None:
-                self._rooms[group] = index
-        return self.workers[index]
+        live = [r for r in self.workers if r.running]
+        if not live:
+            raise UnknownMediaId("no media worker is running")
+        least = min(live, key=lambda r: (r.load, r.index))
+        if group is None:
+            return least
+        home = self._rooms.get(group)
+        if home is None or not self.workers[home].running:
+            self._rooms[group] = least.index
+            return least
+        limit = self.room_transports_per_worker
+        load = self._room_load.get(group, {})
+        if not limit or load.get(home, 0) < limit:
+            return self.workers[home]
+        # The room's first worker is full: the least-loaded worker that still has room for
+        # it, else the least-loaded one.
+        open_ = [r for r in live if load.get(r.index, 0) < limit] or live
+        return min(open_, key=lambda r: (r.load, r.index))
 
     def _route(self, media_id: str) -> RemoteMedia:
         head = media_id.partition(".")[0]
@@ -584,7 +695,8 @@ class WorkerPool:
         info = remote.create_transport(role, remote_ufrag, remote_pwd, fingerprints, group=group)
         if group is not None:
             self._transport_rooms[info.id] = group
-            self._room_transports[group] = self._room_transports.get(group, 0) + 1
+            load = self._room_load.setdefault(group, {})
+            load[remote.index] = load.get(remote.index, 0) + 1
         return info
 
     def set_remote(
@@ -614,7 +726,7 @@ class WorkerPool:
         group: str | None = None,
         owner: str | None = None,
     ) -> ProducerInfo:
-        return self._route(transport_id).add_producer(
+        info = self._route(transport_id).add_producer(
             transport_id,
             kind=kind,
             mid=mid,
@@ -627,6 +739,8 @@ class WorkerPool:
             group=group,
             owner=owner,
         )
+        self.mesh.published(info, group, owner)
+        return info
 
     def set_publisher_extensions(
         self,
@@ -642,6 +756,7 @@ class WorkerPool:
         )
 
     def close_producer(self, producer_id: str) -> None:
+        self.mesh.producer_closed(producer_id)
         with contextlib.suppress(UnknownMediaId):
             self._route(producer_id).close_producer(producer_id)
 
@@ -661,20 +776,19 @@ class WorkerPool:
         max_size: tuple[int, int] | None = None,
     ) -> SubscriptionInfo:
         remote = self._route(transport_id)
-        if self._route(producer_id) is not remote:
-            # A room's transports all live on its worker; only a relay could bridge two.
-            raise UnknownMediaId(
-                f"track {producer_id!r} is on another media worker than {transport_id!r}"
-            )
-        return remote.add_subscription(
+        # A track on another worker is subscribed through its mirror on this one.
+        source = self.mesh.local_source(producer_id, self._route(producer_id), remote)
+        info = remote.add_subscription(
             transport_id,
-            producer_id,
+            source,
             payload_type=payload_type,
             rtx_payload_type=rtx_payload_type,
             ext_map=ext_map,
             paused=paused,
             max_size=max_size,
         )
+        self.mesh.subscribed(info.id, source)
+        return replace(info, producer_id=producer_id)
 
     def set_paused(self, subscription_id: str, paused: bool) -> None:
         self._route(subscription_id).set_paused(subscription_id, paused)
@@ -693,6 +807,7 @@ class WorkerPool:
     def end_subscription(self, subscription_id: str, *, bye: bool) -> None:
         with contextlib.suppress(UnknownMediaId):
             self._route(subscription_id).end_subscription(subscription_id, bye=bye)
+        self.mesh.subscription_ended(subscription_id)
 
     def snapshot(self) -> MediaSnapshot:
         """The workers' latest snapshots merged (a dead worker's last one until its
