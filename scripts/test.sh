@@ -27,6 +27,10 @@ for cmd in ip tc iptables; do
     break
 done
 
+# The cluster tests (tests/cluster) coordinate nodes through a real Redis.
+command -v redis-server >/dev/null 2>&1 || apt_install redis-server ||
+    say "redis-server missing: the cluster tests will be skipped (and fail under CI=true)"
+
 # The browser client's JavaScript is tested with Node's own runner (node:test, WebCrypto),
 # and the real-browser tests drive Debian's Chromium through Playwright (never its own
 # browser download: `playwright install` cannot work here).

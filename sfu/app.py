@@ -13,9 +13,11 @@ from typing import Any
 from aiohttp import web
 
 from sfu import __version__
+from sfu.cluster import Cluster, ClusterUnavailable
 from sfu.config import DEV_API_KEY, DEV_API_SECRET, Config
 from sfu.control.admission import REFUSAL_REASONS, Admission
 from sfu.control.http import ServerLog, create_app
+from sfu.control.keys import CLUSTER_KEY
 from sfu.control.media_events import MediaEvents
 from sfu.control.rooms import HUB_KEY, RoomHub
 from sfu.lifecycle import Lifecycle
@@ -24,6 +26,7 @@ from sfu.media.engine import MediaEngine, MediaSettings
 from sfu.media.local import LocalMedia
 from sfu.media.workers import WorkerPool
 from sfu.metrics import (
+    ClusterCollector,
     MediaCollector,
     MeshStatus,
     Metrics,
@@ -116,6 +119,13 @@ class Server:
             self.admission,
         )
         self.app[HUB_KEY] = self.hub
+        self.cluster: Cluster | None = None
+        if config.cluster.enabled:
+            self.cluster = Cluster(
+                config.cluster, load=self.admission.sessions, rooms=self.rooms.names
+            )
+            self.app[CLUSTER_KEY] = self.cluster
+            self.metrics.registry.register(ClusterCollector(self.cluster))
         self._runner: web.AppRunner | None = None
         self._lag_task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
@@ -143,6 +153,12 @@ class Server:
                 f"cannot bind UDP {rtc.bind_host}:{rtc.udp_port} (rtc.bind_host, rtc.udp_port): "
                 f"{hint}"
             ) from None
+        if self.cluster is not None:
+            try:
+                await self.cluster.start()
+            except ClusterUnavailable as exc:
+                await self._close_media()
+                raise StartupError(str(exc)) from None
         self._runner = web.AppRunner(
             self.app,
             handle_signals=False,
@@ -162,6 +178,8 @@ class Server:
             await site.start()
         except OSError as exc:
             await self._runner.cleanup()
+            if self.cluster is not None:
+                await self.cluster.close()
             await self._close_media()
             hint = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
             raise StartupError(
@@ -238,6 +256,8 @@ class Server:
         await stop_task(self._lag_task)
         self._lag_task = None
         await self.hub.close()
+        if self.cluster is not None:
+            await self.cluster.close()
         await self._close_media()
         if self._runner is not None:
             await self._runner.cleanup()
@@ -281,6 +301,11 @@ def log_secrets(config: Config) -> list[str]:
         for server in config.rtc.ice_servers
         if server.credential is not None
     ]
+    # A Redis password, whether or not the URL is ever printed whole.
+    redis_url = config.cluster.redis_url.get_secret_value()
+    password = redis_url.partition("://")[2].rpartition("@")[0].partition(":")[2]
+    if password:
+        secrets.append(password)
     return secrets
 
 

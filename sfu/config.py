@@ -414,6 +414,63 @@ class RoomsConfig(_Section):
     )
 
 
+class ClusterConfig(_Section):
+    enabled: bool = Field(
+        False,
+        description="Run as one node of a cluster coordinated by Redis: rooms are placed on "
+        "nodes, and a request for a room that lives on another node is redirected there. "
+        "Off: one node, no Redis.",
+    )
+    redis_url: SecretStr = Field(
+        SecretStr("redis://127.0.0.1:6379/0"),
+        description="Redis to coordinate through (redis:// or rediss://, with a password if "
+        "it needs one; kept out of logs).",
+    )
+    node_id: str = Field(
+        "",
+        pattern=r"^[A-Za-z0-9._-]{0,64}$",
+        description="This node's name in the cluster (letters, digits, '.', '_', '-'). "
+        "Empty: the host name.",
+    )
+    advertised_url: str = Field(
+        "",
+        pattern=r"^(https?://[^/\s]+)?$",
+        description="Base URL (scheme://host:port) at which clients reach this node's HTTP "
+        "port; other nodes redirect requests for this node's rooms there. Required when "
+        "enabled.",
+    )
+    heartbeat_interval: Duration = Field(
+        1.0, description="How often the node renews its registry entry and its rooms' placement."
+    )
+    node_ttl: Duration = Field(
+        3.0,
+        description="How long a node's entries outlive its last heartbeat: a node that dies is "
+        "forgotten, and its rooms placed afresh, within this (at most 5 s).",
+    )
+    key_prefix: str = Field(
+        "blindfold:",
+        pattern=r"^[A-Za-z0-9:._-]{1,64}$",
+        description="Prefix of every Redis key the cluster uses (several clusters can share "
+        "one Redis).",
+    )
+
+    @model_validator(mode="after")
+    def _coherent(self) -> ClusterConfig:
+        if self.enabled and not self.advertised_url:
+            raise ValueError(
+                "advertised_url is required when the cluster is enabled: the URL other nodes "
+                "send clients to, e.g. http://10.0.0.5:8080"
+            )
+        if not 0 < self.node_ttl <= 5:
+            raise ValueError(f"node_ttl must be above 0 s and at most 5 s, not {self.node_ttl:g}")
+        if self.heartbeat_interval * 2 > self.node_ttl:
+            raise ValueError(
+                f"heartbeat_interval ({self.heartbeat_interval:g} s) must be at most half of "
+                f"node_ttl ({self.node_ttl:g} s), so one lost heartbeat does not expire the node"
+            )
+        return self
+
+
 class MetricsConfig(_Section):
     enabled: bool = Field(True, description="Serve Prometheus metrics at /metrics.")
     loop_lag_interval: Duration = Field(0.5, description="How often the event-loop lag probe runs.")
@@ -461,6 +518,9 @@ class Config(_Section):
     rooms: RoomsConfig = Field(default_factory=RoomsConfig, description="Room protocol.")
     e2ee: E2eeConfig = Field(
         default_factory=E2eeConfig, description="End-to-end encryption policy."
+    )
+    cluster: ClusterConfig = Field(
+        default_factory=ClusterConfig, description="Several nodes coordinated by Redis."
     )
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")

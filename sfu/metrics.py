@@ -44,6 +44,7 @@ from sfu.media.snapshot import POLICIES, HistogramData, MediaSnapshot
 from sfu.media.stats import FORWARD_SAMPLE_EVERY
 
 if TYPE_CHECKING:
+    from sfu.cluster import Cluster
     from sfu.config import LimitsConfig
     from sfu.rooms import Rooms
 
@@ -599,6 +600,50 @@ class WorkerCollector(Collector):
             "ran (their subscribers were closed and reconnect).",
             None,
             {"": mesh.relays_failed},
+        )
+
+
+class ClusterCollector(Collector):
+    """This node's view of the cluster (cluster.enabled only)."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+
+    def collect(self) -> Iterator[Metric]:
+        cluster = self.cluster
+        yield GaugeMetricFamily(
+            "sfu_cluster_up",
+            "1 while this node's last exchange with Redis worked (heartbeat or placement).",
+            value=1 if cluster.up else 0,
+        )
+        nodes = GaugeMetricFamily(
+            "sfu_cluster_node_load",
+            "Live nodes as last read from Redis, with the load (sessions and participants) "
+            "each reported; a node that stops heartbeating drops out within cluster.node_ttl.",
+            labels=["node"],
+        )
+        for node in cluster.nodes:
+            nodes.add_metric([node.id], node.load)
+        yield nodes
+        yield _counter(
+            "sfu_cluster_placements",
+            "Room placements decided here: served on this node (local), sent to the room's "
+            "node (redirect), or served here because Redis did not answer (unavailable).",
+            "result",
+            dict(cluster.placements),
+        )
+        yield _counter(
+            "sfu_cluster_redis_errors",
+            "Heartbeats and placements that failed because Redis did not answer.",
+            None,
+            {"": cluster.redis_errors},
+        )
+        yield _counter(
+            "sfu_cluster_rooms_taken",
+            "Heartbeats that found a room with sessions here placed on another node (after a "
+            "Redis restart or a partition).",
+            None,
+            {"": cluster.rooms_taken},
         )
 
 

@@ -169,6 +169,10 @@ class Rooms:
     def get(self, name: str) -> Room | None:
         return self._rooms.get(name)
 
+    def names(self) -> list[str]:
+        """Rooms with at least one session or participant here."""
+        return list(self._rooms)
+
     def get_or_create(self, name: str) -> Room:
         room = self._rooms.get(name)
         if room is None:

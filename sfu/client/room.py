@@ -5,6 +5,12 @@ the SFU offers (and renegotiates) to deliver every other participant's tracks. E
 server arrive on `events` (an asyncio.Queue of dicts) and through `on_event`; E2EE key
 messages travel through `relay()` and come back as `relay` events. With an E2eeContext, every
 published frame is protected and every received one unprotected (sfu/client/e2ee.py).
+
+A `redirect` answer to a join (a cluster node sending the client to the room's node) is
+followed. With `auto_rejoin`, a client whose media transport closed (`transport_closed`: a
+media worker or relay went away) or whose socket dropped and could not be resumed (its node
+died) joins again by itself, through its URL and then `fallback_urls` in turn, republishes
+the same tracks and takes a fresh receiving connection; it then reports a `rejoined` event.
 """
 
 from __future__ import annotations
@@ -24,12 +30,21 @@ from aiortc import (
     RTCRtpTransceiver,
     RTCSessionDescription,
 )
+from aiortc.contrib.media import MediaRelay
 
 from sfu.client.e2ee import E2eeContext
 from sfu.client.whip import prefer_offered_codecs
 
 EventCallback = Callable[[dict[str, Any]], None]
 TrackCallback = Callable[[MediaStreamTrack, RTCRtpTransceiver], None]
+
+
+# Redirects followed per join (a room moves at most once between two looks at Redis).
+MAX_REDIRECTS = 3
+# Between rejoin attempts while no node takes the join (a dead node's rooms are placed afresh
+# within cluster.node_ttl, at most 5 s); the last delay repeats until REJOIN_FOR has passed.
+REJOIN_DELAYS = (0.0, 0.25, 0.5)
+REJOIN_FOR = 30.0
 
 
 def _configuration() -> RTCConfiguration:
@@ -56,8 +71,18 @@ class RoomClient:
         on_event: EventCallback | None = None,
         on_track: TrackCallback | None = None,
         subscribe: str | list[str] = "all",
+        auto_rejoin: bool = False,
+        fallback_urls: Sequence[str] = (),
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        # Where joins start (a redirect moves base_url to the room's node, not these).
+        self.entry_urls = [self.base_url, *(u.rstrip("/") for u in fallback_urls)]
+        self.auto_rejoin = auto_rejoin
+        self.rejoins = 0
+        self._published: list[MediaStreamTrack] = []
+        self._leaving = False
+        self._rejoining: asyncio.Task[None] | None = None
+        self._relay: MediaRelay | None = None
         self.token = token
         self.name = name
         self.e2ee = e2ee
@@ -88,7 +113,6 @@ class RoomClient:
         if self._http is None:
             self._http = aiohttp.ClientSession()
         url = self.base_url.replace("http", "ws", 1) + "/rtc"
-        self._ws = await self._http.ws_connect(url)
         join: dict[str, Any] = {"type": "join", "version": 1, "token": self.token}
         if self.name:
             join["name"] = self.name
@@ -96,11 +120,20 @@ class RoomClient:
             join["resume"] = self.resume_token
         else:
             join["subscribe"] = self.subscribe_to
-        await self._ws.send_str(json.dumps(join))
-        first = await self._ws.receive(timeout=10)
-        if first.type is not aiohttp.WSMsgType.TEXT:
-            raise RoomError("closed", "the server closed the socket during join")
-        message: dict[str, Any] = json.loads(first.data)
+        for _ in range(MAX_REDIRECTS + 1):
+            self._ws = await self._http.ws_connect(url)
+            await self._ws.send_str(json.dumps(join))
+            first = await self._ws.receive(timeout=10)
+            if first.type is not aiohttp.WSMsgType.TEXT:
+                raise RoomError("closed", "the server closed the socket during join")
+            message: dict[str, Any] = json.loads(first.data)
+            if message.get("type") != "redirect":
+                break
+            await self._ws.close()
+            url = str(message["url"])
+            self.base_url = url.removesuffix("/rtc").replace("ws", "http", 1)
+        else:
+            raise RoomError("too_many_redirects", f"still redirected after {MAX_REDIRECTS}")
         if message.get("type") == "error":
             raise RoomError(message["code"], message["message"])
         self.joined = message
@@ -125,6 +158,11 @@ class RoomClient:
                 await self._reader
 
     async def leave(self) -> None:
+        self._leaving = True
+        if self._rejoining is not None:
+            self._rejoining.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._rejoining
         with contextlib.suppress(Exception):
             await self.send({"type": "leave"})
         await self.drop()
@@ -140,6 +178,12 @@ class RoomClient:
         await self._ws.send_str(json.dumps(message))
 
     async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        await self._read_messages(ws)
+        if self.auto_rejoin and not self._leaving and ws is self._ws:
+            # The socket dropped under us (its node died, or the network): rejoin.
+            self._start_rejoin("the socket closed")
+
+    async def _read_messages(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         async for msg in ws:
             if msg.type is not aiohttp.WSMsgType.TEXT:
                 continue
@@ -163,11 +207,86 @@ class RoomClient:
             self.events.put_nowait(message)
             if self.on_event is not None:
                 self.on_event(message)
+            if (
+                kind == "error"
+                and message.get("code") == "transport_closed"
+                and self.auto_rejoin
+                and not self._leaving
+            ):
+                self._start_rejoin(str(message.get("message")))
+
+    # -- rejoining ---------------------------------------------------------------------------
+
+    def _start_rejoin(self, why: str) -> None:
+        if self._rejoining is None or self._rejoining.done():
+            self._rejoining = asyncio.create_task(self._rejoin(why))
+
+    async def _rejoin(self, why: str) -> None:
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + REJOIN_FOR
+        attempt = 0
+        error: Exception | None = None
+        while not self._leaving and loop.time() < give_up:
+            await asyncio.sleep(REJOIN_DELAYS[min(attempt, len(REJOIN_DELAYS) - 1)])
+            url = self.entry_urls[attempt % len(self.entry_urls)]
+            attempt += 1
+            try:
+                await self.rejoin(url)
+            except (aiohttp.ClientError, OSError, RoomError, TimeoutError) as exc:
+                error = exc
+                continue
+            message: dict[str, Any] = {"type": "rejoined", "reason": why, "node": self.base_url}
+            self.events.put_nowait(message)
+            if self.on_event is not None:
+                self.on_event(message)
+            return
+        if not self._leaving:
+            message = {
+                "type": "error",
+                "code": "rejoin_failed",
+                "message": f"could not rejoin within {REJOIN_FOR:g} s: {error}",
+                "fatal": True,
+            }
+            self.events.put_nowait(message)
+            if self.on_event is not None:
+                self.on_event(message)
+
+    async def rejoin(self, url: str | None = None) -> dict[str, Any]:
+        """Join afresh (at `url`, else where this client last joined), publish the same
+        tracks again and take a new receiving connection; the old ones are dropped."""
+        old_ws, self._ws = self._ws, None
+        if old_ws is not None:
+            with contextlib.suppress(Exception):
+                await old_ws.close()
+        if self._reader is not None and self._reader is not asyncio.current_task():
+            self._reader.cancel()
+        for pc in (self.publisher, self.subscriber):
+            if pc is not None:
+                with contextlib.suppress(Exception):
+                    await pc.close()
+        self.publisher = None
+        self.subscriber = RTCPeerConnection(_configuration())
+        self.subscriber.on("track", self._track)
+        if url is not None:
+            self.base_url = url
+        joined = await self.connect()
+        if self._published:
+            await self.publish(self._published)
+        self.rejoins += 1
+        return joined
 
     # -- publishing --------------------------------------------------------------------------
 
     async def publish(self, tracks: Sequence[MediaStreamTrack]) -> list[RTCRtpTransceiver]:
         """Publish `tracks` on the publisher connection (offer → publish_answer)."""
+        self._published = list(tracks)
+        if self.auto_rejoin:
+            # aiortc stops a sender's track when its connection closes: a rejoin could not
+            # send the same tracks again. Each connection sends proxies of them instead.
+            if self._relay is None:
+                self._relay = MediaRelay()
+            relay = self._relay
+            tracks = [relay.subscribe(track, buffered=False) for track in tracks]
         self.publisher = RTCPeerConnection(_configuration())
         transceivers = []
         for track in tracks:
@@ -200,19 +319,27 @@ class RoomClient:
     # -- subscribing -------------------------------------------------------------------------
 
     async def _answer(self, sdp: str) -> None:
+        subscriber = self.subscriber
+        try:
+            await self._answer_on(subscriber, sdp)
+        except (aiohttp.ClientError, RoomError, ConnectionError):
+            rejoining = self._rejoining is not None and not self._rejoining.done()
+            if subscriber is self.subscriber and not rejoining:
+                raise
+            # The connection it answered for was replaced by a rejoin meanwhile.
+
+    async def _answer_on(self, subscriber: RTCPeerConnection, sdp: str) -> None:
         async with self._subscriber_lock:
-            await self.subscriber.setRemoteDescription(RTCSessionDescription(sdp, "offer"))
+            await subscriber.setRemoteDescription(RTCSessionDescription(sdp, "offer"))
             if self.e2ee is not None:
-                for transceiver in self.subscriber.getTransceivers():
+                for transceiver in subscriber.getTransceivers():
                     receiver = transceiver.receiver
                     if getattr(receiver, "_blindfold_e2ee", False):
                         continue
                     self.e2ee.attach_receiver(receiver)
                     receiver._blindfold_e2ee = True  # type: ignore[attr-defined]
-            await self.subscriber.setLocalDescription(await self.subscriber.createAnswer())
-            await self.send(
-                {"type": "subscribe_answer", "sdp": self.subscriber.localDescription.sdp}
-            )
+            await subscriber.setLocalDescription(await subscriber.createAnswer())
+            await self.send({"type": "subscribe_answer", "sdp": subscriber.localDescription.sdp})
 
     def _track(self, track: MediaStreamTrack) -> None:
         self.remote_tracks.append(track)

@@ -216,6 +216,10 @@ class Subscription(_Session):
         self.tracks = tracks
 
 
+# Redirects followed per POST (a cluster sends a request on to the room's node once).
+MAX_REDIRECTS = 3
+
+
 def _auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
@@ -230,17 +234,31 @@ async def _offer_answer(
     await pc.setLocalDescription(await pc.createOffer())
     offer = pc.localDescription.sdp
     headers = {**_auth(token), "Content-Type": SDP_TYPE, "Accept": SDP_TYPE}
-    async with http.post(url, data=offer.encode(), headers=headers) as response:
-        body = await response.read()
-        if response.status != 201:
-            raise WhipError.from_response(response.status, response.content_type, body)
-        location = response.headers.get("Location")
-        if not location:
-            raise WhipError(response.status, code="missing_location", detail="201 without Location")
-    # RFC 9725 section 4.2: a relative Location is resolved against the endpoint URL.
-    # After a redirect (a cluster node sending the client to the room's node), the endpoint
-    # is where the request ended up.
-    resource = URL(str(response.url)).join(URL(location))
+    endpoint = URL(url)
+    for _ in range(MAX_REDIRECTS + 1):
+        # Redirects are followed here, not by aiohttp: it drops Authorization when the
+        # redirect leaves the origin, which a cluster node sending the client to the room's
+        # node always does (the token is for the whole deployment).
+        async with http.post(
+            endpoint, data=offer.encode(), headers=headers, allow_redirects=False
+        ) as response:
+            body = await response.read()
+            target = response.headers.get("Location")
+            if response.status in (307, 308) and target:
+                endpoint = endpoint.join(URL(target))
+                continue
+            if response.status != 201:
+                raise WhipError.from_response(response.status, response.content_type, body)
+            if not target:
+                raise WhipError(
+                    response.status, code="missing_location", detail="201 without Location"
+                )
+            break
+    else:
+        raise WhipError(307, code="too_many_redirects", detail=f"over {MAX_REDIRECTS} redirects")
+    # RFC 9725 section 4.2: a relative Location is resolved against the endpoint URL (after
+    # redirects, the one that answered).
+    resource = endpoint.join(URL(target))
     answer = body.decode("utf-8", "replace")
     try:
         if not answer.strip():

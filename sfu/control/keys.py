@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from sfu.cluster import Cluster
 from sfu.config import Config
 from sfu.control.admission import Admission
 from sfu.control.media_events import MediaEvents
@@ -20,3 +21,5 @@ MEDIA_KEY = web.AppKey("media", MediaApi)
 MEDIA_EVENTS_KEY = web.AppKey("media_events", MediaEvents)
 ROOMS_KEY = web.AppKey("rooms", Rooms)
 ADMISSION_KEY = web.AppKey("admission", Admission)
+# Present only with cluster.enabled: where rooms live (sfu/cluster.py).
+CLUSTER_KEY = web.AppKey("cluster", Cluster)

@@ -19,6 +19,7 @@ from sfu.control.admission import Refused, request_ip
 from sfu.control.auth import AuthError, Grants, verify_token
 from sfu.control.keys import (
     ADMISSION_KEY,
+    CLUSTER_KEY,
     CONFIG_KEY,
     LIFECYCLE_KEY,
     MEDIA_EVENTS_KEY,
@@ -184,6 +185,12 @@ async def create_session(request: web.Request) -> web.StreamResponse:
         raise Problem(503, "draining", "the server is shutting down; try another instance")
     room, stream = _names(request)
     grants = _authorize(request, room, publish=kind == "whip", subscribe=kind == "whep")
+    cluster = request.app.get(CLUSTER_KEY)
+    if cluster is not None:
+        node = await cluster.place(room)
+        if node is not None:
+            # WHIP (RFC 9725) clients follow a 307 and repeat the POST at the room's node.
+            raise web.HTTPTemporaryRedirect(node.url + request.path_qs)
     config = request.app[CONFIG_KEY]
     request.app[ADMISSION_KEY].admit_session(
         kind,

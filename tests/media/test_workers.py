@@ -265,3 +265,45 @@ async def test_a_worker_whose_restart_fails_is_tried_again(sfu: Server) -> None:
     await wait_for(lambda: victim.running and victim.pid != old_pid, timeout=15, what="the retry")
     assert victim.candidates[0][1] == port
     assert sfu.pool.restarts[1] == 1
+
+
+async def test_room_participants_rejoin_by_themselves_when_their_worker_dies(sfu: Server) -> None:
+    """With auto_rejoin, the Python room client answers `transport_closed` by joining again:
+    after SIGKILL of the room's worker both participants are back in the call (on whichever
+    worker the room is placed now) without anyone calling them back."""
+    from sfu.client.room import RoomClient
+
+    assert sfu.pool is not None
+    seen = [Counter(), Counter()]
+    people = [
+        RoomClient(
+            sfu.url,
+            token(sfu, "again", name, publish=True, subscribe=True),
+            on_track=counter.on_track,
+            auto_rejoin=True,
+        )
+        for name, counter in zip(("ann", "ben"), seen, strict=True)
+    ]
+    try:
+        for person, colour in zip(people, ((200, 0, 0), (0, 0, 200)), strict=True):
+            await person.connect()
+            await person.publish([ColourTrack(colour), ToneTrack()])
+        await wait_for(
+            lambda: all(c.frames["video"] >= 10 for c in seen), timeout=25, what="both decoding"
+        )
+        victim = sfu.pool.workers[sfu.pool._rooms["again"]]
+        os.kill(victim.pid, signal.SIGKILL)
+        for person in people:
+            rejoined = await person.next_event("rejoined", within=15)
+            assert "exited" in rejoined["reason"]
+        before = [c.frames["video"] for c in seen]
+        await wait_for(
+            lambda: all(c.frames["video"] >= b + 10 for c, b in zip(seen, before, strict=True)),
+            timeout=20,
+            what="both decoding again after the rejoin",
+        )
+        assert all(person.rejoins == 1 for person in people)
+    finally:
+        for person in people:
+            with contextlib.suppress(Exception):
+                await person.leave()

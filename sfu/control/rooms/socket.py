@@ -16,7 +16,7 @@ from aiohttp import WSMsgType, web
 
 from sfu.control.admission import Refused, request_ip
 from sfu.control.auth import AuthError, verify_token
-from sfu.control.keys import ADMISSION_KEY, CONFIG_KEY, LIFECYCLE_KEY
+from sfu.control.keys import ADMISSION_KEY, CLUSTER_KEY, CONFIG_KEY, LIFECYCLE_KEY
 from sfu.control.problems import problem_response
 from sfu.control.rooms.errors import ProtocolError
 from sfu.control.rooms.hub import RoomHub
@@ -175,6 +175,12 @@ def _error(code: str, message: str, fatal: bool = False) -> dict[str, Any]:
     return {"type": "error", "code": code, "message": message, "fatal": fatal}
 
 
+def redirect_message(node: str, base_url: str) -> dict[str, Any]:
+    """Join elsewhere: the room's node, as a WebSocket URL for /rtc (docs/protocol.md)."""
+    ws_url = "ws" + base_url.removeprefix("http") + "/rtc"
+    return {"type": "redirect", "node": node, "url": ws_url}
+
+
 async def _write(
     ws: web.WebSocketResponse,
     participant: Participant,
@@ -248,8 +254,16 @@ async def _join(
     if problem:
         await refuse("invalid_message", f"join.name: {problem}")
         return None
+    local = hub.by_resume.get(join.resume) if join.resume is not None else None
+    cluster = request.app.get(CLUSTER_KEY)
+    if cluster is not None and local is None:
+        node = await cluster.place(grants.room)
+        if node is not None:
+            # The room lives on another node: the client repeats its join there.
+            await ws.send_str(json.dumps(redirect_message(node.id, node.url)))
+            return None
     if join.resume is not None:
-        participant = hub.by_resume.get(join.resume)
+        participant = local
         if (
             participant is not None
             and participant.identity == grants.identity

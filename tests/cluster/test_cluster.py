@@ -1,0 +1,185 @@
+"""Two nodes in this process, coordinated by a real Redis: the registry, room placement, WHIP
+and WHEP redirects (307), room-protocol redirects, a clean stop, and the errors a wrong
+cluster configuration gives."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+
+from sfu.app import Server, StartupError
+from sfu.client.room import RoomClient
+from sfu.client.whip import Subscription
+from sfu.client.whip import subscribe as whep_subscribe
+from sfu.config import ConfigError, load_config
+from tests.conftest import free_port
+from tests.media.harness import ColourTrack, Counter, ToneTrack, make_config, publish
+from tests.media.harness import token as mint
+
+
+def _cluster_env(redis_url: str, node: str, port: int) -> dict[str, str]:
+    return {
+        "SFU_HTTP__PORT": str(port),
+        "SFU_CLUSTER__ENABLED": "true",
+        "SFU_CLUSTER__REDIS_URL": redis_url,
+        "SFU_CLUSTER__NODE_ID": node,
+        "SFU_CLUSTER__ADVERTISED_URL": f"http://127.0.0.1:{port}",
+        "SFU_CLUSTER__HEARTBEAT_INTERVAL": "0.2",
+        "SFU_CLUSTER__NODE_TTL": "1",
+    }
+
+
+@contextlib.asynccontextmanager
+async def node(redis_url: str, name: str) -> AsyncIterator[Server]:
+    server = Server(make_config(**_cluster_env(redis_url, name, free_port())))
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+@pytest.fixture
+async def two(redis_url: str) -> AsyncIterator[tuple[Server, Server]]:
+    async with node(redis_url, "alpha") as a, node(redis_url, "beta") as b:
+        await asyncio.sleep(0.5)  # a heartbeat each: both see both
+        yield a, b
+
+
+async def test_nodes_see_each_other_and_requests_follow_the_room(
+    two: tuple[Server, Server],
+) -> None:
+    a, b = two
+    assert a.cluster is not None
+    assert b.cluster is not None
+    assert {n.id for n in a.cluster.nodes} == {"alpha", "beta"}
+    assert {n.url for n in b.cluster.nodes} == {a.url, b.url}
+
+    # The room is placed where its first request arrives (equal load: the node itself).
+    pc, _ = await publish(a, room="stage", tracks=[ColourTrack(), ToneTrack()])
+    viewer: Subscription | None = None
+    try:
+        assert a.rooms.get("stage") is not None
+        # A viewer asking the other node is sent to the room's node with a 307 and follows.
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                f"{b.url}/whep/stage/cam",
+                data="v=0",
+                headers={"Authorization": f"Bearer {mint(b, 'stage', 'probe', subscribe=True)}"},
+                allow_redirects=False,
+            ) as response,
+        ):
+            assert response.status == 307
+            assert response.headers["Location"] == f"{a.url}/whep/stage/cam"
+        # The Python WHEP client follows it, keeping its token (aiohttp alone would drop the
+        # Authorization header on a redirect to another origin).
+        decoded = Counter()
+        viewer = await whep_subscribe(
+            f"{b.url}/whep/stage/cam",
+            mint(b, "stage", "viewer", subscribe=True),
+            on_track=decoded.on_track,
+        )
+        assert str(viewer.resource_url).startswith(a.url)
+        await _until(lambda: decoded.frames["video"] >= 10, "the redirected viewer decoding")
+        assert b.rooms.get("stage") is None
+        assert a.rooms.count("whep") == 1
+        assert b.cluster.placements["redirect"] >= 2
+
+        # The room protocol: a join at the wrong node is redirected, and the client follows.
+        client = RoomClient(b.url, mint(b, "stage", "carol", subscribe=True))
+        try:
+            joined = await client.connect()
+            assert joined["type"] == "joined"
+            assert client.base_url == a.url
+            assert len(a.hub.by_resume) == 1
+        finally:
+            await client.leave()
+
+        text = await _metrics(b)
+        assert 'sfu_cluster_placements_total{result="redirect"}' in text
+        assert "sfu_cluster_up 1.0" in text
+        assert 'sfu_cluster_node_load{node="alpha"}' in text
+    finally:
+        if viewer is not None:
+            await viewer.close()
+        await pc.close()
+
+
+async def test_a_node_that_stops_leaves_the_registry_and_its_rooms_at_once(
+    redis_url: str,
+) -> None:
+    async with node(redis_url, "gamma") as c:
+        async with node(redis_url, "delta") as d:
+            pc, _ = await publish(d, room="moving", tracks=[ColourTrack()])
+            await pc.close()
+            probe = aioredis.from_url(redis_url, decode_responses=True)
+            try:
+                assert await probe.get("blindfold:room:moving") == "delta"
+            finally:
+                await probe.aclose()
+        # delta stopped cleanly: its entries are gone now, not after the TTL.
+        probe = aioredis.from_url(redis_url, decode_responses=True)
+        try:
+            assert await probe.get("blindfold:node:delta") is None
+            assert await probe.get("blindfold:room:moving") is None
+        finally:
+            await probe.aclose()
+        assert c.cluster is not None
+        assert await c.cluster.place("moving") is None  # placed here now
+
+
+async def test_a_second_node_with_the_same_id_is_refused(redis_url: str) -> None:
+    async with node(redis_url, "twin"):
+        server = Server(make_config(**_cluster_env(redis_url, "twin", free_port())))
+        with pytest.raises(StartupError, match=r"cluster\.node_id: a live node already"):
+            await server.start()
+
+
+async def test_an_unreachable_redis_stops_the_start_naming_the_key() -> None:
+    port = free_port()
+    url = f"redis://:hunter2@127.0.0.1:{port}/0"
+    server = Server(make_config(**_cluster_env(url, "lonely", free_port())))
+    with pytest.raises(StartupError) as error:
+        await server.start()
+    assert "cluster.redis_url: cannot reach Redis at redis://:***@127.0.0.1" in str(error.value)
+    assert "hunter2" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"SFU_CLUSTER__ENABLED": "true"}, "advertised_url is required"),
+        (
+            {"SFU_CLUSTER__NODE_TTL": "6", "SFU_CLUSTER__HEARTBEAT_INTERVAL": "1"},
+            "node_ttl must be above 0 s and at most 5 s",
+        ),
+        ({"SFU_CLUSTER__HEARTBEAT_INTERVAL": "2"}, "at most half of node_ttl"),
+        ({"SFU_CLUSTER__ADVERTISED_URL": "ftp://x"}, "cluster.advertised_url"),
+    ],
+)
+def test_cluster_config_errors_say_what_to_fix(env: dict[str, str], expected: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_config(None, env=env)
+    text = str(error.value)
+    assert "cluster" in text
+    assert expected in text
+
+
+async def _until(condition: object, what: str, timeout: float = 15.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():  # type: ignore[operator]
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def _metrics(server: Server) -> str:
+    async with aiohttp.ClientSession() as http, http.get(f"{server.url}/metrics") as r:
+        return await r.text()
