@@ -95,6 +95,11 @@ class RelayMesh:
     def is_relay(self, transport_id: str) -> bool:
         return transport_id in self._relay_ids
 
+    @staticmethod
+    def is_relay_id(transport_id: str) -> bool:
+        """A relay end's id, open or already forgotten (its close event still to come)."""
+        return ".~relay-" in transport_id
+
     def relays(self) -> int:
         return len(self._relays)
 
@@ -215,7 +220,8 @@ class RelayMesh:
         if target is None:
             raise UnknownMediaId(f"media worker {answering.index} has no relay address")
         token = secrets.token_urlsafe(6)
-        ends = {key[0]: f"w{key[0]}.relay-{token}", key[1]: f"w{key[1]}.relay-{token}"}
+        # "~" never occurs in a client transport's token (URL-safe base64): `is_relay_id`.
+        ends = {key[0]: f"w{key[0]}.~relay-{token}", key[1]: f"w{key[1]}.~relay-{token}"}
         answer_local, dial_local = generate_credentials(), generate_credentials()
         fingerprints = self._fingerprints()
         answering.create_relay(
@@ -296,3 +302,16 @@ class RelayMesh:
             target.close_producer(mirror.mirror_id)
         if source.running:
             source.end_subscription(mirror.feed_id, bye=False)
+        if not any(m.relay == mirror.relay for m in self._mirrors.values()):
+            # Nothing crosses it any more: a room that spans the two workers again later
+            # opens a new one (a handshake on loopback, a few milliseconds).
+            self._close_relay(mirror.relay, "no track crosses it any more")
+
+    def _close_relay(self, key: tuple[int, int], reason: str) -> None:
+        relay = self._relays.pop(key, None)
+        if relay is None:
+            return
+        for index, end in relay.ends.items():
+            self._relay_ids.pop(end, None)
+            if self._planes[index].running:
+                self._planes[index].close_transport(end, reason)

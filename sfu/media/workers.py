@@ -611,6 +611,10 @@ class WorkerPool:
             self.mesh.relay_connected(event.transport_id, remote.index)
             return
         if isinstance(event, TransportClosed):
+            if not self.mesh.is_relay(event.transport_id) and RelayMesh.is_relay_id(
+                event.transport_id
+            ):
+                return  # a relay the mesh closed itself (idle, or its other end went)
             relay = self.mesh.is_relay(event.transport_id)
             orphans = self.mesh.transport_closed(event.transport_id)
             if relay:

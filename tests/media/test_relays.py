@@ -124,18 +124,32 @@ async def test_subscribers_on_another_worker_get_the_frames_unchanged_through_on
         assert _value(text, "sfu_subscriptions") == 6
         assert _value(text, "sfu_media_worker_transports") == 4
 
-        # The viewers leave: the copies stop crossing (the relay stays for the room).
+        # The far viewers leave: the copies stop crossing and the idle relay closes.
         for viewer in remote:
             assert viewer.subscription is not None
             await viewer.subscription.close()
             viewer.subscription = None
         await wait_for(lambda: sfu.pool.mesh.mirrors() == 0, timeout=5, what="mirrors closed")
+        assert sfu.pool.mesh.relays() == 0
+        await wait_for(
+            lambda: all(not r.relays for r in sfu.pool.workers), timeout=5, what="relay ends gone"
+        )
+        # The viewer on the publisher's worker never depended on the relay.
+        still = local[0].decoded.frames["video"]
+        await wait_for(
+            lambda: local[0].decoded.frames["video"] > still + 10,
+            timeout=5,
+            what="the near viewer still decoding",
+        )
         # A viewer arriving later on the far worker gets a fresh copy.
         late = Viewer()
         viewers.append(late)
         await late.start(sfu, "big", "late")
         assert late.port() != publisher_port
         await wait_for(late.decoding, timeout=20, what="the late viewer decoding")
+        assert sfu.pool.mesh.relays() == 1
+        assert sfu.pool.mesh.relays_opened == 2
+        assert sfu.pool.mesh.relays_failed == 0
     finally:
         for viewer in viewers:
             if viewer.subscription is not None:
