@@ -168,6 +168,21 @@ class MediaApi(Protocol):
         """Close it (a TransportClosed event follows, unless it was closed already)."""
         ...
 
+    def create_relay(
+        self,
+        *,
+        local: tuple[str, str],
+        remote_ufrag: str,
+        remote_pwd: str,
+        fingerprints: Sequence[Fingerprint],
+        dial: tuple[str, int] | None,
+    ) -> TransportInfo:
+        """One end of a relay to another media plane (sfu/media/relay.py): `local` and
+        `remote_*` are the two ends' ICE credentials; with `dial` (the other end's address)
+        this end checks it and is the DTLS client. Add producers to it (mirrors of the other
+        plane's tracks) and subscriptions (feeds to it) as to a client's transport."""
+        ...
+
     def add_producer(
         self,
         transport_id: str,
@@ -217,10 +232,13 @@ class MediaApi(Protocol):
         ext_map: Mapping[int, int],
         paused: bool = False,
         max_size: tuple[int, int] | None = None,
+        ssrcs: tuple[int, int | None] | None = None,
     ) -> SubscriptionInfo:
         """Forward the track to the transport. `ext_map`: publisher extension id ->
         subscriber id (absent: dropped). `max_size`: the size the subscriber shows the
-        video at, which caps a simulcast track's layer."""
+        video at, which caps a simulcast track's layer. `ssrcs` (SSRC, RTX SSRC): chosen by
+        the caller (a relay's other end, which announced them already), else by the media
+        plane."""
         ...
 
     def set_paused(self, subscription_id: str, paused: bool) -> None: ...

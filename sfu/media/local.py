@@ -10,6 +10,7 @@ behaves exactly as before the boundary existed.
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Mapping, Sequence
 
 from sfu.media.api import (
@@ -134,7 +135,7 @@ class LocalMedia:
 
     def create_relay(
         self,
-        transport_id: str,
+        transport_id: str | None = None,
         *,
         local: tuple[str, str],
         remote_ufrag: str,
@@ -147,7 +148,12 @@ class LocalMedia:
         tracks, its subscriptions feed the other plane; the pool that joins the two
         (sfu/media/workers.py) adds both like a client's."""
         transport = self.engine.create_relay(
-            transport_id, local, remote_ufrag, remote_pwd, fingerprints, dial
+            transport_id or secrets.token_urlsafe(9),
+            local,
+            remote_ufrag,
+            remote_pwd,
+            fingerprints,
+            dial,
         )
         transport.on_connected = self._connected
         transport.on_closed = self._closed

@@ -119,7 +119,9 @@ class RemoteMedia:
     def detach(self) -> list[str]:
         """The worker is gone: its transports with it (their ids, to report closed)."""
         self._writer = None
-        gone = [t for t in self.transports if t not in self.relays]
+        # Relays between this pool's workers are the mesh's business; every other transport
+        # (clients', and relay ends to other nodes) is reported closed.
+        gone = [t for t in self.transports if not RelayMesh.is_relay_id(t)]
         self.transports.clear()
         self.relays.clear()
         self._ssrcs.clear()
@@ -329,13 +331,18 @@ class RemoteMedia:
         ext_map: Mapping[int, int],
         paused: bool = False,
         max_size: tuple[int, int] | None = None,
+        ssrcs: tuple[int, int | None] | None = None,
     ) -> SubscriptionInfo:
         self._known(transport_id)
         kind = self._kinds.get(producer_id.partition(":")[0], {}).get(producer_id)
         if kind is None:
             raise UnknownMediaId(f"no producer {producer_id!r} on media worker {self.index}")
-        ssrc = self._new_ssrc(transport_id)
-        rtx_ssrc = self._new_ssrc(transport_id) if rtx_payload_type is not None else None
+        if ssrcs is not None:
+            ssrc, rtx_ssrc = ssrcs
+            self._ssrcs.setdefault(transport_id, set()).update(s for s in ssrcs if s)
+        else:
+            ssrc = self._new_ssrc(transport_id)
+            rtx_ssrc = self._new_ssrc(transport_id) if rtx_payload_type is not None else None
         self._call(
             "add_subscription",
             transport_id=transport_id,
@@ -703,6 +710,27 @@ class WorkerPool:
             load[remote.index] = load.get(remote.index, 0) + 1
         return info
 
+    def create_relay(
+        self,
+        *,
+        local: tuple[str, str],
+        remote_ufrag: str,
+        remote_pwd: str,
+        fingerprints: Sequence[Fingerprint],
+        dial: tuple[str, int] | None,
+    ) -> TransportInfo:
+        """A relay end to another node, on the least-loaded worker (the mesh joins it to
+        the others like any transport)."""
+        remote = self._place(None)
+        return remote.create_relay(
+            f"w{remote.index}.{secrets.token_urlsafe(9)}",
+            local=local,
+            remote_ufrag=remote_ufrag,
+            remote_pwd=remote_pwd,
+            fingerprints=fingerprints,
+            dial=dial,
+        )
+
     def set_remote(
         self, transport_id: str, ufrag: str, pwd: str, fingerprints: Sequence[Fingerprint]
     ) -> TransportInfo:
@@ -778,6 +806,7 @@ class WorkerPool:
         ext_map: Mapping[int, int],
         paused: bool = False,
         max_size: tuple[int, int] | None = None,
+        ssrcs: tuple[int, int | None] | None = None,
     ) -> SubscriptionInfo:
         remote = self._route(transport_id)
         # A track on another worker is subscribed through its mirror on this one.
@@ -790,6 +819,7 @@ class WorkerPool:
             ext_map=ext_map,
             paused=paused,
             max_size=max_size,
+            ssrcs=ssrcs,
         )
         self.mesh.subscribed(info.id, source)
         return replace(info, producer_id=producer_id)
