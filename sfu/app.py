@@ -16,8 +16,9 @@ from sfu import __version__
 from sfu.cluster import Cluster, ClusterUnavailable
 from sfu.config import DEV_API_KEY, DEV_API_SECRET, Config
 from sfu.control.admission import REFUSAL_REASONS, Admission
+from sfu.control.federation import Federation
 from sfu.control.http import ServerLog, create_app
-from sfu.control.keys import CLUSTER_KEY
+from sfu.control.keys import CLUSTER_KEY, FEDERATION_KEY
 from sfu.control.media_events import MediaEvents
 from sfu.control.rooms import HUB_KEY, RoomHub
 from sfu.lifecycle import Lifecycle
@@ -120,12 +121,23 @@ class Server:
         )
         self.app[HUB_KEY] = self.hub
         self.cluster: Cluster | None = None
+        self.federation: Federation | None = None
         if config.cluster.enabled:
             self.cluster = Cluster(
                 config.cluster, load=self.admission.sessions, rooms=self.rooms.names
             )
             self.app[CLUSTER_KEY] = self.cluster
-            self.metrics.registry.register(ClusterCollector(self.cluster))
+            if config.cluster.rooms == "span":
+                self.federation = Federation(
+                    self.cluster,
+                    self.hub,
+                    self.media,
+                    self.rooms,
+                    self.events,
+                    str(certificate.fingerprint),
+                )
+                self.app[FEDERATION_KEY] = self.federation
+            self.metrics.registry.register(ClusterCollector(self.cluster, self.federation))
         self._runner: web.AppRunner | None = None
         self._lag_task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
@@ -159,6 +171,8 @@ class Server:
             except ClusterUnavailable as exc:
                 await self._close_media()
                 raise StartupError(str(exc)) from None
+            if self.federation is not None:
+                await self.federation.start()
         self._runner = web.AppRunner(
             self.app,
             handle_signals=False,
@@ -178,6 +192,8 @@ class Server:
             await site.start()
         except OSError as exc:
             await self._runner.cleanup()
+            if self.federation is not None:
+                await self.federation.close()
             if self.cluster is not None:
                 await self.cluster.close()
             await self._close_media()
@@ -256,6 +272,8 @@ class Server:
         await stop_task(self._lag_task)
         self._lag_task = None
         await self.hub.close()
+        if self.federation is not None:
+            await self.federation.close()
         if self.cluster is not None:
             await self.cluster.close()
         await self._close_media()

@@ -246,6 +246,11 @@ class Cluster:
                 log.warning("cluster: ignoring a malformed node entry %s", key)
         self.nodes = sorted(nodes, key=lambda n: n.id)
 
+    @property
+    def redis(self) -> aioredis.Redis:
+        """The client (after `start`); RedisError before."""
+        return self._require()
+
     def _require(self) -> aioredis.Redis:
         if self._redis is None:
             raise RedisError("not connected")

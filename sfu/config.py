@@ -439,6 +439,13 @@ class ClusterConfig(_Section):
         "port; other nodes redirect requests for this node's rooms there. Required when "
         "enabled.",
     )
+    rooms: Literal["span", "redirect"] = Field(
+        "span",
+        description="'span': every node serves the participants that reach it, and a room's "
+        "nodes share it (state through Redis, media through one DTLS-SRTP relay per pair of "
+        "nodes). 'redirect': a room lives on one node and requests for it that reach another "
+        "node are redirected there.",
+    )
     heartbeat_interval: Duration = Field(
         1.0, description="How often the node renews its registry entry and its rooms' placement."
     )

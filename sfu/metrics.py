@@ -46,6 +46,7 @@ from sfu.media.stats import FORWARD_SAMPLE_EVERY
 if TYPE_CHECKING:
     from sfu.cluster import Cluster
     from sfu.config import LimitsConfig
+    from sfu.control.federation import Federation
     from sfu.rooms import Rooms
 
 log = logging.getLogger(__name__)
@@ -606,8 +607,9 @@ class WorkerCollector(Collector):
 class ClusterCollector(Collector):
     """This node's view of the cluster (cluster.enabled only)."""
 
-    def __init__(self, cluster: Cluster) -> None:
+    def __init__(self, cluster: Cluster, federation: Federation | None = None) -> None:
         self.cluster = cluster
+        self.federation = federation
 
     def collect(self) -> Iterator[Metric]:
         cluster = self.cluster
@@ -638,6 +640,32 @@ class ClusterCollector(Collector):
             None,
             {"": cluster.redis_errors},
         )
+        federation = self.federation
+        if federation is not None:
+            yield GaugeMetricFamily(
+                "sfu_cluster_relays",
+                "Relays open to other nodes (cluster.rooms: span; one per node this node shares "
+                "a room with).",
+                value=federation.links(),
+            )
+            yield GaugeMetricFamily(
+                "sfu_cluster_remote_participants",
+                "Participants on other nodes shown in this node's rooms.",
+                value=federation.remote_participants(),
+            )
+            yield _counter(
+                "sfu_cluster_feeds",
+                "Tracks of this node that another node asked to receive over a relay.",
+                None,
+                {"": federation.feeds_served},
+            )
+            yield _counter(
+                "sfu_cluster_state_errors",
+                "Failed exchanges of room state, relay setup or key-exchange messages through "
+                "Redis (retried).",
+                None,
+                {"": federation.errors},
+            )
         yield _counter(
             "sfu_cluster_rooms_taken",
             "Heartbeats that found a room with sessions here placed on another node (after a "

@@ -35,7 +35,7 @@ class MediaSession:
     """A WHIP (publish) or WHEP (subscribe) session: one transport and its tracks, known
     by the ids and descriptions the media plane gave (sfu/media/api.py)."""
 
-    kind: str  # "whip" or "whep"
+    kind: str  # "whip", "whep", "rtc" (a room participant's publisher) or "remote"
     room: str
     stream: str
     identity: str
@@ -46,6 +46,10 @@ class MediaSession:
     producers: list[ProducerInfo] = field(default_factory=list)
     subscriptions: list[SubscriptionInfo] = field(default_factory=list)
     etag: str = field(default_factory=lambda: f'"{secrets.token_hex(8)}"')
+    # A participant on another node of the cluster (kind "remote"): what the room protocol
+    # shows of it (`Participant.public()` there), and its tracks' mute state by local id.
+    public: dict[str, Any] | None = None
+    muted: dict[str, bool] = field(default_factory=dict)
 
     @property
     def location(self) -> str:
@@ -53,8 +57,9 @@ class MediaSession:
 
     @property
     def publishes(self) -> bool:
-        """WHIP sessions and room participants' publisher transports carry producers."""
-        return self.kind in ("whip", "rtc")
+        """WHIP sessions and room participants' publisher transports carry producers, and so
+        do other nodes' participants (their tracks mirrored here)."""
+        return self.kind in ("whip", "rtc", "remote")
 
 
 @dataclass(eq=False)

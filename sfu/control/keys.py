@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from aiohttp import web
 
 from sfu.cluster import Cluster
@@ -13,6 +15,10 @@ from sfu.media.api import MediaApi
 from sfu.metrics import Metrics
 from sfu.rooms import Rooms
 
+if TYPE_CHECKING:
+    # The federation imports the room hub, which the key table must not pull in.
+    from sfu.control.federation import Federation
+
 CONFIG_KEY = web.AppKey("config", Config)
 LIFECYCLE_KEY = web.AppKey("lifecycle", Lifecycle)
 METRICS_KEY = web.AppKey("metrics", Metrics)
@@ -23,3 +29,5 @@ ROOMS_KEY = web.AppKey("rooms", Rooms)
 ADMISSION_KEY = web.AppKey("admission", Admission)
 # Present only with cluster.enabled: where rooms live (sfu/cluster.py).
 CLUSTER_KEY = web.AppKey("cluster", Cluster)
+# Present only with cluster.rooms: span (sfu/control/federation.py).
+FEDERATION_KEY: web.AppKey[Federation] = web.AppKey("federation")

@@ -186,7 +186,7 @@ async def create_session(request: web.Request) -> web.StreamResponse:
     room, stream = _names(request)
     grants = _authorize(request, room, publish=kind == "whip", subscribe=kind == "whep")
     cluster = request.app.get(CLUSTER_KEY)
-    if cluster is not None:
+    if cluster is not None and cluster.config.rooms == "redirect":
         node = await cluster.place(room)
         if node is not None:
             # WHIP (RFC 9725) clients follow a 307 and repeat the POST at the room's node.

@@ -1,6 +1,6 @@
-"""Two nodes in this process, coordinated by a real Redis: the registry, room placement, WHIP
-and WHEP redirects (307), room-protocol redirects, a clean stop, and the errors a wrong
-cluster configuration gives."""
+"""Two nodes in this process, coordinated by a real Redis, with `cluster.rooms: redirect`: the
+registry, room placement, WHIP and WHEP redirects (307), room-protocol redirects, a clean
+stop, and the errors a wrong cluster configuration gives."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ def _cluster_env(redis_url: str, node: str, port: int) -> dict[str, str]:
     return {
         "SFU_HTTP__PORT": str(port),
         "SFU_CLUSTER__ENABLED": "true",
+        "SFU_CLUSTER__ROOMS": "redirect",
         "SFU_CLUSTER__REDIS_URL": redis_url,
         "SFU_CLUSTER__NODE_ID": node,
         "SFU_CLUSTER__ADVERTISED_URL": f"http://127.0.0.1:{port}",

@@ -1,191 +1,33 @@
-"""Three `sfu serve` processes and a real Redis: participants enter through all three nodes,
-meet in one call on the room's node (redirects), with E2EE on; then that node is killed with
-SIGKILL and every participant is back in the call, on another node, by itself.
-
-Keys are pre-shared here (each participant's send key known to the others): the key
-exchange is not what this test is about, and a static key makes "decodes" mean the frames
-came through unchanged. A keyless observer receives the same frames and decodes none.
-"""
+"""Three `sfu serve` processes and a real Redis, `cluster.rooms: redirect`: participants enter
+through all three nodes, meet in one call on the room's node (redirects), with E2EE on; then
+that node is killed with SIGKILL and every participant is back in the call, on another node,
+by itself."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterator
 
 import aiohttp
-import numpy as np
 import pytest
 
-from sfu.client.e2ee import E2eeConfig, E2eeContext
-from sfu.client.room import RoomClient
-from sfu.client.sframe import compose_kid
-from sfu.config import Config
-from sfu.control.auth import mint_token
-from tests.conftest import free_port
+from tests.cluster.support import (
+    COLOURS,
+    Node,
+    left,
+    participant,
+    ready,
+    serve_nodes,
+    until,
+)
 from tests.media.harness import ColourTrack, ToneTrack
-
-COLOURS = {"alice": (220, 30, 30), "bob": (30, 200, 30), "carol": (30, 30, 220)}
-KEYS = {name: (compose_kid(i + 1, 0), bytes([i + 1]) * 16) for i, name in enumerate(COLOURS)}
-TTL = 2.0
-
-
-@dataclass
-class Node:
-    name: str
-    port: int
-    process: subprocess.Popen[bytes]
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
 
 @pytest.fixture
 def nodes(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Node]]:
-    started: list[Node] = []
-    logs = tmp_path_factory.mktemp("nodes")
-    try:
-        for name in ("n1", "n2", "n3"):
-            port = free_port()
-            env = {
-                **os.environ,
-                "SFU_HTTP__PORT": str(port),
-                "SFU_RTC__UDP_PORT": str(free_port(socket.SOCK_DGRAM)),
-                "SFU_CLUSTER__ENABLED": "true",
-                "SFU_CLUSTER__REDIS_URL": redis_url,
-                "SFU_CLUSTER__NODE_ID": name,
-                "SFU_CLUSTER__ADVERTISED_URL": f"http://127.0.0.1:{port}",
-                "SFU_CLUSTER__HEARTBEAT_INTERVAL": "0.5",
-                "SFU_CLUSTER__NODE_TTL": str(TTL),
-            }
-            log = (logs / f"{name}.log").open("wb")
-            process = subprocess.Popen(
-                [sys.executable, "-m", "sfu", "serve"],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-            started.append(Node(name, port, process))
+    with serve_nodes(redis_url, tmp_path_factory.mktemp("nodes"), "redirect") as started:
         yield started
-    finally:
-        for node in started:
-            if node.process.poll() is None:
-                node.process.send_signal(signal.SIGINT)
-        for node in started:
-            try:
-                node.process.wait(15)
-            except subprocess.TimeoutExpired:
-                node.process.kill()
-                node.process.wait()
-
-
-async def _ready(http: aiohttp.ClientSession, node: Node, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            async with http.get(f"{node.url}/readyz") as response:
-                if response.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        if node.process.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(f"node {node.name} did not become ready")
-        await asyncio.sleep(0.1)
-
-
-def _colour_of(frame: Any) -> str | None:
-    pixels = frame.to_ndarray(format="rgb24").reshape(-1, 3).mean(axis=0)
-    best = min(COLOURS, key=lambda n: float(np.abs(pixels - np.array(COLOURS[n])).sum()))
-    return best if float(np.abs(pixels - np.array(COLOURS[best])).sum()) < 90 else None
-
-
-@dataclass
-class Participant:
-    name: str
-    client: RoomClient
-    context: E2eeContext
-    # Decoded video frames by whose colour they show.
-    seen: dict[str, int] = field(default_factory=dict)
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    rejoined_at: float | None = None
-
-    def on_track(self, track: Any, *_: Any) -> None:
-        if track.kind == "video":
-            self.tasks.append(asyncio.ensure_future(self._consume(track)))
-
-    async def _consume(self, track: Any) -> None:
-        while True:
-            try:
-                frame = await track.recv()
-            except Exception:
-                return
-            who = _colour_of(frame)
-            if who is not None:
-                self.seen[who] = self.seen.get(who, 0) + 1
-
-    def on_event(self, message: dict[str, Any]) -> None:
-        if message.get("type") == "rejoined" and self.rejoined_at is None:
-            self.rejoined_at = time.monotonic()
-
-
-def _participant(name: str, entry: Node, others: list[Node], keyed: bool = True) -> Participant:
-    if keyed:
-        kid, key = KEYS[name]
-        config = E2eeConfig(
-            send_kid=kid,
-            send_key=key,
-            receive_keys={k: v for n, (k, v) in KEYS.items() if n != name},
-        )
-    else:
-        config = E2eeConfig()
-    context = E2eeContext(config)
-    token = mint_token(
-        Config(), room="failover", identity=name, publish=keyed, subscribe=True, ttl=300
-    )
-    holder: list[Participant] = []
-    client = RoomClient(
-        entry.url,
-        token,
-        e2ee=context,
-        auto_rejoin=True,
-        fallback_urls=[n.url for n in others],
-        on_track=lambda track, *rest: holder[0].on_track(track, *rest),
-        on_event=lambda message: holder[0].on_event(message),
-    )
-    participant = Participant(name, client, context)
-    holder.append(participant)
-    return participant
-
-
-async def _until(condition: Any, what: str, timeout: float) -> float:
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        await asyncio.sleep(0.05)
-    return time.monotonic() - started
-
-
-@contextlib.asynccontextmanager
-async def _left(people: list[Participant]) -> AsyncIterator[None]:
-    try:
-        yield
-    finally:
-        for person in people:
-            with contextlib.suppress(Exception):
-                await person.client.leave()
-            for task in person.tasks:
-                task.cancel()
 
 
 async def test_three_nodes_one_call_and_a_killed_node_s_participants_come_back(
@@ -193,14 +35,14 @@ async def test_three_nodes_one_call_and_a_killed_node_s_participants_come_back(
 ) -> None:
     async with aiohttp.ClientSession() as http:
         for node in nodes:
-            await _ready(http, node)
+            await ready(http, node)
     n1, n2, n3 = nodes
-    alice = _participant("alice", n1, [n2, n3])
-    bob = _participant("bob", n2, [n3, n1])
-    carol = _participant("carol", n3, [n1, n2])
-    eve = _participant("eve", n2, [n3, n1], keyed=False)
+    alice = participant("alice", n1, [n2, n3])
+    bob = participant("bob", n2, [n3, n1])
+    carol = participant("carol", n3, [n1, n2])
+    eve = participant("eve", n2, [n3, n1], keyed=False)
     people = [alice, bob, carol]
-    async with _left([*people, eve]):
+    async with left([*people, eve]):
         # alice's join places the room on n1 (all nodes idle: the one asked wins the tie);
         # the others enter through n2 and n3 and are redirected there.
         for person in [*people, eve]:
@@ -218,7 +60,7 @@ async def test_three_nodes_one_call_and_a_killed_node_s_participants_come_back(
             )
 
         zero: dict[str, dict[str, int]] = {p.name: {} for p in people}
-        await _until(lambda: everyone_sees_everyone(zero), "everyone decoding everyone", 40)
+        await until(lambda: everyone_sees_everyone(zero), "everyone decoding everyone", 40)
         # The keyless observer gets the same encrypted frames and can open none of them.
         assert eve.seen == {}
         assert eve.context.counters.unknown_kid > 0
@@ -228,13 +70,11 @@ async def test_three_nodes_one_call_and_a_killed_node_s_participants_come_back(
         killed_at = time.monotonic()
         n1.process.send_signal(signal.SIGKILL)
         before = {p.name: dict(p.seen) for p in people}
-        await _until(
-            lambda: all(p.rejoined_at is not None for p in people), "everyone rejoined", 15
-        )
+        await until(lambda: all(p.rejoined_at is not None for p in people), "everyone rejoined", 15)
         rejoin = max(p.rejoined_at or 0 for p in people) - killed_at
         assert rejoin <= 5.0, f"the last participant rejoined {rejoin:.2f} s after the kill"
         try:
-            back = await _until(lambda: everyone_sees_everyone(before), "decoding again", 20)
+            back = await until(lambda: everyone_sees_everyone(before), "decoding again", 20)
         except AssertionError:
             state = {
                 p.name: (

@@ -66,6 +66,11 @@ class RoomHub:
         # Each room's speakers as the media plane last announced them (loudest first).
         self.speakers: dict[str, tuple[str, ...]] = {}
         self._timer: asyncio.Task[None] | None = None
+        # With rooms across nodes (sfu/control/federation.py): told the name of a room whose
+        # local participants or tracks changed, and given relay messages for participants on
+        # other nodes (to None: everyone there).
+        self.on_change: Callable[[str], None] | None = None
+        self.remote_relay: Callable[[Room, str, str | None, str], bool] | None = None
         rooms.listeners.append(self)
         events.speaker_listeners.append(self._speakers_changed)
 
@@ -123,10 +128,30 @@ class RoomHub:
                 return participant.id
         return session.id
 
+    def owner_of(self, session: MediaSession) -> str:
+        return self._owner_id(session)
+
+    def muted_of(self, session: MediaSession) -> dict[str, bool]:
+        """Mute state of a publication's tracks, by track id."""
+        for participant in self.participants.values():
+            if participant.publication is session:
+                return participant.muted
+        return session.muted
+
+    def broadcast(self, room: Room, message: dict[str, Any]) -> None:
+        self._broadcast(room, message)
+
+    def _changed(self, room: str) -> None:
+        if self.on_change is not None:
+            self.on_change(room)
+
     def _track_info(self, session: MediaSession, producer: ProducerInfo) -> dict[str, Any]:
         owner = self._owner_id(session)
         participant = self.participants.get(owner)
-        muted = participant.muted.get(producer.id, False) if participant else False
+        if participant is not None:
+            muted = participant.muted.get(producer.id, False)
+        else:
+            muted = session.muted.get(producer.id, False)
         return {
             "id": producer.id,
             "participant": owner,
@@ -150,6 +175,7 @@ class RoomHub:
             for s in room.publications.values()
             if s.kind == "whip"
         ]
+        people += [s.public for s in room.publications.values() if s.kind == "remote" and s.public]
         return people
 
     def _broadcast(self, room: Room, message: dict[str, Any], exclude: str | None = None) -> None:
@@ -176,6 +202,9 @@ class RoomHub:
                     },
                 },
             )
+            self._changed(room.name)
+        elif session.kind == "remote" and session.public:
+            self._broadcast(room, {"type": "participant_joined", "participant": session.public})
         self.tracks_published(room, session, session.producers)
 
     def session_removed(self, session: MediaSession) -> None:
@@ -183,8 +212,10 @@ class RoomHub:
         if room is None or not session.publishes:
             return
         self.tracks_unpublished(room, session, session.producers)
-        if session.kind == "whip":
+        if session.kind in ("whip", "remote"):
             self._broadcast(room, {"type": "participant_left", "participant": session.id})
+        if session.kind == "whip":
+            self._changed(room.name)
 
     def tracks_published(
         self, room: Room, session: MediaSession, producers: list[ProducerInfo]
@@ -197,6 +228,8 @@ class RoomHub:
         for member in self._members(room):
             if member.id != owner:
                 self._sync_subscriptions(member)
+        if session.kind != "remote":
+            self._changed(room.name)
 
     def tracks_unpublished(
         self, room: Room, session: MediaSession, producers: list[ProducerInfo]
@@ -206,6 +239,8 @@ class RoomHub:
             for member in self._members(room):
                 if member.offers is not None and self._end(member, producer.id):
                     self.send_offer(member)
+        if session.kind != "remote":
+            self._changed(room.name)
 
     def _end(self, member: Participant, producer_id: str) -> bool:
         """End the member's subscription to a track, if it has one."""
@@ -275,7 +310,10 @@ class RoomHub:
         name: str | None,
         lifecycle_hold: Callable[[], None],
         reuse_sections: bool = False,
+        slot: int | None = None,
     ) -> Participant:
+        """`slot`: the E2EE sender slot when the cluster allocates it (rooms across nodes
+        must not give two participants one), else the room's next."""
         room = self.rooms.get_or_create(grants.room)
         members = self._members(room)
         limit = self.config.limits.max_participants_per_room
@@ -311,12 +349,13 @@ class RoomHub:
             grants=grants,
             resume_token=secrets.token_urlsafe(24),
             stream=stream,
-            slot=room.allocate_slot(),
+            slot=slot if slot is not None else room.allocate_slot(),
             release_drain=lifecycle_hold,
         )
         room.members[pid] = participant
         self.participants[pid] = participant
         self.by_resume[participant.resume_token] = participant
+        self._changed(room.name)
         if grants.can_subscribe:
             transport = self.media.create_transport("rtc-sub", None, None, [], group=room.name)
             self.events.watch_transport(
@@ -421,6 +460,7 @@ class RoomHub:
             room.members.pop(participant.id, None)
             self._broadcast(room, {"type": "participant_left", "participant": participant.id})
             self.rooms.drop_if_empty(room)
+        self._changed(participant.room)
         participant.outbox.put_nowait(None)
         participant.release_drain()
 
@@ -620,6 +660,7 @@ class RoomHub:
                 },
                 exclude=participant.id,
             )
+            self._changed(room.name)
 
     # -- blind relay -------------------------------------------------------------------------
 
@@ -634,14 +675,32 @@ class RoomHub:
         room = self.rooms.get(participant.room)
         if room is None:
             return
-        message = {"type": "relay", "from": participant.id, "payload": payload}
         if to is None:
             targets = [m for m in self._members(room) if m.id != participant.id]
+            if self.remote_relay is not None:
+                self.remote_relay(room, participant.id, None, payload)
         else:
             target = room.members.get(to)
+            if (
+                target is None
+                and self.remote_relay is not None
+                and self.remote_relay(room, participant.id, to, payload)
+            ):
+                self.relay_messages += 1
+                self.relay_bytes += len(payload)
+                return
             if target is None or target.id == participant.id:
                 raise ProtocolError("unknown_participant", "no such participant in this room")
             targets = [target]
+        self.deliver_relay(room, participant.id, targets, payload)
+
+    def deliver_relay(
+        self, room: Room, sender: str, targets: list[Participant] | None, payload: str
+    ) -> None:
+        """Hand a key-exchange payload to `targets` (None: every member of the room)."""
+        if targets is None:
+            targets = [m for m in self._members(room) if m.id != sender]
+        message = {"type": "relay", "from": sender, "payload": payload}
         for target in targets:
             target.send(message)
         # Only how much, never what: the payload is neither logged nor kept.

@@ -16,7 +16,13 @@ from aiohttp import WSMsgType, web
 
 from sfu.control.admission import Refused, request_ip
 from sfu.control.auth import AuthError, verify_token
-from sfu.control.keys import ADMISSION_KEY, CLUSTER_KEY, CONFIG_KEY, LIFECYCLE_KEY
+from sfu.control.keys import (
+    ADMISSION_KEY,
+    CLUSTER_KEY,
+    CONFIG_KEY,
+    FEDERATION_KEY,
+    LIFECYCLE_KEY,
+)
 from sfu.control.problems import problem_response
 from sfu.control.rooms.errors import ProtocolError
 from sfu.control.rooms.hub import RoomHub
@@ -256,7 +262,7 @@ async def _join(
         return None
     local = hub.by_resume.get(join.resume) if join.resume is not None else None
     cluster = request.app.get(CLUSTER_KEY)
-    if cluster is not None and local is None:
+    if cluster is not None and cluster.config.rooms == "redirect" and local is None:
         node = await cluster.place(grants.room)
         if node is not None:
             # The room lives on another node: the client repeats its join there.
@@ -292,12 +298,16 @@ async def _join(
     except Refused as exc:
         await refuse(exc.code, exc.detail)
         return None
+    federation = request.app.get(FEDERATION_KEY)
+    # Rooms across nodes: a key id (E2EE slot) unique in the room whichever node is joined.
+    slot = await federation.allocate_slot(grants.room) if federation is not None else None
     try:
         participant = hub.new_participant(
             grants,
             join.name,
             lifecycle.hold("room_participant"),
             reuse_sections=join.reuse_sections,
+            slot=slot,
         )
     except ProtocolError as exc:
         await refuse(exc.code, exc.message)
