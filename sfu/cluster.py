@@ -5,17 +5,17 @@ Keys (all under `cluster.key_prefix`, all expiring `cluster.node_ttl` after the 
 - `node:<id>`: a live node, as JSON (its advertised URL, its load, when it started). Each node
   renews its own every `heartbeat_interval`; a node that stops (crash, kill -9, partition)
   disappears within `node_ttl`.
-- `room:<name>`: the id of the node the room lives on. The node renews the rooms it has
-  sessions or participants in with the same heartbeat, so a dead node's rooms are free again
-  within `node_ttl` too.
+- `room:<name>` (`cluster.rooms: redirect`): the id of the node the room lives on. The node
+  renews the rooms it has sessions or participants in with the same heartbeat, so a dead
+  node's rooms are free again within `node_ttl` too.
 
-Placement (`Cluster.place`) runs once per WHIP/WHEP POST and per room join: if the room lives
-on a live node, that node serves it; otherwise it is placed on the least-loaded live node,
-atomically (a Lua script, so two nodes placing the same room at once agree). A request that
-reached another node is redirected there: WHIP and WHEP answer 307 (RFC 9725 lets clients
-follow it), the room protocol sends a `redirect` message (docs/protocol.md). Rooms do not span
-nodes: every session and participant of a room sits on its node, which is what lets the
-redirect be the whole story.
+With `cluster.rooms: span` (the default) rooms span nodes: sfu/control/federation.py shares
+them through this registry and Redis. With `cluster.rooms: redirect` a room lives on one
+node: placement (`Cluster.place`) runs once per WHIP/WHEP POST and per room join; if the room
+lives on a live node, that node serves it, otherwise it is placed on the least-loaded live
+node, atomically (a Lua script, so two nodes placing the same room at once agree). A request
+that reached another node is redirected there: WHIP and WHEP answer 307 (RFC 9725 lets clients
+follow it), the room protocol sends a `redirect` message (docs/protocol.md).
 
 Redis trouble never stops calls on a node: a failed heartbeat or placement is logged and
 counted (`sfu_cluster_redis_errors_total`), and requests are then served where they arrive.
@@ -208,7 +208,8 @@ class Cluster:
     async def heartbeat(self) -> None:
         redis = self._require()
         await redis.set(self._node_prefix + self.node_id, self._record(), px=self._ttl_ms)
-        keys = [self._room_prefix + room for room in self._rooms()]
+        placed = self.config.rooms == "redirect"
+        keys = [self._room_prefix + room for room in self._rooms()] if placed else []
         if keys:
             taken = await redis.eval(_RENEW, len(keys), *keys, self.node_id, self._ttl_ms)
             for key in taken:
