@@ -49,10 +49,15 @@ class Node:
 
 @contextlib.contextmanager
 def serve_nodes(
-    redis_url: str, logs: Path, rooms: str, names: tuple[str, ...] = ("n1", "n2", "n3")
+    redis_url: str,
+    logs: Path,
+    rooms: str,
+    names: tuple[str, ...] = ("n1", "n2", "n3"),
+    extra: dict[str, str] | None = None,
 ) -> Iterator[list[Node]]:
-    """`sfu serve` processes with the cluster on (`cluster.rooms`: `rooms`); their output
-    goes to `logs`/<name>.log. Stopped (SIGINT, then SIGKILL) on exit."""
+    """`sfu serve` processes with the cluster on (`cluster.rooms`: `rooms`) and `extra`
+    overrides; their output goes to `logs`/<name>.log. Stopped (SIGINT, then SIGKILL) on
+    exit."""
     started: list[Node] = []
     try:
         for name in names:
@@ -68,6 +73,7 @@ def serve_nodes(
                 "SFU_CLUSTER__ADVERTISED_URL": f"http://127.0.0.1:{port}",
                 "SFU_CLUSTER__HEARTBEAT_INTERVAL": "0.5",
                 "SFU_CLUSTER__NODE_TTL": str(TTL),
+                **(extra or {}),
             }
             log = (logs / f"{name}.log").open("wb")
             process = subprocess.Popen(

@@ -27,9 +27,22 @@ from tests.cluster.support import (
 from tests.media.harness import ColourTrack, ToneTrack
 
 
-@pytest.fixture
-def nodes(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Node]]:
-    with serve_nodes(redis_url, tmp_path_factory.mktemp("nodes"), "span") as started:
+@pytest.fixture(
+    params=[
+        pytest.param({}, id="one-media-plane-per-node"),
+        # Two workers per node, each room spread over both: node relays, worker relays and
+        # mirrors of mirrors all in one call.
+        pytest.param(
+            {"SFU_RTC__WORKERS": "2", "SFU_RTC__ROOM_TRANSPORTS_PER_WORKER": "1"},
+            id="two-workers-per-node",
+        ),
+    ]
+)
+def nodes(
+    redis_url: str, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[list[Node]]:
+    logs = tmp_path_factory.mktemp("nodes")
+    with serve_nodes(redis_url, logs, "span", extra=request.param) as started:
         yield started
 
 
@@ -97,6 +110,9 @@ async def test_a_room_spans_three_nodes_and_survives_one_of_them(nodes: list[Nod
             # One relay from each node to each of the two others.
             for node in nodes:
                 assert await _metric(http, node, "sfu_cluster_relays") == 2, node.name
+            if await _metric(http, n2, "sfu_media_workers") == 2:
+                # n2 holds bob's two transports and eve's, spread over its two workers.
+                assert await _metric(http, n2, "sfu_relays") >= 1
 
             # SIGKILL alice's node. bob (n2) and carol (n3) must keep receiving each other.
             killed_at = time.monotonic()
