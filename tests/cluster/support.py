@@ -30,6 +30,7 @@ from sfu.client.sframe import compose_kid
 from sfu.config import Config
 from sfu.control.auth import mint_token
 from tests.conftest import free_port
+from tests.media.harness import ColourTrack, ToneTrack
 
 COLOURS = {"alice": (220, 30, 30), "bob": (30, 200, 30), "carol": (30, 30, 220)}
 KEYS = {name: (compose_kid(i + 1, 0), bytes([i + 1]) * 16) for i, name in enumerate(COLOURS)}
@@ -194,3 +195,23 @@ async def left(people: list[Participant]) -> AsyncIterator[None]:
                 await person.client.leave()
             for task in person.tasks:
                 task.cancel()
+
+
+def cast(nodes: list[Node]) -> tuple[list[Participant], Participant]:
+    """alice, bob and carol entering through n1, n2 and n3 (each falling back to the other
+    two), and eve, a keyless observer, through n2."""
+    n1, n2, n3 = nodes
+    people = [
+        participant("alice", n1, [n2, n3]),
+        participant("bob", n2, [n3, n1]),
+        participant("carol", n3, [n1, n2]),
+    ]
+    return people, participant("eve", n2, [n3, n1], keyed=False)
+
+
+async def join_all(people: list[Participant], observer: Participant) -> None:
+    """Everyone joins in turn; the keyed ones publish a video of their colour and a tone."""
+    for person in [*people, observer]:
+        await person.client.connect()
+        if person is not observer:
+            await person.client.publish([ColourTrack(COLOURS[person.name]), ToneTrack()])

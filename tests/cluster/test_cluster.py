@@ -18,7 +18,14 @@ from sfu.client.whip import Subscription
 from sfu.client.whip import subscribe as whep_subscribe
 from sfu.config import ConfigError, load_config
 from tests.conftest import free_port
-from tests.media.harness import ColourTrack, Counter, ToneTrack, make_config, publish
+from tests.media.harness import (
+    ColourTrack,
+    Counter,
+    ToneTrack,
+    make_config,
+    metrics_text,
+    publish,
+)
 from tests.media.harness import token as mint
 
 
@@ -102,7 +109,7 @@ async def test_nodes_see_each_other_and_requests_follow_the_room(
         finally:
             await client.leave()
 
-        text = await _metrics(b)
+        text = await metrics_text(b)
         assert 'sfu_cluster_placements_total{result="redirect"}' in text
         assert "sfu_cluster_up 1.0" in text
         assert 'sfu_cluster_node_load{node="alpha"}' in text
@@ -179,8 +186,3 @@ async def _until(condition: object, what: str, timeout: float = 15.0) -> None:
         if loop.time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.05)
-
-
-async def _metrics(server: Server) -> str:
-    async with aiohttp.ClientSession() as http, http.get(f"{server.url}/metrics") as r:
-        return await r.text()

@@ -15,13 +15,13 @@ import pytest
 from tests.cluster.support import (
     COLOURS,
     Node,
+    cast,
+    join_all,
     left,
-    participant,
     ready,
     serve_nodes,
     until,
 )
-from tests.media.harness import ColourTrack, ToneTrack
 
 
 @pytest.fixture
@@ -37,18 +37,11 @@ async def test_three_nodes_one_call_and_a_killed_node_s_participants_come_back(
         for node in nodes:
             await ready(http, node)
     n1, n2, n3 = nodes
-    alice = participant("alice", n1, [n2, n3])
-    bob = participant("bob", n2, [n3, n1])
-    carol = participant("carol", n3, [n1, n2])
-    eve = participant("eve", n2, [n3, n1], keyed=False)
-    people = [alice, bob, carol]
+    people, eve = cast(nodes)
     async with left([*people, eve]):
         # alice's join places the room on n1 (all nodes idle: the one asked wins the tie);
         # the others enter through n2 and n3 and are redirected there.
-        for person in [*people, eve]:
-            await person.client.connect()
-            if person is not eve:
-                await person.client.publish([ColourTrack(COLOURS[person.name]), ToneTrack()])
+        await join_all(people, eve)
         assert {p.client.base_url for p in [*people, eve]} == {n1.url}
 
         def everyone_sees_everyone(since: dict[str, dict[str, int]]) -> bool:

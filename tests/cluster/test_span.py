@@ -18,13 +18,13 @@ from tests.cluster.support import (
     COLOURS,
     Node,
     Participant,
+    cast,
+    join_all,
     left,
-    participant,
     ready,
     serve_nodes,
     until,
 )
-from tests.media.harness import ColourTrack, ToneTrack
 
 
 @pytest.fixture(
@@ -68,16 +68,10 @@ async def test_a_room_spans_three_nodes_and_survives_one_of_them(nodes: list[Nod
         for node in nodes:
             await ready(http, node)
         n1, n2, n3 = nodes
-        alice = participant("alice", n1, [n2, n3])
-        bob = participant("bob", n2, [n3, n1])
-        carol = participant("carol", n3, [n1, n2])
-        eve = participant("eve", n2, [n3, n1], keyed=False)
-        people = [alice, bob, carol]
+        people, eve = cast(nodes)
+        alice, bob, carol = people
         async with left([*people, eve]):
-            for person in [*people, eve]:
-                await person.client.connect()
-                if person is not eve:
-                    await person.client.publish([ColourTrack(COLOURS[person.name]), ToneTrack()])
+            await join_all(people, eve)
             # Nobody was redirected: each participant is served where it arrived.
             assert [p.client.base_url for p in people] == [n1.url, n2.url, n3.url]
             zero: dict[str, dict[str, int]] = {p.name: {} for p in people}

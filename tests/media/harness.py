@@ -60,6 +60,23 @@ async def running_server(**env: str) -> AsyncIterator[Server]:
         await server.close()
 
 
+async def metrics_text(server: Server) -> str:
+    """The server's /metrics page."""
+    async with aiohttp.ClientSession() as http, http.get(f"{server.url}/metrics") as r:
+        assert r.status == 200
+        return await r.text()
+
+
+def metric_value(text: str, name: str) -> float:
+    """`name`'s samples in a /metrics page, summed over their labels (0 if absent); `name`
+    may include a label set, e.g. 'sfu_rtp_packets_total{direction="out",kind="video"}'."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 def token(server: Server, room: str = "room1", identity: str = "alice", **grants: bool) -> str:
     return mint_token(
         server.config,

@@ -11,7 +11,6 @@ import os
 import signal
 from collections.abc import AsyncIterator
 
-import aiohttp
 import pytest
 
 from sfu.app import Server
@@ -19,7 +18,16 @@ from sfu.client.e2ee import E2eeConfig, EncryptedFrame
 from sfu.client.sframe import compose_kid
 from sfu.client.whip import Publication, Subscription, publish, subscribe
 from sfu.control.sdp import parse_sdp
-from tests.media.harness import ColourTrack, Counter, ToneTrack, running_server, token, wait_for
+from tests.media.harness import (
+    ColourTrack,
+    Counter,
+    ToneTrack,
+    metric_value,
+    metrics_text,
+    running_server,
+    token,
+    wait_for,
+)
 
 KID = compose_kid(7, 0)
 KEY = bytes(range(64, 80))
@@ -61,20 +69,6 @@ def _port(sdp: str) -> int:
     return ports.pop()
 
 
-async def _metrics(sfu: Server) -> str:
-    async with aiohttp.ClientSession() as http, http.get(f"{sfu.url}/metrics") as r:
-        assert r.status == 200
-        return await r.text()
-
-
-def _value(text: str, name: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 async def test_subscribers_on_another_worker_get_the_frames_unchanged_through_one_relay(
     sfu: Server,
 ) -> None:
@@ -114,15 +108,15 @@ async def test_subscribers_on_another_worker_get_the_frames_unchanged_through_on
         assert sfu.pool.mesh.relays() == 1
         assert sfu.pool.mesh.mirrors() == 2
         await asyncio.sleep(1.2)  # a fresh snapshot from each worker
-        text = await _metrics(sfu)
-        assert _value(text, "sfu_relays") == 1
-        assert _value(text, "sfu_relayed_tracks") == 2
-        assert _value(text, "sfu_relay_transports") == 2
-        assert _value(text, "sfu_relay_packets_sent_total") > 100
+        text = await metrics_text(sfu)
+        assert metric_value(text, "sfu_relays") == 1
+        assert metric_value(text, "sfu_relayed_tracks") == 2
+        assert metric_value(text, "sfu_relay_transports") == 2
+        assert metric_value(text, "sfu_relay_packets_sent_total") > 100
         # Relay ends and mirrored tracks are not clients' transports and tracks.
-        assert _value(text, 'sfu_published_tracks{kind="video"}') == 1
-        assert _value(text, "sfu_subscriptions") == 6
-        assert _value(text, "sfu_media_worker_transports") == 4
+        assert metric_value(text, 'sfu_published_tracks{kind="video"}') == 1
+        assert metric_value(text, "sfu_subscriptions") == 6
+        assert metric_value(text, "sfu_media_worker_transports") == 4
 
         # The far viewers leave: the copies stop crossing and the idle relay closes.
         for viewer in remote:

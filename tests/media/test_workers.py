@@ -16,7 +16,6 @@ import signal
 import socket
 from collections.abc import AsyncIterator
 
-import aiohttp
 import pytest
 
 from sfu.app import Server
@@ -24,7 +23,16 @@ from sfu.client.e2ee import E2eeConfig, EncryptedFrame
 from sfu.client.sframe import compose_kid
 from sfu.client.whip import Publication, Subscription, WhipError, publish, subscribe
 from sfu.control.sdp import parse_sdp
-from tests.media.harness import ColourTrack, Counter, ToneTrack, running_server, token, wait_for
+from tests.media.harness import (
+    ColourTrack,
+    Counter,
+    ToneTrack,
+    metric_value,
+    metrics_text,
+    running_server,
+    token,
+    wait_for,
+)
 
 KID = compose_kid(5, 0)
 KEY = bytes(range(32, 48))
@@ -81,20 +89,6 @@ class Call:
                 await session.close()
 
 
-async def _metrics(sfu: Server) -> str:
-    async with aiohttp.ClientSession() as http, http.get(f"{sfu.url}/metrics") as r:
-        assert r.status == 200
-        return await r.text()
-
-
-def _value(text: str, name: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 async def test_rooms_spread_over_workers_and_frames_arrive_unchanged(sfu: Server) -> None:
     assert sfu.pool is not None
     assert sfu.engine is None
@@ -129,10 +123,10 @@ async def test_rooms_spread_over_workers_and_frames_arrive_unchanged(sfu: Server
             what="both workers' snapshots",
         )
         await asyncio.sleep(1.2)
-        text = await _metrics(sfu)
+        text = await metrics_text(sfu)
         merged = sfu.media.snapshot()
-        assert _value(text, "sfu_media_workers") == 2
-        assert _value(text, 'sfu_rtp_packets_total{direction="out",kind="video"}') > 0
+        assert metric_value(text, "sfu_media_workers") == 2
+        assert metric_value(text, 'sfu_rtp_packets_total{direction="out",kind="video"}') > 0
         per_worker = [r.snapshot() for r in sfu.pool.workers]
         assert all(s is not None and s.rtp_by_kind["video"][2] > 0 for s in per_worker)
         assert merged.rtp_by_kind["video"][2] == sum(
@@ -195,8 +189,8 @@ async def test_a_killed_worker_is_restarted_and_the_other_rooms_go_on(sfu: Serve
             await wait_for(again.decoding, timeout=25, what="room-a again")
         finally:
             await again.close()
-        text = await _metrics(sfu)
-        assert _value(text, "sfu_media_worker_restarts_total") == 1
+        text = await metrics_text(sfu)
+        assert metric_value(text, "sfu_media_worker_restarts_total") == 1
     finally:
         for call in calls:
             await call.close()
