@@ -1,4 +1,4 @@
-"""deploy/docker-compose.yml, checked structurally.
+"""deploy/docker-compose.yml and deploy/docker-compose.cluster.yml, checked structurally.
 
 `podman-compose config` would be the natural validator, but Debian's podman-compose 1.0.3
 has no `config` command and its `--dry-run` still creates networks and volumes, and no Docker
@@ -17,11 +17,13 @@ from typing import Any
 import pytest
 import yaml
 
+from sfu.config import Config, load_config
 from sfu.units import parse_duration
 from tests.conftest import ROOT, clean_env, run_cli
 from tests.deploy.support import DEPLOY, compose_volume
 
 COMPOSE = DEPLOY / "docker-compose.yml"
+CLUSTER = DEPLOY / "docker-compose.cluster.yml"
 GOOD_SECRET = "a-test-secret-of-at-least-32-characters-0123"
 
 
@@ -131,7 +133,8 @@ def test_prometheus_scrapes_the_sfu_service() -> None:
     assert int(port) == yaml.safe_load((DEPLOY / "sfu.yaml").read_text())["http"]["port"]
 
 
-def test_podman_compose_config_when_available(tmp_path: Path) -> None:
+@pytest.mark.parametrize("path", [COMPOSE, CLUSTER], ids=lambda p: p.name)
+def test_podman_compose_config_when_available(path: Path, tmp_path: Path) -> None:
     podman_compose = shutil.which("podman-compose")
     if podman_compose is None:
         pytest.skip("podman-compose not installed; the structural checks above apply")
@@ -141,7 +144,7 @@ def test_podman_compose_config_when_available(tmp_path: Path) -> None:
     if not re.search(r"\bconfig\b", commands):
         pytest.skip("this podman-compose (Debian's 1.0.3) has no `config` command")
     result = subprocess.run(
-        [podman_compose, "-f", str(COMPOSE), "config"],
+        [podman_compose, "-f", str(path), "config"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -151,7 +154,196 @@ def test_podman_compose_config_when_available(tmp_path: Path) -> None:
             BLINDFOLD_API_SECRET=GOOD_SECRET,
             BLINDFOLD_ANNOUNCED_IP="203.0.113.7",
             GRAFANA_ADMIN_PASSWORD="test-password",
+            BLINDFOLD_NODE1_URL="http://203.0.113.7:7880",
+            BLINDFOLD_NODE2_URL="http://203.0.113.7:7881",
         ),
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "7882:7882/udp" in result.stdout
+    assert ("7882:7882/udp" if path == COMPOSE else "sfu-2") in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# deploy/docker-compose.cluster.yml: Redis and two SFU nodes. Each node's environment is put
+# through the server's own config loader, with the variables compose would substitute.
+
+NODES = ("sfu-1", "sfu-2")
+
+
+def cluster() -> dict[str, Any]:
+    return yaml.safe_load(CLUSTER.read_text())
+
+
+_VARIABLE = re.compile(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}")
+
+
+def interpolate(value: str, variables: dict[str, str]) -> str:
+    """Compose's ${VAR}, ${VAR:-default} and ${VAR:?error} (with and without the colon)."""
+
+    def one(match: re.Match[str]) -> str:
+        name, operator, argument = match.groups()
+        present = variables.get(name)
+        if operator and operator.startswith(":") and present == "":
+            present = None
+        if present is not None:
+            return present
+        if operator and operator.endswith("?"):
+            raise LookupError(f"compose refuses to start: {name}: {argument}")
+        return argument if operator else ""
+
+    return _VARIABLE.sub(one, value)
+
+
+def example_variables(**changes: str) -> dict[str, str]:
+    """deploy/.env.example as an operator fills it in (a real secret, the same addresses)."""
+    return {**env_example(), "BLINDFOLD_API_SECRET": GOOD_SECRET, **changes}
+
+
+def node_env(name: str, variables: dict[str, str] | None = None) -> dict[str, str]:
+    environment = cluster()["services"][name]["environment"]
+    for key, value in environment.items():
+        # Compose passes strings; a YAML true or 2 would arrive as "True" / "2" depending on
+        # the engine, so the file quotes them.
+        assert isinstance(value, str), f"{name}: {key} must be a quoted string"
+    chosen = example_variables() if variables is None else variables
+    return {key: interpolate(value, chosen) for key, value in environment.items()}
+
+
+def node_config(name: str, variables: dict[str, str] | None = None) -> Config:
+    env = node_env(name, variables)
+    # The config file the container reads is the one mounted at SFU_CONFIG.
+    mounts = {
+        target: source
+        for source, target, _ in map(compose_volume, cluster()["services"][name]["volumes"])
+    }
+    return load_config(DEPLOY / mounts[env["SFU_CONFIG"]], env)
+
+
+def published(name: str, protocol: str) -> list[tuple[range, range]]:
+    """(host ports, container ports) of a service's published ports of one protocol."""
+    found = []
+    for spec in cluster()["services"][name].get("ports", []):
+        spec, _, proto = str(spec).partition("/")
+        if (proto or "tcp") != protocol:
+            continue
+        host, _, container = spec.rpartition(":")
+        assert "." not in host, f"{name}: bind {spec} to all addresses, clients reach it"
+        ranges = []
+        for part in (host, container):
+            low, _, high = part.partition("-")
+            ranges.append(range(int(low), int(high or low) + 1))
+        found.append((ranges[0], ranges[1]))
+    return found
+
+
+def test_cluster_services_and_redis() -> None:
+    services = cluster()["services"]
+    assert set(services) == {"redis", *NODES}
+    redis = services["redis"]
+    assert redis["image"].endswith("/redis:7-alpine")
+    # Nothing to persist (every key the nodes keep is rewritten each heartbeat).
+    command = redis["command"]
+    assert command[0] == "redis-server"
+    assert command[command.index("--save") + 1] == ""
+    assert command[command.index("--appendonly") + 1] == "no"
+    assert not redis.get("volumes")
+    # Redis is for the nodes only: no published port, not even on loopback.
+    assert not redis.get("ports")
+    assert "redis-cli ping" in " ".join(redis["healthcheck"]["test"])
+    # The single-node project is another one: the two never share containers or volumes.
+    assert cluster()["name"] != compose()["name"]
+
+
+def test_cluster_nodes_run_the_single_node_image_and_settings() -> None:
+    single = compose()["services"]["sfu"]
+    for name in NODES:
+        node = cluster()["services"][name]
+        assert node["image"] == single["image"], name
+        assert (CLUSTER.parent / node["build"]["context"]).resolve() == ROOT
+        assert node["build"]["dockerfile"] == single["build"]["dockerfile"]
+        assert node["volumes"] == single["volumes"], name
+        for key in ("read_only", "security_opt", "cap_drop", "ulimits", "stop_signal"):
+            assert node[key] == single[key], f"{name}: {key}"
+        config = node_config(name)
+        assert parse_duration(node["stop_grace_period"]) > config.drain_timeout
+        # Start once Redis answers (a node that cannot reach it at start exits 1).
+        assert node["depends_on"]["redis"]["condition"] == "service_healthy"
+        assert node["restart"] == "unless-stopped"
+        assert node["healthcheck"]["test"] == ["CMD-SHELL", "sfu healthcheck"]
+
+
+def test_cluster_nodes_are_valid_and_distinct_members_of_one_cluster() -> None:
+    configs = {name: node_config(name) for name in NODES}
+    example = env_example()
+    for name, config in configs.items():
+        assert config.cluster.enabled, name
+        assert config.cluster.node_id == name
+        assert config.dev_mode is False
+        assert [str(ip) for ip in config.rtc.announced_ips] == [example["BLINDFOLD_ANNOUNCED_IP"]]
+    assert configs["sfu-1"].cluster.advertised_url == example["BLINDFOLD_NODE1_URL"]
+    assert configs["sfu-2"].cluster.advertised_url == example["BLINDFOLD_NODE2_URL"]
+    assert len({c.cluster.node_id for c in configs.values()}) == len(NODES)
+    assert len({c.cluster.advertised_url for c in configs.values()}) == len(NODES)
+    # One Redis, one key prefix, one room mode: otherwise they are two clusters.
+    for key in ("key_prefix", "rooms", "node_ttl", "heartbeat_interval"):
+        assert len({getattr(c.cluster, key) for c in configs.values()}) == 1, key
+    urls = {c.cluster.redis_url.get_secret_value() for c in configs.values()}
+    assert len(urls) == 1
+    (url,) = urls
+    match = re.fullmatch(r"redis://([\w.-]+):(\d+)/\d+", url)
+    assert match, url
+    assert match.group(1) == "redis", "the nodes must use the compose service `redis`"
+    assert int(match.group(2)) == 6379
+
+
+def test_cluster_published_ports_match_each_node() -> None:
+    example = env_example()
+    urls = {"sfu-1": example["BLINDFOLD_NODE1_URL"], "sfu-2": example["BLINDFOLD_NODE2_URL"]}
+    taken: dict[str, set[int]] = {"tcp": set(), "udp": set()}
+    for name in NODES:
+        config = node_config(name)
+        # Media: every worker's port, host and container numbers equal (the candidate
+        # carries the port the worker binds), and nothing else.
+        workers = config.rtc.worker_count()
+        expected = set(range(config.rtc.udp_port, config.rtc.udp_port + workers))
+        udp = published(name, "udp")
+        for host, container in udp:
+            assert host == container, f"{name}: UDP {host} published as {container}"
+        assert {p for _, container in udp for p in container} == expected, name
+        # HTTP: the container's http.port, on the host port the example URL names.
+        ((host, container),) = published(name, "tcp")
+        assert list(container) == [config.http.port], name
+        assert urls[name].endswith(f":{host[0]}"), f"{name}: {urls[name]} is not port {host[0]}"
+        for protocol, ports in (("tcp", set(host)), ("udp", expected)):
+            assert not taken[protocol] & ports, f"{name}: {protocol} ports used twice"
+            taken[protocol] |= ports
+
+
+def test_cluster_variables_are_required_and_documented() -> None:
+    text = CLUSTER.read_text()
+    required = set(re.findall(r"\$\{(\w+):\?", text))
+    assert {
+        "BLINDFOLD_API_SECRET",
+        "BLINDFOLD_ANNOUNCED_IP",
+        "BLINDFOLD_NODE1_URL",
+        "BLINDFOLD_NODE2_URL",
+    } <= required
+    assert set(re.findall(r"\$\{(\w+)", text)) <= set(env_example())
+    # A node URL left unset stops compose instead of starting a node no one can be sent to.
+    unset = example_variables()
+    del unset["BLINDFOLD_NODE2_URL"]
+    with pytest.raises(LookupError, match="BLINDFOLD_NODE2_URL"):
+        node_env("sfu-2", unset)
+
+
+@pytest.mark.parametrize("name", NODES)
+def test_cluster_node_env_passes_check_config(name: str) -> None:
+    config_file = str(DEPLOY / "sfu.yaml")
+    env = node_env(name)
+    del env["SFU_CONFIG"]
+    ok = run_cli("check-config", config_file, env=clean_env(**env))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    # Without an advertised URL the node is refused, so the file's value is what counts.
+    env["SFU_CLUSTER__ADVERTISED_URL"] = ""
+    refused = run_cli("check-config", config_file, env=clean_env(**env))
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "advertised_url" in refused.stdout + refused.stderr
