@@ -124,7 +124,10 @@ class Server:
         self.federation: Federation | None = None
         if config.cluster.enabled:
             self.cluster = Cluster(
-                config.cluster, load=self.admission.sessions, rooms=self.rooms.names
+                config.cluster,
+                load=self.admission.sessions,
+                rooms=self.rooms.names,
+                accepting=lambda: not self.lifecycle.draining,
             )
             self.app[CLUSTER_KEY] = self.cluster
             if config.cluster.rooms == "span":

@@ -86,6 +86,8 @@ class NodeInfo:
     url: str
     load: int
     started: float
+    # Shutting down: keeps its rooms, takes no new ones.
+    draining: bool = False
 
 
 def default_node_id() -> str:
@@ -111,12 +113,14 @@ class Cluster:
         *,
         load: Callable[[], int],
         rooms: Callable[[], Iterable[str]],
+        accepting: Callable[[], bool] = lambda: True,
     ) -> None:
         self.config = config
         self.node_id = config.node_id or default_node_id()
         self.url = config.advertised_url.rstrip("/")
         self._load = load
         self._rooms = rooms
+        self._accepting = accepting
         prefix = config.key_prefix
         self._node_prefix = f"{prefix}node:"
         self._room_prefix = f"{prefix}room:"
@@ -195,7 +199,14 @@ class Cluster:
     # -- heartbeat ---------------------------------------------------------------------------
 
     def _record(self) -> str:
-        return json.dumps({"url": self.url, "load": self._load(), "started": self.started})
+        return json.dumps(
+            {
+                "url": self.url,
+                "load": self._load(),
+                "started": self.started,
+                "draining": not self._accepting(),
+            }
+        )
 
     async def _run(self) -> None:
         while True:
@@ -241,6 +252,7 @@ class Cluster:
                         str(data["url"]),
                         int(data["load"]),
                         float(data["started"]),
+                        bool(data.get("draining", False)),
                     )
                 )
             except (ValueError, KeyError, TypeError):
@@ -277,9 +289,9 @@ class Cluster:
         try:
             redis = self._require()
             await self._refresh_nodes()
-            live = [n for n in self.nodes if n.id != self.node_id] + [
-                NodeInfo(self.node_id, self.url, self._load(), self.started)
-            ]
+            live = [n for n in self.nodes if n.id != self.node_id and not n.draining]
+            if self._accepting() or not live:
+                live.append(NodeInfo(self.node_id, self.url, self._load(), self.started))
             # Least-loaded first, this node winning ties (no redirect when it is as good).
             chosen = min(live, key=lambda n: (n.load, n.id != self.node_id, n.id))
             owner = await redis.eval(

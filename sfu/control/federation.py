@@ -133,6 +133,7 @@ class Federation:
         self._tasks: list[asyncio.Task[None]] = []
         self._lock = asyncio.Lock()
         self._last_error_log = 0.0
+        self._closing = False
         # For /metrics.
         self.errors = 0
         self.links_opened = 0
@@ -153,11 +154,13 @@ class Federation:
         ]
 
     async def close(self) -> None:
+        self._closing = True
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if self._tasks:
+            # redis-py's pub/sub read can swallow a cancellation while it waits on the socket;
+            # the loop then sees `_closing` within its one-second read timeout.
+            await asyncio.wait(self._tasks, timeout=2.0)
         self._tasks = []
         with contextlib.suppress(RedisError, OSError):
             for room in list(self._rooms_listened):
@@ -268,16 +271,35 @@ class Federation:
             self._apply(room_name, node, None)
         self._remote.pop(room_name, None)
 
-    async def allocate_slot(self, room: str) -> int | None:
-        """The room's next E2EE sender slot, unique across nodes; None if Redis failed (the
-        caller then uses the room's local counter)."""
+    def _highest_slot(self, room_name: str) -> int:
+        """The highest slot a participant of the room holds, as far as this node knows."""
+        room = self.rooms.get(room_name)
+        if room is None:
+            return 0
+        slots = [m.slot for m in room.members.values()]
+        slots += [
+            int(s.public["slot"])
+            for s in room.publications.values()
+            if s.kind == "remote" and s.public and isinstance(s.public.get("slot"), int)
+        ]
+        return max(slots, default=0)
+
+    async def allocate_slot(self, room: str) -> int:
+        """The room's next E2EE sender slot, unique across nodes. The counter lives in Redis;
+        a counter Redis lost (a restart) starts again above every slot still in the room, and
+        without Redis this node counts on from there itself (a collision with a node that
+        does the same at that moment stays possible, and is logged as a Redis failure)."""
         key = self._slot_prefix + room
+        floor = self._highest_slot(room)
         try:
             slot = int(await self.cluster.redis.incr(key))
+            if slot <= floor:
+                slot = int(await self.cluster.redis.incrby(key, floor + 1 - slot))
             await self.cluster.redis.expire(key, SLOT_TTL)
         except (RedisError, OSError) as exc:
             self._failed("E2EE slot allocation", exc)
-            return None
+            local = self.rooms.get(room)
+            return max(floor + 1, local.next_slot if local is not None else 1)
         return slot
 
     # -- outgoing, in order ------------------------------------------------------------------
@@ -674,7 +696,7 @@ class Federation:
 
     async def _read(self) -> None:
         assert self._pubsub is not None
-        while True:
+        while not self._closing:
             try:
                 raw = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
             except (RedisError, OSError) as exc:

@@ -186,3 +186,28 @@ async def _until(condition: object, what: str, timeout: float = 15.0) -> None:
         if loop.time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+async def test_e2ee_slots_stay_unique_when_redis_lost_the_counter(redis_url: str) -> None:
+    """Span mode takes key ids (slots) from a Redis counter; a counter Redis lost (a restart
+    without persistence) starts again above every slot still held in the room."""
+    env = {**_cluster_env(redis_url, "solo", free_port()), "SFU_CLUSTER__ROOMS": "span"}
+    server = Server(make_config(**env))
+    await server.start()
+    first = RoomClient(server.url, mint(server, "keys", "first", subscribe=True))
+    second = RoomClient(server.url, mint(server, "keys", "second", subscribe=True))
+    try:
+        joined = await first.connect()
+        assert joined["participant"]["slot"] == 1
+        probe = aioredis.from_url(redis_url, decode_responses=True)
+        try:
+            assert await probe.get("blindfold:slot:keys") == "1"
+            await probe.delete("blindfold:slot:keys")
+        finally:
+            await probe.aclose()
+        joined = await second.connect()
+        assert joined["participant"]["slot"] == 2
+    finally:
+        for client in (first, second):
+            await client.leave()
+        await server.close()
