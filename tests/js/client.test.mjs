@@ -210,3 +210,60 @@ test('observeVideoSize sends the element size once it holds still, and 0 x 0 whe
   assert.equal(disconnected, 2);
   mock.timers.reset();
 });
+
+// --- joining through a cluster node that redirects -----------------------------------------------
+
+/** A WebSocket stand-in: answers each join with the next of `answers` (by URL), records joins. */
+function scriptedSockets(answers) {
+  /** @type {{url: string, join: any}[]} */
+  const opened = [];
+  class ScriptedSocket {
+    static OPEN = 1;
+    constructor(/** @type {string} */ url) {
+      this.url = url;
+      this.readyState = 1;
+      setTimeout(() => this.onopen?.(), 0);
+    }
+    send(/** @type {string} */ text) {
+      const join = JSON.parse(text);
+      opened.push({ url: this.url, join });
+      const answer = answers.shift();
+      setTimeout(() => this.onmessage?.({ data: JSON.stringify(answer) }), 0);
+    }
+    close() { this.readyState = 3; }
+  }
+  return { ScriptedSocket, opened };
+}
+
+/** Replace the global WebSocket for one test (this Node has no t.mock.property). */
+function useSocket(/** @type {any} */ t, /** @type {any} */ socket) {
+  const saved = globalThis.WebSocket;
+  globalThis.WebSocket = socket;
+  t.after(() => { globalThis.WebSocket = saved; });
+}
+
+const JOINED = { type: 'joined', participant: { id: 'me', identity: 'me', name: null, kind: 'rtc', slot: 1 }, resume_token: 'rt', participants: [], tracks: [] };
+
+test('a redirect is followed with the same join, and the room node stays the URL', async (t) => {
+  const { ScriptedSocket, opened } = scriptedSockets([
+    { type: 'redirect', node: 'n2', url: 'ws://127.0.0.1:9002/rtc' },
+    JOINED,
+  ]);
+  useSocket(t, ScriptedSocket);
+  const room = /** @type {any} */ (new BlindfoldRoom({ token: TOKEN, passphrase: 'p', url: 'http://127.0.0.1:9001' }));
+  const joined = await room.connect(false);
+  assert.equal(joined.type, 'joined');
+  assert.deepEqual(opened.map((o) => o.url), ['ws://127.0.0.1:9001/rtc', 'ws://127.0.0.1:9002/rtc']);
+  assert.deepEqual(opened[1].join, opened[0].join);
+  assert.equal(opened[1].join.token, TOKEN);
+  assert.equal(room.url, 'ws://127.0.0.1:9002/rtc');
+});
+
+test('more than three redirects fail the join with a clear error', async (t) => {
+  const hop = { type: 'redirect', node: 'n', url: 'ws://127.0.0.1:9003/rtc' };
+  const { ScriptedSocket, opened } = scriptedSockets([hop, hop, hop, hop, JOINED]);
+  useSocket(t, ScriptedSocket);
+  const room = /** @type {any} */ (new BlindfoldRoom({ token: TOKEN, passphrase: 'p', url: 'http://127.0.0.1:9001' }));
+  await assert.rejects(room.connect(false), (err) => err instanceof BlindfoldError && err.code === 'too_many_redirects');
+  assert.equal(opened.length, 4);
+});

@@ -33,6 +33,9 @@ export const PROTOCOL_VERSION = 1;
 const DEFAULT_RECONNECT_WINDOW_MS = 20000;
 /** How long to wait for `joined`, `publish_answer` and the like. */
 const REQUEST_TIMEOUT_MS = 10000;
+// Redirects followed per join: a cluster in `redirect` mode sends a join on to the room's node
+// once (a room moves at most once between two looks at Redis).
+const MAX_REDIRECTS = 3;
 /** Stats intervals (1 s each) of failures without a single good frame before a peer's media
  * counts as undecryptable: a joiner's first frames may legitimately arrive before its key. */
 const CANNOT_DECRYPT_AFTER = 2;
@@ -683,12 +686,15 @@ export class BlindfoldRoom {
   // --- connection ----------------------------------------------------------------------------
 
   /**
-   * Open a socket and send `join` (or `join` with `resume`); resolves with `joined`.
+   * Open a socket and send `join` (or `join` with `resume`); resolves with `joined`. A
+   * `redirect` answer (a cluster node sending us to the node the room lives on) is followed
+   * with the same join, at most MAX_REDIRECTS times; the room's node then stays our URL.
    * @private
    * @param {boolean} resume
+   * @param {number} [hops]
    * @returns {Promise<any>}
    */
-  connect(resume) {
+  connect(resume, hops = 0) {
     return new Promise((resolve, reject) => {
       let ws;
       try {
@@ -734,6 +740,19 @@ export class BlindfoldRoom {
         }
         if (message.type === 'error') {
           fail(new BlindfoldError(message.code, ERROR_MESSAGES[message.code] ?? message.message, true));
+          return;
+        }
+        if (message.type === 'redirect' && typeof message.url === 'string') {
+          if (hops >= MAX_REDIRECTS) {
+            fail(new BlindfoldError('too_many_redirects', `still redirected after ${MAX_REDIRECTS} hops`, true));
+            return;
+          }
+          settled = true;
+          clearTimeout(timer);
+          ws.onclose = null;
+          ws.close();
+          this.url = message.url;
+          this.connect(resume, hops + 1).then(resolve, reject);
           return;
         }
         if (message.type !== 'joined') {
