@@ -1,9 +1,11 @@
 // Blindfold's browser client: one participant of an end-to-end-encrypted room.
 //
 // It speaks the room protocol of docs/protocol.md (version 1) over the WebSocket at /rtc:
-// join (and resume after a dropped socket), a publisher RTCPeerConnection this client offers
-// (publish_offer -> publish_answer), a subscriber RTCPeerConnection the SFU offers and
-// renegotiates (subscribe_offer -> subscribe_answer, a=setup:active), mute and leave.
+// join (following a cluster's redirect to the room's node; resume after a dropped socket;
+// with `autoRejoin`, a fresh join when the media or the node is gone), a publisher
+// RTCPeerConnection this client offers (publish_offer -> publish_answer), a subscriber
+// RTCPeerConnection the SFU offers and renegotiates (subscribe_offer -> subscribe_answer,
+// a=setup:active), mute and leave.
 //
 // E2EE is always on and cannot be turned off: every outgoing frame is protected with SFrame in
 // one module worker (../e2ee/worker.js) before it leaves the browser, and every incoming frame
@@ -36,6 +38,18 @@ const REQUEST_TIMEOUT_MS = 10000;
 // Redirects followed per join: a cluster in `redirect` mode sends a join on to the room's node
 // once (a room moves at most once between two looks at Redis).
 const MAX_REDIRECTS = 3;
+// Between rejoin attempts while no node takes the join: a dead node's rooms are placed afresh
+// within cluster.node_ttl (at most 5 s), so the last delay repeats until REJOIN_FOR_MS has
+// passed. The Python client (sfu/client/room.py) keeps the same schedule.
+const REJOIN_DELAYS_MS = [0, 250, 500];
+const REJOIN_FOR_MS = 30000;
+/** Refusals that no other node or later attempt can change: the token, this browser or our
+ * offer is the problem, so a rejoin gives up at once instead of retrying for half a minute. */
+const REJOIN_HOPELESS = new Set([
+  'missing_token', 'invalid_token', 'unknown_key', 'token_expired', 'token_not_yet_valid',
+  'unsupported_version', 'codec_not_supported', 'e2ee_unsupported', 'no_slot',
+  'invalid_sdp', 'no_publish_grant', 'no_usable_media', 'bundle_required', 'too_many_tracks',
+]);
 /** Stats intervals (1 s each) of failures without a single good frame before a peer's media
  * counts as undecryptable: a joiner's first frames may legitimately arrive before its key. */
 const CANNOT_DECRYPT_AFTER = 2;
@@ -236,6 +250,15 @@ export const ERROR_MESSAGES = Object.freeze({
  * @property {boolean} [recordKeys]  keep every media key used, as hex, for tests that check the
  *   server never saw them (window.blindfoldTest). Off by default: keys should not linger
  * @property {number} [reconnectWindowMs]  how long to try resuming after the socket drops
+ * @property {boolean} [autoRejoin]  join the room afresh by itself when a media connection is
+ *   gone (`transport_closed`: the SFU's media worker for it died) or the socket dropped and
+ *   cannot be resumed (`resume_failed`, or its node is unreachable: the node died). A dropped
+ *   socket is still resumed first. The rejoin tries the current URL, then `url` and
+ *   `fallbackUrls` in turn, for up to 30 s, publishes `media` again on a new connection and
+ *   takes a new receiving connection; the others see us leave and join again. It emits
+ *   `rejoined`, or a fatal `rejoin_failed` error when it gives up. Off by default
+ * @property {string[]} [fallbackUrls]  other servers (as `url`) a rejoin may join through,
+ *   e.g. the other nodes of a cluster
  * @property {number} [kxIterations]  PBKDF2 iterations of the key exchange: tests only
  */
 
@@ -255,7 +278,9 @@ export const ERROR_MESSAGES = Object.freeze({
  * - `send_key` {kid, generation}: our frames are protected with a new key generation
  * - `receive_key` {participant, kid}: a peer's key arrived
  * - `connection` {state}: `connected`, `reconnecting`, `closed`
- * - `error` {code, message, fatal}
+ * - `rejoined` {reason, node}: with `autoRejoin`, we joined afresh (as a new participant, with
+ *   a new id and slot) through `node` (its socket URL) and published our media again
+ * - `error` {code, message, fatal}; `rejoin_failed` (fatal) when `autoRejoin` gave up
  * - `left` {reason}
  * @typedef {{type: string, [field: string]: any}} RoomEvent
  */
@@ -383,6 +408,13 @@ export class BlindfoldRoom {
     /** @private */ this.url = socketUrl(options.url ?? globalThis.location.origin);
     /** @private */ this.onEvent = options.onEvent ?? (() => {});
     /** @private */ this.reconnectWindowMs = options.reconnectWindowMs ?? DEFAULT_RECONNECT_WINDOW_MS;
+    const fallbacks = options.fallbackUrls ?? [];
+    if (!Array.isArray(fallbacks) || fallbacks.some((u) => typeof u !== 'string' || u === '')) {
+      throw new BlindfoldError('invalid_option', 'fallbackUrls must be a list of server URLs');
+    }
+    /** @private Where a rejoin may start: a redirect moves this.url to the room's node, and
+     * when that node dies these are how the room is found again. */
+    this.entryUrls = [...new Set([this.url, ...fallbacks.map(socketUrl)])];
 
     /** Our participant as the server describes it (after join). @type {Participant|null} */
     this.self = null;
@@ -402,6 +434,11 @@ export class BlindfoldRoom {
     /** @private @type {WebSocket|null} */ this.ws = null;
     /** @private */ this.resumeToken = '';
     /** @private */ this.leaving = false;
+    /** @private Set once join() has finished: a failure before that fails the join instead. */
+    this.established = false;
+    /** @private @type {Promise<void>|null} */ this.rejoining = null;
+    /** @private @type {string|null} why to rejoin once the resume under way has succeeded */
+    this.rejoinAfterResume = null;
     /** @private @type {RTCPeerConnection|null} */ this.publisher = null;
     /** @private @type {RTCPeerConnection|null} */ this.subscriber = null;
     /** @private @type {RTCIceServer[]} */ this.iceServers = [];
@@ -450,6 +487,7 @@ export class BlindfoldRoom {
       if (this.options.media && this.options.media.getTracks().length > 0) {
         await this.publish(this.options.media);
       }
+      this.established = true;
     } catch (err) {
       // Leave rather than linger half-joined (the others would see a silent member).
       this.leaving = true;
@@ -777,7 +815,18 @@ export class BlindfoldRoom {
     if (this.ws !== ws) return;
     this.ws = null;
     if (this.leaving || this.state === 'closed') return;
+    if (this.rejoining !== null) {
+      // The socket of a rejoin attempt: resuming it would race the rejoin, which instead
+      // fails this attempt (rather than wait out the publish timeout) and joins afresh.
+      this.pendingPublish?.reject(new BlindfoldError('connect_failed', 'the connection closed while rejoining'));
+      this.pendingPublish = null;
+      return;
+    }
     this.reconnect().catch((err) => {
+      if (this.rejoinable(err)) {
+        this.startRejoin(`the connection was lost and could not be resumed (${err.code}: ${err.message})`);
+        return;
+      }
       this.emit({ type: 'error', code: err.code ?? 'resume_failed', message: err.message, fatal: true });
       this.shutdown('connection lost');
     });
@@ -810,17 +859,189 @@ export class BlindfoldRoom {
           // Our offer (or its answer) was lost with the old socket.
           this.send({ type: 'publish_offer', sdp: this.publisher.localDescription?.sdp });
         }
+        if (this.rejoinAfterResume !== null) {
+          const why = this.rejoinAfterResume;
+          this.rejoinAfterResume = null;
+          this.startRejoin(why);
+        }
         return;
       } catch (err) {
         // A refusal (the window is over, the token expired, ...) ends it; a network error
         // is retried until the window ends.
         if (err instanceof BlindfoldError && err.fatal) throw err;
+        // Unreachable while the browser says it is online: the node is most likely gone with
+        // our participant, so waiting out the window would only prolong the silence before a
+        // rejoin. Offline, the node may be fine and resuming keeps the media running.
+        if (this.options.autoRejoin && this.established && globalThis.navigator?.onLine !== false) throw err;
         if (Date.now() + delay > deadline) {
           throw new BlindfoldError('resume_failed', 'could not reconnect to the server in time', true);
         }
         await sleep(delay);
         delay = Math.min(delay * 2, 4000);
       }
+    }
+  }
+
+  /**
+   * Whether a failed resume should end in a rejoin rather than in a closed room.
+   * @private
+   * @param {unknown} err
+   * @returns {boolean}
+   */
+  rejoinable(err) {
+    if (!this.options.autoRejoin || !this.established || this.leaving || this.state === 'closed') return false;
+    if (!(err instanceof BlindfoldError)) return false;
+    // Not fatal: reconnect() gave up on a node it could not reach. `draining`: that node
+    // takes no one back, another will.
+    return !err.fatal || err.code === 'resume_failed' || err.code === 'draining';
+  }
+
+  /**
+   * One of our media connections is gone (the server's `transport_closed`, or our side saw
+   * it fail). The SFU never rebuilds a participant's transport, so with autoRejoin only a
+   * fresh join brings the media back.
+   * @private
+   * @param {string} reason
+   */
+  mediaLost(reason) {
+    if (!this.options.autoRejoin || !this.established || this.leaving || this.state === 'closed') return;
+    if (this.state === 'reconnecting' && this.rejoining === null) {
+      // A resume is under way and would race a rejoin; it keeps the dead transport, so the
+      // rejoin follows once it has succeeded (a failed resume rejoins anyway).
+      this.rejoinAfterResume = reason;
+      return;
+    }
+    this.startRejoin(reason);
+  }
+
+  /**
+   * @private
+   * @param {string} reason
+   */
+  startRejoin(reason) {
+    if (this.rejoining !== null) return;
+    this.rejoinAfterResume = null;
+    this.rejoining = this.rejoin(reason)
+      .catch((err) => this.rejoinFailed(err))
+      .finally(() => { this.rejoining = null; });
+  }
+
+  /**
+   * Join afresh, as the Python client's auto_rejoin does: the current URL, then the entry
+   * URLs in turn, with short delays, until one attempt has joined and published or
+   * REJOIN_FOR_MS has passed.
+   * @private
+   * @param {string} reason
+   * @returns {Promise<void>}
+   */
+  async rejoin(reason) {
+    this.setState('reconnecting');
+    // Fixed for the whole rejoin: a redirect during an attempt moves this.url, and the
+    // rotation must still reach every entry.
+    const urls = [...new Set([this.url, ...this.entryUrls])];
+    const giveUp = Date.now() + REJOIN_FOR_MS;
+    /** @type {unknown} */
+    let error = null;
+    for (let attempt = 0; attempt === 0 || Date.now() < giveUp; attempt++) {
+      await sleep(REJOIN_DELAYS_MS[Math.min(attempt, REJOIN_DELAYS_MS.length - 1)]);
+      if (this.leaving || this.state === 'closed') return;
+      try {
+        await this.rejoinAt(urls[attempt % urls.length]);
+      } catch (err) {
+        error = err;
+        if (this.leaving || this.state === 'closed') return;
+        if (err instanceof BlindfoldError && REJOIN_HOPELESS.has(err.code)) break;
+        continue;
+      }
+      if (this.leaving || this.state === 'closed') return;
+      this.setState('connected');
+      this.emit({ type: 'rejoined', reason, node: this.url });
+      return;
+    }
+    this.rejoinFailed(error);
+  }
+
+  /**
+   * @private
+   * @param {unknown} error  the last attempt's failure
+   */
+  rejoinFailed(error) {
+    if (this.state === 'closed') return;
+    this.dropSession();
+    const code = error instanceof BlindfoldError ? error.code : null;
+    const cause = error instanceof Error ? error.message : String(error);
+    this.emit({ type: 'error', code: 'rejoin_failed', message: `could not rejoin the room: ${cause}`, fatal: true, cause: code });
+    this.leaving = true;
+    this.shutdown('rejoin failed');
+  }
+
+  /**
+   * One rejoin attempt through `url`: a fresh join (not a resume: our old participant is
+   * gone, or about to be replaced by this one), a new key exchange for the new participant
+   * id and slot, and `media` published again on a new connection.
+   * @private
+   * @param {string} url
+   */
+  async rejoinAt(url) {
+    this.dropSession();
+    this.url = url;
+    const joined = await this.connect(false);
+    if (this.leaving || this.state === 'closed') {
+      // leave() (or a fatal error) came while this join was on its way: it must not linger.
+      this.dropSession();
+      return;
+    }
+    const ws = this.ws;
+    this.applyJoined(joined);
+    this.startKeyExchange();
+    await this.kx?.start();
+    if (this.ws !== ws) throw new BlindfoldError('connect_failed', 'the connection closed while rejoining');
+    const media = this.options.media;
+    // The same MediaStreamTracks: a track may be sent on a new RTCPeerConnection once the old
+    // one is closed, and publish() attaches a fresh encrypt transform to each new sender.
+    if (media && media.getTracks().length > 0) await this.publish(media);
+  }
+
+  /**
+   * Let go of the current participant: its socket (closed with 1000, so the server removes
+   * it now and the others rotate their keys at once), both peer connections, its key
+   * exchange and all media state. Participants are kept; the next `joined` says who is left.
+   * @private
+   */
+  dropSession() {
+    const ws = this.ws;
+    this.ws = null;
+    if (ws !== null) {
+      ws.onmessage = null;
+      ws.onclose = null;
+      ws.close(1000);
+    }
+    if (this.pendingPublish !== null) {
+      this.pendingPublish.reject(new BlindfoldError('connect_failed', 'the connection was replaced by a rejoin'));
+      this.pendingPublish = null;
+    }
+    // Remote media ends with the old receiving connection: the app hears so now, and gets
+    // new `track` events from the new one. Our own tracks get new ids from the next join.
+    for (const track of [...this.tracks.values()]) {
+      if (track.participant === this.self?.id) this.tracks.delete(track.id);
+      else this.trackUnpublished(track.id);
+    }
+    this.ownTracks = {};
+    this.streams.clear();
+    this.midTracks.clear();
+    this.publisher?.close();
+    this.publisher = null;
+    this.subscriber?.close();
+    this.subscriber = null;
+    this.subscriberQueue = Promise.resolve();
+    // Its timers may still fire: startKeyExchange's callbacks ignore a replaced exchange.
+    this.kx = null;
+    for (const peer of this.peerE2ee.values()) {
+      // Every peer has to verify our new participant id before it sends us its key again.
+      peer.verified = false;
+      peer.rejected = null;
+      peer.status = 'waiting';
+      peer.failing = 0;
     }
   }
 
@@ -947,6 +1168,8 @@ export class BlindfoldRoom {
         if (message.fatal === true) {
           this.leaving = true;
           this.shutdown(message.code);
+        } else if (message.code === 'transport_closed') {
+          this.mediaLost(String(message.message ?? 'a media connection closed'));
         }
         break;
       case 'pong':
@@ -1044,10 +1267,17 @@ export class BlindfoldRoom {
     if (self === null || typeof self.slot !== 'number') {
       throw new BlindfoldError('no_slot', 'the server gave this participant no E2EE sender slot');
     }
+    /** @type {KeyExchange|null} */
+    let kx = null;
+    // After a rejoin the old exchange's timers still fire (a delayed key switch, a rotation):
+    // its keys belong to a participant that is gone and must reach neither the worker nor
+    // the new socket.
+    const live = () => kx !== null && this.kx === kx;
     /** @type {import('../e2ee/keyexchange.js').KeyExchangeOptions} */
     const kxOptions = {
       slot: self.slot,
       onSendKey: (kid, key) => {
+        if (!live()) return;
         this.worker?.postMessage({ type: 'setSendKey', kid, key });
         // The exchange sets its current key before calling us.
         const current = this.kx?.currentSendKey();
@@ -1057,8 +1287,11 @@ export class BlindfoldRoom {
         if (this.options.recordKeys) this.keyLog.push({ direction: 'send', participant: self.id, kid: entry.kid, key: hex(key) });
         this.emit({ type: 'send_key', kid: entry.kid, generation: entry.generation });
       },
-      onKeyRemoved: (_sender, kid) => this.worker?.postMessage({ type: 'removeReceiveKey', kid }),
+      onKeyRemoved: (_sender, kid) => {
+        if (live()) this.worker?.postMessage({ type: 'removeReceiveKey', kid });
+      },
       onPeerVerified: (peerId) => {
+        if (!live()) return;
         const peer = this.peerState(peerId);
         peer.verified = true;
         peer.rejected = null;
@@ -1066,11 +1299,12 @@ export class BlindfoldRoom {
       },
     };
     if (this.options.kxIterations !== undefined) kxOptions.iterations = this.options.kxIterations;
-    this.kx = new KeyExchange(
+    kx = new KeyExchange(
       this.roomName,
       self.id,
       this.options.passphrase,
       (to, payload) => {
+        if (!live()) return;
         /** @type {Record<string, any>} */
         const message = { type: 'relay', payload };
         if (to !== null) message.to = to;
@@ -1078,6 +1312,7 @@ export class BlindfoldRoom {
         this.send(message);
       },
       (sender, kid, key) => {
+        if (!live()) return;
         this.worker?.postMessage({ type: 'addReceiveKey', kid, key });
         const peer = this.peerState(sender);
         peer.kids.add(kidHex(kid));
@@ -1085,6 +1320,7 @@ export class BlindfoldRoom {
         this.emit({ type: 'receive_key', participant: sender, kid: kidHex(kid) });
       },
       (peerId, reason) => {
+        if (!live()) return;
         const peer = this.peerState(peerId);
         if (peer.rejected === reason) return;
         peer.rejected = reason;
@@ -1092,8 +1328,9 @@ export class BlindfoldRoom {
       },
       kxOptions,
     );
+    this.kx = kx;
     for (const participant of this.participants.values()) {
-      if (participant.kind === 'rtc') this.kx.peerJoined(participant.id).catch((err) => this.clientError('key_exchange', err));
+      if (participant.kind === 'rtc') kx.peerJoined(participant.id).catch((err) => this.clientError('key_exchange', err));
     }
   }
 
@@ -1189,8 +1426,10 @@ export class BlindfoldRoom {
     const pc = new RTCPeerConnection(this.peerConfig());
     this.publisher = pc;
     pc.onconnectionstatechange = () => {
-      if (pc.connectionState === 'failed') {
+      // A connection a rejoin replaced is no news.
+      if (pc.connectionState === 'failed' && pc === this.publisher) {
         this.emit({ type: 'error', code: 'transport_closed', message: 'The connection for your camera and microphone failed.', fatal: false });
+        this.mediaLost('the connection for your camera and microphone failed');
       }
     };
     /** @type {{transceiver: RTCRtpTransceiver, layers: RTCRtpEncodingParameters[]}[]} */
@@ -1277,8 +1516,9 @@ export class BlindfoldRoom {
       const pc = new RTCPeerConnection(this.peerConfig());
       pc.ontrack = (event) => this.remoteTrack(event);
       pc.onconnectionstatechange = () => {
-        if (pc.connectionState === 'failed') {
+        if (pc.connectionState === 'failed' && pc === this.subscriber) {
           this.emit({ type: 'error', code: 'transport_closed', message: 'The connection for receiving media failed.', fatal: false });
+          this.mediaLost('the connection for receiving media failed');
         }
       };
       this.subscriber = pc;
@@ -1286,6 +1526,9 @@ export class BlindfoldRoom {
     for (const [mid, trackId] of tracksByMid(sdp)) this.midTracks.set(mid, trackId);
     const pc = this.subscriber;
     await pc.setRemoteDescription({ type: 'offer', sdp });
+    // An offer for a connection a rejoin replaced meanwhile: answering it on the new socket
+    // would be read as the answer to the new connection's offer.
+    if (pc !== this.subscriber) return;
     // ontrack attached transforms to new receivers; cover any it missed.
     for (const transceiver of pc.getTransceivers()) {
       if (transceiver.currentDirection !== 'stopped' && transceiver.mid !== null) this.ensureDecrypt(transceiver);
@@ -1294,6 +1537,7 @@ export class BlindfoldRoom {
     // The SFU is the DTLS server on every transport (docs/protocol.md): answer active.
     const fixed = answer.sdp?.replace(/^a=setup:(passive|actpass)\r?$/gm, 'a=setup:active');
     await pc.setLocalDescription({ type: 'answer', sdp: fixed });
+    if (pc !== this.subscriber) return;
     this.send({ type: 'subscribe_answer', sdp: pc.localDescription?.sdp });
   }
 
