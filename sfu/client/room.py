@@ -9,8 +9,9 @@ published frame is protected and every received one unprotected (sfu/client/e2ee
 A `redirect` answer to a join (a cluster node sending the client to the room's node) is
 followed. With `auto_rejoin`, a client whose media transport closed (`transport_closed`: a
 media worker or relay went away) or whose socket dropped and could not be resumed (its node
-died) joins again by itself, through its URL and then `fallback_urls` in turn, republishes
-the same tracks and takes a fresh receiving connection; it then reports a `rejoined` event.
+died) joins again by itself, through its URL, then `fallback_urls` and the other nodes the
+cluster named in `joined` in turn, republishes the same tracks and takes a fresh receiving
+connection; it then reports a `rejoined` event.
 """
 
 from __future__ import annotations
@@ -139,8 +140,20 @@ class RoomClient:
         self.joined = message
         self.participant_id = message["participant"]["id"]
         self.resume_token = message["resume_token"]
+        self._learn_nodes(message.get("nodes"))
         self._reader = asyncio.create_task(self._read(self._ws))
         return message
+
+    def _learn_nodes(self, nodes: Any) -> None:
+        """A cluster's `joined` lists its other live nodes: rejoins may go there too, after
+        the URLs the application gave (a node that has since died is merely one failed try)."""
+        if not isinstance(nodes, list):
+            return
+        for url in nodes:
+            if isinstance(url, str) and url.startswith(("ws://", "wss://")):
+                base = url.removesuffix("/rtc").replace("ws", "http", 1).rstrip("/")
+                if base not in self.entry_urls:
+                    self.entry_urls.append(base)
 
     async def drop(self) -> None:
         """Lose the socket without leaving, as a network failure would: no close frame

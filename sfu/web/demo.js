@@ -232,6 +232,9 @@ async function onJoin(event) {
       onEvent: (/** @type {any} */ e) => { if (session === mine) onEvent(e); },
       recordKeys: params.get('test') === '1',
       transformApi: params.get('e2ee_api') === 'streams' ? 'streams' : 'auto',
+      // A media worker or the whole server may die: join again, through another node of the
+      // cluster if the server named any, instead of ending the call.
+      autoRejoin: true,
     });
   } catch (err) {
     media?.getTracks().forEach((t) => t.stop());
@@ -349,6 +352,8 @@ function onEvent(event) {
   if (eventLog.length > 500) eventLog.shift();
   switch (event.type) {
     case 'joined':
+      // A rejoin makes us a new participant: our own tile follows the new id.
+      if (event.participant) $('local-tile').dataset.participant = event.participant.id;
       for (const p of event.participants) tileFor(p.id);
       renderPeers();
       chooseSpotlight(null);
@@ -419,6 +424,9 @@ function onEvent(event) {
       break;
     case 'connection':
       renderConnection(event.state);
+      break;
+    case 'rejoined':
+      showNotice('The connection to the server was lost; you are back in the call (the others saw you leave and join again).');
       break;
     case 'error':
       if (event.fatal) lastFatal = event.message;

@@ -197,12 +197,34 @@ async def left(people: list[Participant]) -> AsyncIterator[None]:
                 task.cancel()
 
 
-def cast(nodes: list[Node]) -> tuple[list[Participant], Participant]:
+async def cluster_formed(http: aiohttp.ClientSession, nodes: list[Node]) -> None:
+    """Wait until every node is ready and lists every node in its registry (a node learns the
+    others at its next heartbeat), so a `joined` names all the others."""
+    for node in nodes:
+        await ready(http, node)
+    wanted = {f'sfu_cluster_node_load{{node="{n.name}"}}' for n in nodes}
+    deadline = time.monotonic() + 10
+    for node in nodes:
+        while True:
+            async with http.get(f"{node.url}/metrics") as response:
+                text = await response.text()
+            known = {line.rsplit(" ", 1)[0] for line in text.splitlines()}
+            if wanted <= known:
+                break
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{node.name} knows only {sorted(known & wanted)}")
+            await asyncio.sleep(0.1)
+
+
+def cast(
+    nodes: list[Node], *, alice_fallbacks: bool = True
+) -> tuple[list[Participant], Participant]:
     """alice, bob and carol entering through n1, n2 and n3 (each falling back to the other
-    two), and eve, a keyless observer, through n2."""
+    two; alice to none without `alice_fallbacks`, so she knows the others only from the
+    `nodes` of her `joined`), and eve, a keyless observer, through n2."""
     n1, n2, n3 = nodes
     people = [
-        participant("alice", n1, [n2, n3]),
+        participant("alice", n1, [n2, n3] if alice_fallbacks else []),
         participant("bob", n2, [n3, n1]),
         participant("carol", n3, [n1, n2]),
     ]

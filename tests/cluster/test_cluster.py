@@ -106,6 +106,20 @@ async def test_nodes_see_each_other_and_requests_follow_the_room(
             assert joined["type"] == "joined"
             assert client.base_url == a.url
             assert len(a.hub.by_resume) == 1
+            # `joined` names the other live nodes, where a rejoin may go if this one dies.
+            assert joined["nodes"] == [b.url.replace("http", "ws", 1) + "/rtc"]
+        finally:
+            await client.leave()
+        # A draining node takes no one back: it is no longer named.
+        b.lifecycle.start_draining()
+        alpha = a.cluster
+        await _until(
+            lambda: any(n.id == "beta" and n.draining for n in alpha.nodes),
+            "alpha seeing beta drain",
+        )
+        client = RoomClient(a.url, mint(a, "stage", "dave", subscribe=True))
+        try:
+            assert (await client.connect())["nodes"] == []
         finally:
             await client.leave()
 

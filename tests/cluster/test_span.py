@@ -19,9 +19,9 @@ from tests.cluster.support import (
     Node,
     Participant,
     cast,
+    cluster_formed,
     join_all,
     left,
-    ready,
     serve_nodes,
     until,
 )
@@ -65,15 +65,21 @@ def _sees(people: list[Participant], since: dict[str, dict[str, int]], frames: i
 
 async def test_a_room_spans_three_nodes_and_survives_one_of_them(nodes: list[Node]) -> None:
     async with aiohttp.ClientSession() as http:
-        for node in nodes:
-            await ready(http, node)
+        await cluster_formed(http, nodes)
         n1, n2, n3 = nodes
-        people, eve = cast(nodes)
+        # alice is given no other node: when n1 dies she finds the call through the nodes
+        # her `joined` named.
+        people, eve = cast(nodes, alice_fallbacks=False)
         alice, bob, carol = people
         async with left([*people, eve]):
             await join_all(people, eve)
             # Nobody was redirected: each participant is served where it arrived.
             assert [p.client.base_url for p in people] == [n1.url, n2.url, n3.url]
+            # Each `joined` named the two other live nodes, which rejoins may go through.
+            assert alice.client.joined["nodes"] == [
+                f"ws://127.0.0.1:{n.port}/rtc" for n in (n2, n3)
+            ]
+            assert alice.client.entry_urls == [n1.url, n2.url, n3.url]
             zero: dict[str, dict[str, int]] = {p.name: {} for p in people}
             took = await until(lambda: _sees(people, zero, 10), "everyone decoding everyone", 40)
             # Every participant is listed on every node (ids are the same everywhere).

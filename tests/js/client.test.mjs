@@ -524,6 +524,28 @@ test('with autoRejoin, a node that died is rejoined through a fallback without w
   await room.leave();
 });
 
+test('with autoRejoin and no fallbackUrls, a rejoin goes to the nodes the cluster named in joined', async (t) => {
+  const net = fakeNetwork(t);
+  const plainJoin = net.join;
+  // Node A names B (and junk that must be ignored); B names A back.
+  net.join = (url, join) => {
+    const answer = plainJoin(url, join);
+    if (answer.type === 'joined') {
+      answer.nodes = url === NODE_A ? [NODE_B, 'javascript:alert(1)', 42, NODE_A] : [NODE_A];
+    }
+    return answer;
+  };
+  const { room, events } = await joinedRoom(t, net, { autoRejoin: true });
+  assert.deepEqual(room.entryUrls, [NODE_A, NODE_B]);
+  net.dead.add(NODE_A);
+  net.sockets[0].drop();
+  await until(() => events.some((e) => e.type === 'rejoined' || (e.type === 'error' && e.fatal)), 2000);
+  assert.equal(events.find((e) => e.type === 'rejoined').node, NODE_B);
+  assert.deepEqual(net.of('join').map((s) => [s.url, s.message.resume ?? null]), [[NODE_A, null], [NODE_B, null]]);
+  assert.deepEqual(room.entryUrls, [NODE_A, NODE_B]);
+  await room.leave();
+});
+
 test('with autoRejoin, a resumed socket stays the same participant', async (t) => {
   const net = fakeNetwork(t);
   const { room, events } = await joinedRoom(t, net, { autoRejoin: true });

@@ -14,6 +14,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from sfu.cluster import Cluster
 from sfu.control.admission import Refused, request_ip
 from sfu.control.auth import AuthError, verify_token
 from sfu.control.keys import (
@@ -181,10 +182,29 @@ def _error(code: str, message: str, fatal: bool = False) -> dict[str, Any]:
     return {"type": "error", "code": code, "message": message, "fatal": fatal}
 
 
+def socket_url(base_url: str) -> str:
+    """A node's advertised http(s) URL as the WebSocket URL of its /rtc."""
+    return "ws" + base_url.removeprefix("http") + "/rtc"
+
+
 def redirect_message(node: str, base_url: str) -> dict[str, Any]:
     """Join elsewhere: the room's node, as a WebSocket URL for /rtc (docs/protocol.md)."""
-    ws_url = "ws" + base_url.removeprefix("http") + "/rtc"
-    return {"type": "redirect", "node": node, "url": ws_url}
+    return {"type": "redirect", "node": node, "url": socket_url(base_url)}
+
+
+def joined_message(
+    hub: RoomHub, participant: Participant, resumed: bool, cluster: Cluster | None
+) -> dict[str, Any]:
+    """`joined`, and in a cluster the other live nodes a client may rejoin through when this
+    one dies: its page or configuration may know no other."""
+    message = hub.joined_message(participant, resumed)
+    if cluster is not None:
+        message["nodes"] = [
+            socket_url(node.url)
+            for node in cluster.nodes
+            if node.id != cluster.node_id and not node.draining
+        ]
+    return message
 
 
 async def _write(
@@ -280,7 +300,7 @@ async def _join(
             # An old socket that is still open must not go on speaking for the participant.
             old_outbox, participant.outbox = participant.outbox, asyncio.Queue()
             old_outbox.put_nowait(None)
-            participant.send(hub.joined_message(participant, resumed=True))
+            participant.send(joined_message(hub, participant, True, cluster))
             if participant.offers is not None and participant.offers.awaiting_answer:
                 # The outstanding offer may have been lost with the old socket.
                 participant.offers.awaiting_answer = False
@@ -317,6 +337,6 @@ async def _join(
         return None
     with log_context(room=participant.room, participant=participant.id):
         log.info("participant %s (%s) joined", participant.id, participant.identity)
-    participant.send(hub.joined_message(participant, resumed=False))
+    participant.send(joined_message(hub, participant, False, cluster))
     hub.set_subscriptions(participant, subscribe)
     return participant

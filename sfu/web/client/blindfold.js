@@ -258,7 +258,8 @@ export const ERROR_MESSAGES = Object.freeze({
  *   takes a new receiving connection; the others see us leave and join again. It emits
  *   `rejoined`, or a fatal `rejoin_failed` error when it gives up. Off by default
  * @property {string[]} [fallbackUrls]  other servers (as `url`) a rejoin may join through,
- *   e.g. the other nodes of a cluster
+ *   e.g. the other nodes of a cluster. A cluster also names its live nodes in `joined`; they
+ *   are tried after these
  * @property {number} [kxIterations]  PBKDF2 iterations of the key exchange: tests only
  */
 
@@ -883,6 +884,22 @@ export class BlindfoldRoom {
   }
 
   /**
+   * A cluster's `joined` lists its other live nodes: a rejoin may go there too, after the
+   * URLs the application gave. A page served by a node that dies knows no other otherwise.
+   * @private
+   * @param {unknown} nodes
+   */
+  learnNodes(nodes) {
+    if (!Array.isArray(nodes)) return;
+    for (const url of nodes) {
+      if (typeof url !== 'string' || !/^wss?:\/\//.test(url)) continue;
+      let normal;
+      try { normal = socketUrl(url); } catch { continue; }
+      if (!this.entryUrls.includes(normal)) this.entryUrls.push(normal);
+    }
+  }
+
+  /**
    * Whether a failed resume should end in a rejoin rather than in a closed room.
    * @private
    * @param {unknown} err
@@ -1055,6 +1072,7 @@ export class BlindfoldRoom {
     this.self = joined.participant;
     this.resumeToken = joined.resume_token;
     this.iceServers = Array.isArray(joined.ice_servers) ? joined.ice_servers : [];
+    this.learnNodes(joined.nodes);
     const before = new Map(this.participants);
     const now = new Map((joined.participants ?? []).map((p) => [p.id, p]));
     for (const id of before.keys()) if (!now.has(id)) this.participantLeft(id);
