@@ -73,7 +73,8 @@ async def call(media: Media, tmp_path_factory: pytest.TempPathFactory) -> AsyncI
     require_browser()
     from playwright.async_api import async_playwright
 
-    # Announce loopback only (testing-here.md): the machine has another interface.
+    # Announce loopback only: test traffic stays on 127.0.0.1, whatever other interfaces
+    # the machine has.
     server = ServerProcess({"rtc": {"announced_ips": ["127.0.0.1"]}})
     playwright = None
     peers: list[BrowserPeer] = []
