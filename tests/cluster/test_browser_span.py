@@ -1,0 +1,151 @@
+"""Three real Chromiums in one call across three `sfu serve` nodes (`cluster.rooms: span`, a
+real Redis), each on the demo page of its own node with E2EE on and the same passphrase: the
+passphrase key exchange crosses nodes, everyone decodes everyone. Then Alice's node is killed
+with SIGKILL. Her page, served by that node, has no other URL; it rejoins through a node its
+`joined` named, within 5 s, while Bob and Carol never stop decoding each other, and everyone
+decodes everyone again.
+
+The other nodes keep showing the dead node's participants until its Redis entries expire
+(`node_ttl`, 2 s here): Alice's old tile goes from Bob's and Carol's pages then.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+import pytest_asyncio
+
+from tests.browser.calls import Deadline, Watch, decoding, slowest, tile_gone
+from tests.browser.support import (
+    BrowserPeer,
+    eventually,
+    require_browser,
+    write_wav,
+    write_y4m,
+)
+from tests.cluster.support import Node, cluster_formed, serve_nodes
+
+pytestmark = [pytest.mark.slow]
+
+
+@pytest.fixture
+def nodes(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Node]]:
+    logs = tmp_path_factory.mktemp("nodes")
+    extra = {"SFU_RTC__ANNOUNCED_IPS": "[127.0.0.1]"}
+    with serve_nodes(redis_url, logs, "span", extra=extra) as started:
+        yield started
+
+
+@pytest_asyncio.fixture
+async def browsers(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[list[BrowserPeer]]:
+    """Alice (tone), Bob and Carol (silence), all with the four-quadrant camera."""
+    require_browser()
+    from playwright.async_api import async_playwright
+
+    folder = tmp_path_factory.mktemp("devices")
+    video = write_y4m(folder / "quadrants.y4m")
+    tone = write_wav(folder / "tone.wav", 440.0)
+    silence = write_wav(folder / "silence.wav", None)
+    async with contextlib.AsyncExitStack() as stack:
+        playwright = await stack.enter_async_context(async_playwright())
+        peers: list[BrowserPeer] = []
+        for name, audio in (("Alice", tone), ("Bob", silence), ("Carol", silence)):
+            peer = await BrowserPeer.launch(
+                playwright, folder / f"profile-{name}", name, video=video, audio=audio
+            )
+            stack.push_async_callback(peer.close)
+            peers.append(peer)
+        yield peers
+
+
+async def _self_id(peer: BrowserPeer) -> str:
+    return str((await peer.eval("() => window.blindfoldTest.self"))["id"])
+
+
+async def _event(peer: BrowserPeer, kind: str) -> dict[str, Any] | None:
+    events = await peer.eval("() => window.blindfoldTest.events()")
+    return next((e for e in events if e["type"] == kind), None)
+
+
+async def test_a_browser_call_across_three_nodes_survives_one_of_them(
+    nodes: list[Node], browsers: list[BrowserPeer]
+) -> None:
+    async with aiohttp.ClientSession() as http:
+        await cluster_formed(http, nodes)
+    n1, n2, n3 = nodes
+    alice, bob, carol = browsers
+    room, passphrase = f"span-{secrets.token_hex(3)}", secrets.token_urlsafe(16)
+    ids: dict[str, str] = {}
+    for peer, node in zip(browsers, nodes, strict=True):
+        ids[peer.name] = (await peer.join(node.url, room, passphrase))["id"]
+    timings: dict[str, float] = {}
+
+    # Everyone decodes everyone: the key exchange and the media crossed the nodes.
+    start = Deadline("three nodes, one call", 40)
+    timings["all decoding"] = await slowest(
+        *(
+            decoding(viewer, ids[sender.name], start)
+            for viewer in browsers
+            for sender in browsers
+            if sender is not viewer
+        )
+    )
+    # Alice's page was served by n1 and was given no other URL: n1 named n2 and n3.
+    assert await alice.eval("() => location.origin") == n1.url
+    joined = await _event(alice, "joined")
+    assert joined is not None
+
+    # Kill Alice's node. Bob and Carol keep decoding each other all along; Alice's page
+    # rejoins by itself through n2 or n3.
+    step = "Alice's node killed"
+    watches = [Watch(bob, ids["Carol"], "Carol"), Watch(carol, ids["Bob"], "Bob")]
+    for watch in watches:
+        watch.__enter__()
+    try:
+        killed = Deadline(step, 5)
+        killed_at = time.monotonic()
+        n1.process.send_signal(signal.SIGKILL)
+        rejoined = await eventually(
+            lambda: _event(alice, "rejoined"),
+            killed.left(),
+            f"[{step}] Alice's page rejoining within 5 s",
+        )
+        timings["Alice rejoined"] = time.monotonic() - killed_at
+        assert rejoined["node"] in (
+            f"ws://127.0.0.1:{n2.port}/rtc",
+            f"ws://127.0.0.1:{n3.port}/rtc",
+        ), rejoined
+        new_alice = await _self_id(alice)
+        assert new_alice != ids["Alice"]
+        # Everyone decodes the new Alice, and she everyone, within 10 s of the kill (a new
+        # participant: a new key exchange across nodes, new connections, a keyframe).
+        back = Deadline(step, 10)
+        back.start = killed_at
+        timings["everyone decoding again"] = await slowest(
+            decoding(bob, new_alice, back),
+            decoding(carol, new_alice, back),
+            decoding(alice, ids["Bob"], back),
+            decoding(alice, ids["Carol"], back),
+        )
+        # The old Alice goes once n1's entries have expired (node_ttl 2 s).
+        gone = Deadline(step, 8)
+        gone.start = killed_at
+        timings["old Alice's tile gone"] = await slowest(
+            tile_gone(bob, ids["Alice"], gone), tile_gone(carol, ids["Alice"], gone)
+        )
+    finally:
+        for watch in watches:
+            watch.__exit__()
+    for watch in watches:
+        watch.check(step)
+
+    for peer in browsers:
+        assert peer.problems() == [], f"{peer.name}: {peer.problems()}\n{peer.log()}"
+    print("cluster browser timings (s):", {k: round(v, 2) for k, v in timings.items()})
