@@ -24,6 +24,9 @@ their media planes are joined by relays, one per pair of nodes:
   go to that node's inbox channel, broadcasts to the room's channel; the payload is handed on
   unread, as on one node. E2EE sender slots come from a counter in Redis (`slot:<room>`), so
   no two participants of a room share a key id whichever node they joined.
+- **One identity, one participant**: a fresh join is announced on the room's channel
+  (`replace`, with its slot); every node removes its own older participant of that identity
+  and hides other nodes' older ones, as one node replaces a second join of an identity.
 
 A node that dies stops renewing its state: within `node_ttl` the others remove its
 participants and tracks (their subscribers see `participant_left`), and close the relay to
@@ -127,6 +130,9 @@ class Federation:
         # Feeds we serve: (node, local track id) -> subscription id on our relay end to it.
         self._feeds: dict[tuple[str, str], str] = {}
         self._rooms_listened: set[str] = set()
+        # Per room: ids of other nodes' participants that a later join of the same identity
+        # replaced. Not shown, even while their node (perhaps dead) still lists them.
+        self._superseded: dict[str, set[str]] = {}
         self._outbox: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._dirty: set[str] = set()
         self._pubsub: PubSub | None = None
@@ -270,6 +276,7 @@ class Federation:
         for node in list(self._remote.get(room_name, {})):
             self._apply(room_name, node, None)
         self._remote.pop(room_name, None)
+        self._superseded.pop(room_name, None)
 
     def _highest_slot(self, room_name: str) -> int:
         """The highest slot a participant of the room holds, as far as this node knows."""
@@ -301,6 +308,43 @@ class Federation:
             local = self.rooms.get(room)
             return max(floor + 1, local.next_slot if local is not None else 1)
         return slot
+
+    # -- one identity, one participant, across nodes -----------------------------------------
+
+    def joined(self, room: Room, identity: str, participant: str, slot: int) -> None:
+        """A fresh join here: the same identity elsewhere in the room is replaced, as on one
+        node. The other nodes remove their own older participant of that identity; all
+        nodes, this one too, stop showing the older ones at once, even one whose node just
+        died and still lists it until its entries expire."""
+        message = {
+            "kind": "replace",
+            "room": room.name,
+            "identity": identity,
+            "participant": participant,
+            "slot": slot,
+        }
+        self._supersede(room, identity, participant, slot)
+        self._post(self._room_channel + room.name, {**message, "from": self.node})
+
+    def _supersede(self, room: Room, identity: str, participant: str, slot: int) -> None:
+        superseded = self._superseded.setdefault(room.name, set())
+        for part in self._remote.get(room.name, {}).values():
+            for pid, session in part.sessions.items():
+                public = session.public or {}
+                older = isinstance(public.get("slot"), int) and int(public["slot"]) < slot
+                if pid != participant and session.identity == identity and older:
+                    superseded.add(pid)
+        if superseded:
+            task = asyncio.ensure_future(self._locked_resync(room.name))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    def _on_replace(self, message: dict[str, Any]) -> None:
+        room = self.rooms.get(str(message["room"]))
+        if room is None or not isinstance(message.get("slot"), int):
+            return
+        identity, slot = str(message["identity"]), int(message["slot"])
+        self.hub.replace_identity(room, identity, slot)
+        self._supersede(room, identity, str(message["participant"]), slot)
 
     # -- outgoing, in order ------------------------------------------------------------------
 
@@ -361,6 +405,15 @@ class Federation:
             states[node] = None
         for node, state in states.items():
             self._apply(room_name, node, state)
+        superseded = self._superseded.get(room_name)
+        if superseded:
+            # Forget those no node lists any more.
+            listed = {
+                str(p.get("id"))
+                for state in states.values()
+                for p in (state or {}).get("participants", [])
+            }
+            superseded &= listed
 
     # -- other nodes' part, shown here -------------------------------------------------------
 
@@ -370,8 +423,13 @@ class Federation:
             state = None
         nodes = self._remote.setdefault(room_name, {})
         part = nodes.setdefault(node, _RemoteNode())
-        people = {p["id"]: p for p in (state or {}).get("participants", [])}
-        tracks = {t["id"]: t for t in (state or {}).get("tracks", [])}
+        hidden = self._superseded.get(room_name, set())
+        people = {
+            p["id"]: p for p in (state or {}).get("participants", []) if p["id"] not in hidden
+        }
+        tracks = {
+            t["id"]: t for t in (state or {}).get("tracks", []) if t.get("owner") not in hidden
+        }
         link = self._links.get(node)
         if state is not None and tracks and (link is None or link.transport is None):
             self._ensure_link(node)
@@ -722,6 +780,8 @@ class Federation:
                 await self._locked_resync(room_name)
         elif kind == "relay":
             await self._on_relay(message)
+        elif kind == "replace":
+            self._on_replace(message)
         elif kind == "relay_open":
             self._on_relay_open(node, message)
         elif kind == "relay_please":

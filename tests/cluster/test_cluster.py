@@ -29,11 +29,11 @@ from tests.media.harness import (
 from tests.media.harness import token as mint
 
 
-def _cluster_env(redis_url: str, node: str, port: int) -> dict[str, str]:
+def _cluster_env(redis_url: str, node: str, port: int, rooms: str = "redirect") -> dict[str, str]:
     return {
         "SFU_HTTP__PORT": str(port),
         "SFU_CLUSTER__ENABLED": "true",
-        "SFU_CLUSTER__ROOMS": "redirect",
+        "SFU_CLUSTER__ROOMS": rooms,
         "SFU_CLUSTER__REDIS_URL": redis_url,
         "SFU_CLUSTER__NODE_ID": node,
         "SFU_CLUSTER__ADVERTISED_URL": f"http://127.0.0.1:{port}",
@@ -43,8 +43,8 @@ def _cluster_env(redis_url: str, node: str, port: int) -> dict[str, str]:
 
 
 @contextlib.asynccontextmanager
-async def node(redis_url: str, name: str) -> AsyncIterator[Server]:
-    server = Server(make_config(**_cluster_env(redis_url, name, free_port())))
+async def node(redis_url: str, name: str, rooms: str = "redirect") -> AsyncIterator[Server]:
+    server = Server(make_config(**_cluster_env(redis_url, name, free_port(), rooms)))
     await server.start()
     try:
         yield server
@@ -154,6 +154,46 @@ async def test_a_node_that_stops_leaves_the_registry_and_its_rooms_at_once(
             await probe.aclose()
         assert c.cluster is not None
         assert await c.cluster.place("moving") is None  # placed here now
+
+
+async def test_one_identity_is_one_participant_across_nodes(redis_url: str) -> None:
+    """`span`: the same identity joining through another node replaces the older participant,
+    as on one node; a stale replace (a lower slot) never removes a newer one."""
+    async with node(redis_url, "east", "span") as east, node(redis_url, "west", "span") as west:
+        assert east.federation is not None
+        assert west.federation is not None
+        first = RoomClient(east.url, mint(east, "hall", "sam", subscribe=True))
+        watcher = RoomClient(west.url, mint(west, "hall", "obs", subscribe=True))
+        second = RoomClient(west.url, mint(west, "hall", "sam", subscribe=True))
+        try:
+            await first.connect()
+            await watcher.connect()
+            seen = await watcher.next_event("participant_joined", within=10)
+            assert seen["participant"]["id"] == first.participant_id
+            # sam again, through the other node: the first sam is told and removed there,
+            # and the watcher sees one sam leave and one join.
+            await second.connect()
+            replaced = await first.next_event("error", within=10)
+            assert (replaced["code"], replaced["fatal"]) == ("replaced", True)
+            gone = await watcher.next_event("participant_left", within=10)
+            assert gone["participant"] == first.participant_id
+            assert not any(p.identity == "sam" for p in east.hub.participants.values())
+            sams = [p for p in west.hub.participants.values() if p.identity == "sam"]
+            assert [p.id for p in sams] == [second.participant_id]
+            assert sams[0].slot > int(first.joined["participant"]["slot"])
+            # A replace that crossed with this join (its slot is lower) leaves sam be.
+            hall = west.rooms.get("hall")
+            assert hall is not None
+            west.federation._on_replace(
+                {"room": "hall", "identity": "sam", "participant": "p-stale", "slot": 1}
+            )
+            assert [p.id for p in west.hub.participants.values() if p.identity == "sam"] == [
+                second.participant_id
+            ]
+        finally:
+            for client in (first, watcher, second):
+                with contextlib.suppress(Exception):
+                    await client.leave()
 
 
 async def test_a_second_node_with_the_same_id_is_refused(redis_url: str) -> None:

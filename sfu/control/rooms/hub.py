@@ -315,21 +315,10 @@ class RoomHub:
         """`slot`: the E2EE sender slot when the cluster allocates it (rooms across nodes
         must not give two participants one), else the room's next."""
         room = self.rooms.get_or_create(grants.room)
-        members = self._members(room)
         limit = self.config.limits.max_participants_per_room
-        for existing in members:
-            if existing.identity == grants.identity:
-                # The same identity joining again (a second tab, a crashed client) replaces
-                # the old participant rather than appearing twice.
-                existing.send(
-                    {
-                        "type": "error",
-                        "code": "replaced",
-                        "message": "joined elsewhere",
-                        "fatal": True,
-                    }
-                )
-                self.remove(existing, "replaced by a new connection")
+        # The same identity joining again (a second tab, a crashed client) replaces the old
+        # participant rather than appearing twice.
+        self.replace_identity(room, grants.identity, None)
         # Removing the last member dropped the room: join the live one, not the dropped one.
         room = self.rooms.get_or_create(grants.room)
         if len(self._members(room)) >= limit:
@@ -440,6 +429,23 @@ class RoomHub:
                 "message": f"media transport closed: {reason}",
             }
         )
+
+    def replace_identity(self, room: Room, identity: str, below_slot: int | None) -> int:
+        """Remove the room's participants with `identity` (only those whose E2EE slot is below
+        `below_slot` when given: slots grow with join order across nodes, so of two joins
+        that cross the later one stays); each is told `replaced`. Returns how many."""
+        replaced = 0
+        for existing in self._members(room):
+            if existing.identity != identity:
+                continue
+            if below_slot is not None and existing.slot >= below_slot:
+                continue
+            existing.send(
+                {"type": "error", "code": "replaced", "message": "joined elsewhere", "fatal": True}
+            )
+            self.remove(existing, "replaced by a new connection")
+            replaced += 1
+        return replaced
 
     def remove(self, participant: Participant, reason: str) -> None:
         if participant.left:

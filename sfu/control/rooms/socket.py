@@ -335,6 +335,10 @@ async def _join(
     except LimitExceeded as exc:
         await refuse("limit_reached", str(exc))
         return None
+    if federation is not None:
+        room = hub.rooms.get(participant.room)
+        if room is not None:
+            federation.joined(room, participant.identity, participant.id, participant.slot)
     with log_context(room=participant.room, participant=participant.id):
         log.info("participant %s (%s) joined", participant.id, participant.identity)
     participant.send(joined_message(hub, participant, False, cluster))
