@@ -1,15 +1,16 @@
 """Random packet loss: an E2EE call through the SFU against the same peers connected directly.
 
     sudo .venv/bin/python bench/loss.py [--rates 0,3,10,20] [--seconds 12] [--runs 1]
-                                        [--json out.json]
+                                        [--paths sfu,relay,p2p] [--json out.json]
 
 Needs root: each call runs in its own throwaway network namespace with only `lo`, where, once
 both peers decode audio and video, an iptables rule drops every UDP datagram arriving on `lo`
 with the given probability (`-m statistic --mode random`; the kernel here has no netem). TCP,
 i.e. the WHIP/WHEP exchanges, is never dropped. Through the SFU a media packet crosses two
-lossy hops (publisher to SFU, SFU to subscriber), peer to peer one; RTCP and the repairs face
-the loss too. tests/netns/losscall.py runs each call; tests/netns/test_loss.py asserts the
-targets at 10 %.
+lossy hops (publisher to SFU, SFU to subscriber), peer to peer one; on the relay path
+(`rtc.workers: 2`, publisher and subscriber on different workers) three, the relay between
+the workers being the third. RTCP and the repairs face the loss too. tests/netns/losscall.py
+runs each call; tests/netns/test_loss.py asserts the targets at 10 %.
 
 The peers are aiortc 1.16 with the project's SFrame hooks (sfu/client/e2ee.py): 320x240 VP8
 at 30 frames/s with enough detail for 2-3 packets a frame, and a 48 kHz Opus tone (one packet
@@ -25,8 +26,8 @@ subscriber's RTP stack ("arrived", before aiortc's jitter buffer). A last table 
 loss straight into aiortc's audio jitter buffer (no network, no SFU): what the subscriber's
 own buffer lets through of what arrives. See docs/performance.md, "Loss".
 
-Each call takes about 20 s; with the defaults (4 rates, 2 paths) the bench stops by itself
-after about 3 minutes.
+Each call takes about 20 s; with the defaults (4 rates, 3 paths) the bench stops by itself
+after about 4.5 minutes.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def summed(results: list[CallResult], kind: str) -> KindResult:
 
 def table(rows: list[tuple[float, str, list[CallResult]]]) -> str:
     head = (
-        f"{'loss':>5} {'path':>4} | {'video delivered':>22} {'decoded':>7} | "
+        f"{'loss':>5} {'path':>5} | {'video delivered':>22} {'decoded':>7} | "
         f"{'audio at SFU':>12} {'arrived':>8} {'delivered':>22}"
     )
     lines = [head, "-" * len(head)]
@@ -78,7 +79,7 @@ def table(rows: list[tuple[float, str, list[CallResult]]]) -> str:
         video, audio = summed(results, "video"), summed(results, "audio")
         at_sfu = percent(audio.at_sfu, audio.sent) if mode == "sfu" else "    -  "
         lines.append(
-            f"{loss:>5.0%} {mode:>4} | "
+            f"{loss:>5.0%} {mode:>5} | "
             f"{video.delivered:>5}/{video.sent:<5} {percent(video.delivered, video.sent):>10} "
             f"{video.decoded:>7} | {at_sfu:>12} {percent(audio.arrived, audio.sent):>8} "
             f"{audio.delivered:>5}/{audio.sent:<5} {percent(audio.delivered, audio.sent):>10}"
@@ -115,16 +116,26 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=12.0, help="lossy window per call")
     parser.add_argument("--runs", type=int, default=1, help="calls per rate and path, summed")
     parser.add_argument("--json", type=Path, help="write every call's result here")
+    parser.add_argument(
+        "--paths",
+        default="sfu,relay,p2p",
+        help="comma-separated: sfu (one media plane), relay (two workers, the media crossing "
+        "the relay between them: three lossy hops), p2p",
+    )
     args = parser.parse_args()
     reason = unavailable_reason()
     if reason is not None:
         print(f"cannot run: {reason}", file=sys.stderr)
         return 2
     rates = [float(r) / 100 for r in args.rates.split(",")]
+    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    unknown = sorted(set(paths) - {"sfu", "relay", "p2p"})
+    if unknown or not paths:
+        parser.error(f"--paths: expected some of sfu, relay, p2p, got {args.paths!r}")
     rows: list[tuple[float, str, list[CallResult]]] = []
     raw: list[dict[str, Any]] = []
     for loss in rates:
-        for mode in ("sfu", "p2p"):
+        for mode in paths:
             results = []
             for _ in range(args.runs):
                 result = run_in_namespace(mode, loss, args.seconds, DRAIN, CALL_TIMEOUT)

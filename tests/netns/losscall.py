@@ -388,6 +388,64 @@ async def call_through_sfu(loss: float, seconds: float, drain: float) -> CallRes
     return result
 
 
+async def call_through_relay(loss: float, seconds: float, drain: float) -> CallResult:
+    """The same call with `rtc.workers: 2` and the room spread over both workers: the
+    publisher on worker 0, the subscriber on worker 1, the media crossing the relay between
+    them. Every media packet faces the loss three times (publisher to worker 0, the relay,
+    worker 1 to subscriber), and each hop's losses must be repaired on that hop. The SFU's
+    counters come from /metrics (the engines live in the worker processes)."""
+    from sfu.app import Server
+    from sfu.client.e2ee import E2eeConfig
+    from sfu.client.whip import publish, subscribe
+    from tests.media.harness import make_config, metrics_text, token
+
+    kid, key = KID_KEY
+    tally = Tally()
+    server = Server(make_config(SFU_RTC__WORKERS="2", SFU_RTC__ROOM_TRANSPORTS_PER_WORKER="1"))
+    await server.start()
+    try:
+        publication = await publish(
+            f"{server.url}/whip/room1/cam",
+            token(server, identity="pub", publish=True),
+            publisher_tracks(),
+            E2eeConfig(send_kid=kid, send_key=key, on_frame=tally.on_sent),
+        )
+        subscription = await subscribe(
+            f"{server.url}/whep/room1/cam",
+            token(server, identity="sub", subscribe=True),
+            E2eeConfig(receive_keys={kid: key}, on_frame=tally.on_received),
+            on_track=tally.on_track,
+        )
+        tally.watch_arrivals(subscription.pc)
+        try:
+            await _wait(tally.ready, "the call to decode audio and video")
+            before = _relay_counters(await metrics_text(server))
+            await _measure(tally, loss, seconds, drain)
+            after = _relay_counters(await metrics_text(server))
+            packets = await _video_packets_sent(publication.pc)
+        finally:
+            await subscription.close()
+            await publication.close()
+    finally:
+        await server.close()
+    result = _result("relay", loss, seconds, tally, packets)
+    result.sfu = {name: round(after[name] - before[name]) for name in after}
+    result.sfu["relays"] = round(after["relays"])
+    return result
+
+
+def _relay_counters(text: str) -> dict[str, float]:
+    from tests.media.harness import metric_value
+
+    return {
+        "relays": metric_value(text, "sfu_relays"),
+        "relay_packets_sent": metric_value(text, "sfu_relay_packets_sent_total"),
+        "nacks_received": metric_value(text, 'sfu_nacks_total{result="received"}'),
+        "nacks_served": metric_value(text, 'sfu_nacks_total{result="served"}'),
+        "nacks_missed": metric_value(text, 'sfu_nacks_total{result="missed"}'),
+    }
+
+
 def _sfu_counters(stats: Any) -> dict[str, int]:
     return {
         "nacks_received": stats.nacks_received,
@@ -440,7 +498,7 @@ async def call_peer_to_peer(loss: float, seconds: float, drain: float) -> CallRe
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", choices=("sfu", "p2p"), required=True)
+    parser.add_argument("--mode", choices=("sfu", "relay", "p2p"), required=True)
     parser.add_argument("--loss", type=float, required=True)
     parser.add_argument("--seconds", type=float, default=12.0)
     parser.add_argument("--drain", type=float, default=2.0)
@@ -449,7 +507,9 @@ def main(argv: list[str] | None = None) -> int:
     # harness import patches that.
     import tests.media.harness  # noqa: F401
 
-    run = call_through_sfu if args.mode == "sfu" else call_peer_to_peer
+    run = {"sfu": call_through_sfu, "relay": call_through_relay, "p2p": call_peer_to_peer}[
+        args.mode
+    ]
     result = asyncio.run(run(args.loss, args.seconds, args.drain))
     print(result.to_json(), flush=True)
     return 0
