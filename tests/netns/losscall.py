@@ -345,47 +345,9 @@ KID_KEY = (0x31, bytes(range(16)))
 
 
 async def call_through_sfu(loss: float, seconds: float, drain: float) -> CallResult:
-    from sfu.app import Server
-    from sfu.client.e2ee import E2eeConfig
-    from sfu.client.whip import publish, subscribe
-    from tests.media.harness import make_config, token
-
-    kid, key = KID_KEY
-    tally = Tally()
-    server = Server(make_config())
-    await server.start()
-    try:
-        publication = await publish(
-            f"{server.url}/whip/room1/cam",
-            token(server, identity="pub", publish=True),
-            publisher_tracks(),
-            E2eeConfig(send_kid=kid, send_key=key, on_frame=tally.on_sent),
-        )
-        subscription = await subscribe(
-            f"{server.url}/whep/room1/cam",
-            token(server, identity="sub", subscribe=True),
-            E2eeConfig(receive_keys={kid: key}, on_frame=tally.on_received),
-            on_track=tally.on_track,
-        )
-        tally.watch_arrivals(subscription.pc)
-        session = next(s for s in server.rooms.sessions.values() if s.kind == "whip")
-        audio_pt = next(p.codec.payload_type for p in session.producers if p.kind == "audio")
-        server.engine.transports[session.transport.id].packet_tap = tally.tap_sfu(audio_pt)
-        try:
-            await _wait(tally.ready, "the call to decode audio and video")
-            # Read through the engine each time: that folds in what the native core counted.
-            before = _sfu_counters(server.engine.stats)
-            await _measure(tally, loss, seconds, drain)
-            after = _sfu_counters(server.engine.stats)
-            packets = await _video_packets_sent(publication.pc)
-        finally:
-            await subscription.close()
-            await publication.close()
-    finally:
-        await server.close()
-    result = _result("sfu", loss, seconds, tally, packets)
-    result.sfu = {name: after[name] - before[name] for name in after}
-    return result
+    """Publisher and subscriber on one in-process media plane; the SFU's counters and its
+    tap on the publisher's transport come straight from the engine."""
+    return await _call_through_server("sfu", {}, loss, seconds, drain)
 
 
 async def call_through_relay(loss: float, seconds: float, drain: float) -> CallResult:
@@ -394,6 +356,13 @@ async def call_through_relay(loss: float, seconds: float, drain: float) -> CallR
     them. Every media packet faces the loss three times (publisher to worker 0, the relay,
     worker 1 to subscriber), and each hop's losses must be repaired on that hop. The SFU's
     counters come from /metrics (the engines live in the worker processes)."""
+    env = {"SFU_RTC__WORKERS": "2", "SFU_RTC__ROOM_TRANSPORTS_PER_WORKER": "1"}
+    return await _call_through_server("relay", env, loss, seconds, drain)
+
+
+async def _call_through_server(
+    mode: str, env: dict[str, str], loss: float, seconds: float, drain: float
+) -> CallResult:
     from sfu.app import Server
     from sfu.client.e2ee import E2eeConfig
     from sfu.client.whip import publish, subscribe
@@ -401,8 +370,16 @@ async def call_through_relay(loss: float, seconds: float, drain: float) -> CallR
 
     kid, key = KID_KEY
     tally = Tally()
-    server = Server(make_config(SFU_RTC__WORKERS="2", SFU_RTC__ROOM_TRANSPORTS_PER_WORKER="1"))
+    server = Server(make_config(**env))
     await server.start()
+    in_process = mode == "sfu"
+
+    async def counters() -> dict[str, float]:
+        if in_process:
+            # Read through the engine each time: that folds in what the native core counted.
+            return dict(_sfu_counters(server.engine.stats))
+        return _relay_counters(await metrics_text(server))
+
     try:
         publication = await publish(
             f"{server.url}/whip/room1/cam",
@@ -417,20 +394,25 @@ async def call_through_relay(loss: float, seconds: float, drain: float) -> CallR
             on_track=tally.on_track,
         )
         tally.watch_arrivals(subscription.pc)
+        if in_process:
+            session = next(s for s in server.rooms.sessions.values() if s.kind == "whip")
+            audio_pt = next(p.codec.payload_type for p in session.producers if p.kind == "audio")
+            server.engine.transports[session.transport.id].packet_tap = tally.tap_sfu(audio_pt)
         try:
             await _wait(tally.ready, "the call to decode audio and video")
-            before = _relay_counters(await metrics_text(server))
+            before = await counters()
             await _measure(tally, loss, seconds, drain)
-            after = _relay_counters(await metrics_text(server))
+            after = await counters()
             packets = await _video_packets_sent(publication.pc)
         finally:
             await subscription.close()
             await publication.close()
     finally:
         await server.close()
-    result = _result("relay", loss, seconds, tally, packets)
+    result = _result(mode, loss, seconds, tally, packets)
     result.sfu = {name: round(after[name] - before[name]) for name in after}
-    result.sfu["relays"] = round(after["relays"])
+    if "relays" in after:
+        result.sfu["relays"] = round(after["relays"])  # a gauge, not a count
     return result
 
 
