@@ -309,6 +309,27 @@ class Federation:
             return max(floor + 1, local.next_slot if local is not None else 1)
         return slot
 
+    # -- WHEP viewers of a stream published on another node -----------------------------------
+
+    async def node_publishing(self, room: str, stream: str) -> str | None:
+        """The URL of the live node that publishes `stream` in `room` itself, from the nodes'
+        shared state; None if none does (or Redis cannot say)."""
+        redis = self.cluster.redis
+        try:
+            nodes = sorted(str(n) for n in await redis.smembers(self._members_prefix + room))
+            for node in nodes:
+                if node == self.node:
+                    continue
+                raw = await redis.get(f"{self._state_prefix}{room}:{node}")
+                state = json.loads(raw) if raw else {}
+                if any(t.get("stream") == stream for t in state.get("tracks", [])):
+                    live = next((n for n in self.cluster.nodes if n.id == node), None)
+                    if live is not None:
+                        return live.url
+        except (RedisError, OSError) as exc:
+            self._failed("finding a stream's node", exc)
+        return None
+
     # -- one identity, one participant, across nodes -----------------------------------------
 
     def joined(self, room: Room, identity: str, participant: str, slot: int) -> None:

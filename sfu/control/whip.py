@@ -21,6 +21,7 @@ from sfu.control.keys import (
     ADMISSION_KEY,
     CLUSTER_KEY,
     CONFIG_KEY,
+    FEDERATION_KEY,
     LIFECYCLE_KEY,
     MEDIA_EVENTS_KEY,
     MEDIA_KEY,
@@ -191,6 +192,13 @@ async def create_session(request: web.Request) -> web.StreamResponse:
         if node is not None:
             # WHIP (RFC 9725) clients follow a 307 and repeat the POST at the room's node.
             raise web.HTTPTemporaryRedirect(node.url + request.path_qs)
+    federation = request.app.get(FEDERATION_KEY)
+    if kind == "whep" and federation is not None and not _published_here(request, room, stream):
+        # `span`: the stream is published on another node (and this one may not follow the
+        # room at all): the viewer is sent there, as in `redirect` mode.
+        url = await federation.node_publishing(room, stream)
+        if url is not None:
+            raise web.HTTPTemporaryRedirect(url + request.path_qs)
     config = request.app[CONFIG_KEY]
     request.app[ADMISSION_KEY].admit_session(
         kind,
@@ -206,6 +214,12 @@ async def create_session(request: web.Request) -> web.StreamResponse:
             return _subscribe(request, grants, room, stream, offer)
         except LimitExceeded as exc:
             raise Problem(503, "limit_reached", str(exc)) from None
+
+
+def _published_here(request: web.Request, room: str, stream: str) -> bool:
+    """Whether `stream` is published in `room` on this node, or shown here through a relay."""
+    existing = request.app[ROOMS_KEY].get(room)
+    return existing is not None and stream in existing.publications
 
 
 def _open_session(

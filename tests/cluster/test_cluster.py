@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
+from aiortc import RTCPeerConnection
 
 from sfu.app import Server, StartupError
 from sfu.client.room import RoomClient
@@ -194,6 +195,61 @@ async def test_one_identity_is_one_participant_across_nodes(redis_url: str) -> N
             for client in (first, watcher, second):
                 with contextlib.suppress(Exception):
                     await client.leave()
+
+
+async def test_span_a_whep_viewer_at_another_node_is_sent_to_the_stream_s_node(
+    redis_url: str,
+) -> None:
+    """`span`: WHEP for a stream published on another node (this node has nobody in the room,
+    so it does not follow it) is answered with a 307 to that node; an unknown stream is still
+    a 404."""
+    async with node(redis_url, "north", "span") as north, node(redis_url, "south", "span") as south:
+        pc, _ = await publish(north, room="show", tracks=[ColourTrack(), ToneTrack()])
+        viewer: Subscription | None = None
+        try:
+            assert south.rooms.get("show") is None
+            async with aiohttp.ClientSession() as http:
+                probe = RTCPeerConnection()
+                probe.addTransceiver("video", direction="recvonly")
+                await probe.setLocalDescription(await probe.createOffer())
+                await probe.close()
+
+                async def ask(stream: str) -> aiohttp.ClientResponse:
+                    async with http.post(
+                        f"{south.url}/whep/show/{stream}",
+                        data=probe.localDescription.sdp,
+                        headers={
+                            "Content-Type": "application/sdp",
+                            "Authorization": f"Bearer {mint(south, 'show', 'v', subscribe=True)}",
+                        },
+                        allow_redirects=False,
+                    ) as response:
+                        await response.read()
+                        return response
+
+                # north publishes its part of the room with its next flush: ask until then.
+                for _ in range(50):
+                    response = await ask("cam")
+                    if response.status == 307:
+                        break
+                    await asyncio.sleep(0.1)
+                assert response.status == 307, response.status
+                assert response.headers["Location"] == f"{north.url}/whep/show/cam"
+                missing = await ask("nobody")
+                assert missing.status == 404
+                assert missing.content_type == "application/problem+json"
+            decoded = Counter()
+            viewer = await whep_subscribe(
+                f"{south.url}/whep/show/cam",
+                mint(south, "show", "viewer", subscribe=True),
+                on_track=decoded.on_track,
+            )
+            assert str(viewer.resource_url).startswith(north.url)
+            await _until(lambda: decoded.frames["video"] >= 10, "the redirected viewer decoding")
+        finally:
+            if viewer is not None:
+                await viewer.close()
+            await pc.close()
 
 
 async def test_a_second_node_with_the_same_id_is_refused(redis_url: str) -> None:
