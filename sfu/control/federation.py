@@ -451,6 +451,9 @@ class Federation:
         tracks = {
             t["id"]: t for t in (state or {}).get("tracks", []) if t.get("owner") not in hidden
         }
+        # The name WHEP viewers ask for: the stream the owner's node publishes it under (a
+        # WHIP URL's stream), else, as for local participants, the identity.
+        streams = {t.get("owner"): t.get("stream") for t in tracks.values()}
         link = self._links.get(node)
         if state is not None and tracks and (link is None or link.transport is None):
             self._ensure_link(node)
@@ -468,8 +471,10 @@ class Federation:
         for pid, public in people.items():
             if pid in part.sessions or pid in room.members:
                 continue
-            stream = public.get("identity") if isinstance(public.get("identity"), str) else pid
-            if not stream or stream in room.publications:
+            stream = streams.get(pid)
+            if not isinstance(stream, str):
+                stream = public.get("identity")
+            if not isinstance(stream, str) or not stream or stream in room.publications:
                 stream = pid
             session = MediaSession(
                 kind="remote",

@@ -246,6 +246,28 @@ async def test_span_a_whep_viewer_at_another_node_is_sent_to_the_stream_s_node(
             )
             assert str(viewer.resource_url).startswith(north.url)
             await _until(lambda: decoded.frames["video"] >= 10, "the redirected viewer decoding")
+            # Once south has a participant in the room it shows north's stream through the
+            # relay, and serves a WHEP viewer of it itself.
+            member = RoomClient(south.url, mint(south, "show", "member", subscribe=True))
+            await member.connect()
+            try:
+                await _until(
+                    lambda: "cam" in getattr(south.rooms.get("show"), "publications", {}),
+                    "south showing cam",
+                )
+                local = Counter()
+                here = await whep_subscribe(
+                    f"{south.url}/whep/show/cam",
+                    mint(south, "show", "viewer2", subscribe=True),
+                    on_track=local.on_track,
+                )
+                try:
+                    assert str(here.resource_url).startswith(south.url)
+                    await _until(lambda: local.frames["video"] >= 10, "south's own viewer decoding")
+                finally:
+                    await here.close()
+            finally:
+                await member.leave()
         finally:
             if viewer is not None:
                 await viewer.close()
