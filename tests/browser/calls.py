@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable
+from typing import Any
 
 from tests.browser.support import BrowserPeer, eventually
 
@@ -145,3 +146,9 @@ async def keeps_decoding(pairs: list[Watch], step: str, seconds: float = 3.0) ->
             watch.__exit__()
     for watch in pairs:
         watch.check(step)
+
+
+async def page_event(peer: BrowserPeer, kind: str) -> dict[str, Any] | None:
+    """The first event of `kind` the demo page's room reported, if any."""
+    events = await peer.eval("() => window.blindfoldTest.events()")
+    return next((e for e in events if e["type"] == kind), None)

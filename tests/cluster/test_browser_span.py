@@ -12,24 +12,18 @@ and Carol's pages well before that.
 
 from __future__ import annotations
 
-import contextlib
 import secrets
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import aiohttp
 import pytest
-import pytest_asyncio
 
-from tests.browser.calls import Deadline, Watch, decoding, slowest, tile_gone
+from tests.browser.calls import Deadline, Watch, decoding, page_event, slowest, tile_gone
 from tests.browser.support import (
     BrowserPeer,
     eventually,
-    require_browser,
-    write_wav,
-    write_y4m,
 )
 from tests.cluster.support import Node, cluster_formed, serve_nodes
 
@@ -44,35 +38,8 @@ def nodes(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         yield started
 
 
-@pytest_asyncio.fixture
-async def browsers(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[list[BrowserPeer]]:
-    """Alice (tone), Bob and Carol (silence), all with the four-quadrant camera."""
-    require_browser()
-    from playwright.async_api import async_playwright
-
-    folder = tmp_path_factory.mktemp("devices")
-    video = write_y4m(folder / "quadrants.y4m")
-    tone = write_wav(folder / "tone.wav", 440.0)
-    silence = write_wav(folder / "silence.wav", None)
-    async with contextlib.AsyncExitStack() as stack:
-        playwright = await stack.enter_async_context(async_playwright())
-        peers: list[BrowserPeer] = []
-        for name, audio in (("Alice", tone), ("Bob", silence), ("Carol", silence)):
-            peer = await BrowserPeer.launch(
-                playwright, folder / f"profile-{name}", name, video=video, audio=audio
-            )
-            stack.push_async_callback(peer.close)
-            peers.append(peer)
-        yield peers
-
-
 async def _self_id(peer: BrowserPeer) -> str:
     return str((await peer.eval("() => window.blindfoldTest.self"))["id"])
-
-
-async def _event(peer: BrowserPeer, kind: str) -> dict[str, Any] | None:
-    events = await peer.eval("() => window.blindfoldTest.events()")
-    return next((e for e in events if e["type"] == kind), None)
 
 
 async def test_a_browser_call_across_three_nodes_survives_one_of_them(
@@ -100,7 +67,7 @@ async def test_a_browser_call_across_three_nodes_survives_one_of_them(
     )
     # Alice's page was served by n1 and was given no other URL: n1 named n2 and n3.
     assert await alice.eval("() => location.origin") == n1.url
-    joined = await _event(alice, "joined")
+    joined = await page_event(alice, "joined")
     assert joined is not None
 
     # Kill Alice's node. Bob and Carol keep decoding each other all along; Alice's page
@@ -114,7 +81,7 @@ async def test_a_browser_call_across_three_nodes_survives_one_of_them(
         killed_at = time.monotonic()
         n1.process.send_signal(signal.SIGKILL)
         rejoined = await eventually(
-            lambda: _event(alice, "rejoined"),
+            lambda: page_event(alice, "rejoined"),
             killed.left(),
             f"[{step}] Alice's page rejoining within 5 s",
         )
