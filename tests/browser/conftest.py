@@ -73,8 +73,7 @@ async def call(media: Media, tmp_path_factory: pytest.TempPathFactory) -> AsyncI
     require_browser()
     from playwright.async_api import async_playwright
 
-    # Announce loopback only: test traffic stays on 127.0.0.1, whatever other interfaces
-    # the machine has.
+    # Announce loopback only (docs/testing.md: the machine has another interface too).
     server = ServerProcess({"rtc": {"announced_ips": ["127.0.0.1"]}})
     playwright = None
     peers: list[BrowserPeer] = []

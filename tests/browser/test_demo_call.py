@@ -5,7 +5,7 @@ and Bob (silence, createEncodedStreams), both with a fake camera of four coloure
 The tests add participants to it in order: Carol with the wrong passphrase, a Python bot,
 Dave who leaves; the last test scans the SFU's memory for every media key the browsers used.
 
-What proves decryption: `framesDecoded` from getStats and the rendered
+What proves decryption (docs/testing.md): `framesDecoded` from getStats and the rendered
 colours, not `videoWidth` (the VP8 header that carries the size is in the clear).
 """
 
