@@ -84,15 +84,24 @@ class Server:
             self.engine = MediaEngine(settings, certificate)
             self.media = LocalMedia(self.engine)
         else:
-            self.pool = WorkerPool(
-                workers,
-                settings,
-                certificate,
-                log_level=config.logging.level,
-                log_json=config.logging.json_lines,
-                secrets=log_secrets(config),
-                room_transports_per_worker=rtc.room_transports_per_worker,
-            )
+            try:
+                self.pool = WorkerPool(
+                    workers,
+                    settings,
+                    certificate,
+                    log_level=config.logging.level,
+                    log_json=config.logging.json_lines,
+                    secrets=log_secrets(config),
+                    room_transports_per_worker=rtc.room_transports_per_worker,
+                )
+            except OSError as exc:
+                # A read-only root file system without a tmpfs (Docker's read_only: true).
+                raise StartupError(
+                    f"rtc.workers {workers} needs a writable directory for the workers' "
+                    f"channel sockets and none was usable ({exc.strerror or exc}); mount a "
+                    "tmpfs at /tmp (compose: tmpfs: [/tmp]; Kubernetes: an emptyDir) or set "
+                    "TMPDIR to a writable directory"
+                ) from None
             self.media = self.pool
         self.events = MediaEvents()
         self.media.sink = self.events

@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import numpy as np
@@ -35,6 +35,13 @@ from tests.media.harness import ColourTrack, ToneTrack
 COLOURS = {"alice": (220, 30, 30), "bob": (30, 200, 30), "carol": (30, 30, 220)}
 KEYS = {name: (compose_kid(i + 1, 0), bytes([i + 1]) * 16) for i, name in enumerate(COLOURS)}
 TTL = 2.0
+
+
+class Reachable(Protocol):
+    """A node as a client sees it: a child process (Node) or a container."""
+
+    @property
+    def url(self) -> str: ...
 
 
 @dataclass
@@ -147,7 +154,15 @@ class Participant:
             self.rejoined_at = time.monotonic()
 
 
-def participant(name: str, entry: Node, others: list[Node], keyed: bool = True) -> Participant:
+def participant(
+    name: str,
+    entry: Reachable,
+    others: list[Reachable],
+    keyed: bool = True,
+    server_config: Config | None = None,
+) -> Participant:
+    """`name` joining room "failover" through `entry` (rejoining through `others`), with a
+    token of `server_config`'s key (default: the dev key every test node accepts)."""
     if keyed:
         kid, key = KEYS[name]
         config = E2eeConfig(
@@ -159,7 +174,12 @@ def participant(name: str, entry: Node, others: list[Node], keyed: bool = True) 
         config = E2eeConfig()
     context = E2eeContext(config)
     token = mint_token(
-        Config(), room="failover", identity=name, publish=keyed, subscribe=True, ttl=300
+        server_config or Config(),
+        room="failover",
+        identity=name,
+        publish=keyed,
+        subscribe=True,
+        ttl=300,
     )
     holder: list[Participant] = []
     client = RoomClient(

@@ -10,7 +10,8 @@ downloaded on the host into deploy/wheels/ (Dockerfile build arg PIP_OFFLINE=1),
 Then, against one running container: the HEALTHCHECK passes; an E2EE publisher and
 subscriber exchange media through the published ports; a real Prometheus scrapes it, loads
 the project's alert rules, and sees sfu_media_codecs_loaded == 0; SIGTERM (podman stop) drains
-and exits 0 well inside the stop timeout.
+and exits 0 well inside the stop timeout. Last, two containers as the nodes of a cluster (the
+host's redis-server): a room spans them, and survives one of them being killed.
 
 Needs root, podman (with runc), debootstrap and prometheus: skipped without them, failed
 under CI=true. scripts/test.sh installs them; containers.conf follows
@@ -549,3 +550,111 @@ async def test_sigterm_drains_then_exits_zero(podman: Podman, container: Contain
     assert state["ExitCode"] == 0, logs[-3000:]
     assert elapsed < STOP_TIMEOUT - 5, f"stop took {elapsed:.1f}s: was the drain honoured?"
     assert "draining" in logs
+
+
+# ---------------------------------------------------------------------------------------------
+# Two nodes of a cluster, run as deploy/docker-compose.cluster.yml runs them (read-only root
+# with a tmpfs at /tmp, two media workers each, `span` rooms) but on the host's network, as the
+# Kubernetes overlay does, bound to loopback; Redis is the host's redis-server on loopback.
+
+
+@contextlib.contextmanager
+def cluster_node(podman: Podman, image: str, name: str, redis_url: str) -> Iterator[Container]:
+    node = Container(
+        name=f"blindfold-deploy-{name}-{os.getpid()}",
+        http_port=free_port(),
+        udp_port=free_port(socket.SOCK_DGRAM),
+    )
+    podman.run("rm", "--force", "--ignore", node.name)
+    try:
+        podman.run(
+            "run",
+            "--detach",
+            "--name",
+            node.name,
+            "--network=host",
+            "--read-only",
+            "--read-only-tmpfs=false",
+            "--tmpfs=/tmp:size=1m,mode=1777",
+            "--cap-drop=ALL",
+            "--security-opt=no-new-privileges",
+            "--volume",
+            f"{DEPLOY / 'sfu.yaml'}:/etc/sfu/sfu.yaml:ro",
+            *(
+                arg
+                for key, value in {
+                    "SFU_AUTH__KEYS__PROD": SECRET,
+                    "SFU_HTTP__HOST": "127.0.0.1",
+                    "SFU_HTTP__PORT": str(node.http_port),
+                    "SFU_RTC__BIND_HOST": "127.0.0.1",
+                    "SFU_RTC__UDP_PORT": str(node.udp_port),
+                    "SFU_RTC__ANNOUNCED_IPS": "[127.0.0.1]",
+                    "SFU_RTC__WORKERS": "2",
+                    "SFU_CLUSTER__ENABLED": "true",
+                    "SFU_CLUSTER__REDIS_URL": redis_url,
+                    "SFU_CLUSTER__NODE_ID": name,
+                    "SFU_CLUSTER__ADVERTISED_URL": node.base,
+                    "SFU_CLUSTER__HEARTBEAT_INTERVAL": "0.5",
+                    "SFU_CLUSTER__NODE_TTL": "2",
+                }.items()
+                for arg in ("--env", f"{key}={value}")
+            ),
+            image,
+        )
+        wait_ready(podman, node)
+        yield node
+    finally:
+        podman.run("rm", "--force", "--time", "0", "--ignore", node.name, check=False)
+
+
+async def test_a_room_spans_two_containers_and_survives_one(
+    podman: Podman, sfu_image: str, redis_url: str
+) -> None:
+    """E2EE participants on two containerised nodes decode each other across the node relay;
+    the node of one is killed and that participant is back through the other by itself."""
+    from tests.cluster.support import join_all, left, participant, until
+
+    config = load_config(DEPLOY / "sfu.yaml", env={"SFU_AUTH__KEYS__PROD": SECRET})
+    with (
+        cluster_node(podman, sfu_image, "c1", redis_url) as c1,
+        cluster_node(podman, sfu_image, "c2", redis_url) as c2,
+    ):
+        # Each node learns the other at its next heartbeat; alice is given no fallback and
+        # finds c2 through her `joined`.
+        for node, other in ((c1, "c2"), (c2, "c1")):
+            known = f'sfu_cluster_node_load{{node="{other}"}}'.encode()
+            await until(
+                lambda node=node, known=known: known in http_get(f"{node.base}/metrics")[2],
+                f"{node.name} seeing {other}",
+                10,
+            )
+        alice = participant("alice", _Url(c1.base), [], server_config=config)
+        bob = participant("bob", _Url(c2.base), [], server_config=config)
+        observer = participant("carol", _Url(c2.base), [], keyed=False, server_config=config)
+        async with left([alice, bob, observer]):
+            await join_all([alice, bob], observer)
+
+            def decoding(since: dict[str, dict[str, int]]) -> bool:
+                return (
+                    alice.seen.get("bob", 0) >= since["alice"].get("bob", 0) + 10
+                    and bob.seen.get("alice", 0) >= since["bob"].get("alice", 0) + 10
+                )
+
+            await until(lambda: decoding({"alice": {}, "bob": {}}), "decoding across nodes", 40)
+            assert observer.seen == {}, "a keyless observer decoded frames"
+            _, _, metrics = http_get(f"{c1.base}/metrics")
+            assert re.search(rb"^sfu_cluster_relays 1\.0$", metrics, re.M), metrics[-2000:]
+            assert re.search(rb"^sfu_media_workers 2\.0$", metrics, re.M)
+
+            killed_at = time.monotonic()
+            podman.run("kill", "--signal", "KILL", c1.name)
+            await until(lambda: alice.rejoined_at is not None, "alice rejoining through c2", 15)
+            assert alice.client.base_url == c2.base
+            before = {"alice": dict(alice.seen), "bob": dict(bob.seen)}
+            await until(lambda: decoding(before), "decoding again after the kill", 20)
+            log(f"container node killed: alice back in {alice.rejoined_at - killed_at:.2f} s")
+
+
+@dataclass
+class _Url:
+    url: str

@@ -14,11 +14,13 @@ import contextlib
 import os
 import signal
 import socket
+import tempfile
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
-from sfu.app import Server
+from sfu.app import Server, StartupError
 from sfu.client.e2ee import E2eeConfig, EncryptedFrame
 from sfu.client.sframe import compose_kid
 from sfu.client.whip import Publication, Subscription, WhipError, publish, subscribe
@@ -27,6 +29,7 @@ from tests.media.harness import (
     ColourTrack,
     Counter,
     ToneTrack,
+    make_config,
     metric_value,
     metrics_text,
     running_server,
@@ -301,3 +304,17 @@ async def test_room_participants_rejoin_by_themselves_when_their_worker_dies(sfu
         for person in people:
             with contextlib.suppress(Exception):
                 await person.leave()
+
+
+def test_no_writable_directory_for_the_channel_sockets_is_a_clear_start_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A read-only root without a tmpfs (Docker's read_only: true) leaves no directory for the
+    workers' sockets: the start fails with what to do, not a traceback."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "read-only"))
+    with pytest.raises(StartupError) as failure:
+        Server(make_config(SFU_RTC__WORKERS="2"))
+    message = str(failure.value)
+    assert "rtc.workers 2" in message
+    assert "tmpfs at /tmp" in message
+    assert "TMPDIR" in message
