@@ -347,3 +347,15 @@ def test_cluster_node_env_passes_check_config(name: str) -> None:
     refused = run_cli("check-config", config_file, env=clean_env(**env))
     assert refused.returncode == 2, refused.stdout + refused.stderr
     assert "advertised_url" in refused.stdout + refused.stderr
+
+
+@pytest.mark.parametrize("path", [COMPOSE, CLUSTER], ids=lambda p: p.name)
+def test_read_only_sfu_services_mount_a_tmpfs_at_tmp(path: Path) -> None:
+    """Media workers keep their channel sockets under /tmp: with read_only: true the SFU
+    needs a tmpfs there (the cluster file runs two workers per node)."""
+    services = yaml.safe_load(path.read_text())["services"]
+    sfus = {name: s for name, s in services.items() if name.startswith("sfu")}
+    assert sfus
+    for name, service in sfus.items():
+        assert service["read_only"] is True, name
+        assert any(str(t).split(":")[0] == "/tmp" for t in service.get("tmpfs", [])), name

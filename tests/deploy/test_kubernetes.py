@@ -498,3 +498,18 @@ def test_cluster_redis_is_single_internal_and_keeps_nothing() -> None:
     service = found["Service/blindfold-redis"]
     assert service["spec"]["type"] == "ClusterIP"
     assert not pod.get("hostNetwork")
+
+
+@pytest.mark.parametrize("which", ["single", "cluster"])
+def test_a_read_only_root_still_has_a_writable_tmp(which: str) -> None:
+    """Media workers keep their channel sockets under /tmp: a read-only root needs a volume
+    there (the server refuses to start with rtc.workers > 1 otherwise)."""
+    if which == "single":
+        pod, box = deployment()["spec"]["template"]["spec"], container()
+    else:
+        pod, box = statefulset()["spec"]["template"]["spec"], node_container()
+    assert box["securityContext"]["readOnlyRootFilesystem"] is True
+    mount = next(m for m in box["volumeMounts"] if m["mountPath"] == "/tmp")
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert "emptyDir" in volume
+    assert not mount.get("readOnly", False)
