@@ -14,7 +14,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 import redis
@@ -138,6 +138,25 @@ def server_factory() -> Iterator[Any]:
         server.stop()
 
 
+# --- tools the suite needs ------------------------------------------------------------------
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Skip on a developer machine, fail under CI: CI promises every tool is installed
+    (scripts/test.sh installs them), so a missing one there is a broken set-up, not a pass."""
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true: scripts/test.sh should have provided it)")
+    pytest.skip(reason)
+
+
+def tool(name: str, package: str) -> str:
+    """The path of command `name` (from Debian package `package`), or skip/fail."""
+    path = shutil.which(name)
+    if path is None:
+        unavailable(f"{name} not installed (Debian package {package}; scripts/test.sh installs it)")
+    return path
+
+
 # --- a real Redis ---------------------------------------------------------------------------
 
 
@@ -145,11 +164,7 @@ def server_factory() -> Iterator[Any]:
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real Redis: Debian's redis-server (scripts/test.sh installs it) on a free loopback
     port, no persistence, stopped after the test."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        if IN_CI:
-            pytest.fail("redis-server is missing (scripts/test.sh installs Debian's redis-server)")
-        pytest.skip("redis-server is not installed here")
+    binary = tool("redis-server", "redis-server")
     port = free_port()
     workdir = tmp_path_factory.mktemp("redis")
     process = subprocess.Popen(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import socket
 import ssl
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from sfu.config import DEV_API_SECRET
-from tests.conftest import IN_CI, clean_env, http_get, run_cli
+from tests.conftest import clean_env, http_get, run_cli, tool
 
 
 def test_probes_answer(server_factory) -> None:
@@ -47,11 +46,7 @@ def test_metrics_exposition(server_factory) -> None:
 
 
 def test_metrics_pass_promtool(server_factory) -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        if IN_CI:
-            pytest.fail("promtool is missing: the test set-up (scripts/setup.sh) installs it")
-        pytest.skip("promtool not installed (scripts/test.sh installs Debian's prometheus)")
+    promtool = tool("promtool", "prometheus")
     server = server_factory()
     http_get(f"{server.base}/nope")  # so a labelled counter with a 404 series exists too
     _, _, body = http_get(f"{server.base}/metrics")

@@ -14,10 +14,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.chromium import CHROMIUM_FLAGS
-from tests.conftest import IN_CI
+from tests.conftest import unavailable
 
 CHROMIUM = os.environ.get("BLINDFOLD_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -29,13 +27,6 @@ QUADRANTS: list[tuple[int, int, int]] = [
     (40, 60, 220),
     (230, 210, 40),
 ]
-
-
-def unavailable(reason: str) -> None:
-    """Skip on a developer machine, fail under CI (which promises the tools are installed)."""
-    if IN_CI:
-        pytest.fail(f"{reason} (CI=true: the test set-up should have provided it)")
-    pytest.skip(reason)
 
 
 def require_browser() -> None:

@@ -28,8 +28,8 @@ from tests.browser.support import (
     colour_close,
     eventually,
     scan_memory,
-    unavailable,
 )
+from tests.conftest import unavailable
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 

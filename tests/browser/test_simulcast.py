@@ -43,7 +43,8 @@ from tests.browser.shaping import (
     unavailable_reason,
     write_busy_clip,
 )
-from tests.browser.support import require_browser, unavailable
+from tests.browser.support import require_browser
+from tests.conftest import unavailable
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 

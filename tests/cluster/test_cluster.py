@@ -88,14 +88,10 @@ async def test_nodes_see_each_other_and_requests_follow_the_room(
             assert response.headers["Location"] == f"{a.url}/whep/stage/cam"
         # The Python WHEP client follows it, keeping its token (aiohttp alone would drop the
         # Authorization header on a redirect to another origin).
-        decoded = Counter()
-        viewer = await whep_subscribe(
-            f"{b.url}/whep/stage/cam",
-            mint(b, "stage", "viewer", subscribe=True),
-            on_track=decoded.on_track,
+        viewer, session = await _decoding_viewer(
+            f"{b.url}/whep/stage/cam", mint(b, "stage", "viewer", subscribe=True)
         )
-        assert str(viewer.resource_url).startswith(a.url)
-        await _until(lambda: decoded.frames["video"] >= 10, "the redirected viewer decoding")
+        assert session.startswith(a.url)
         assert b.rooms.get("stage") is None
         assert a.rooms.count("whep") == 1
         assert b.cluster.placements["redirect"] >= 2
@@ -238,14 +234,10 @@ async def test_span_a_whep_viewer_at_another_node_is_sent_to_the_stream_s_node(
                 missing = await ask("nobody")
                 assert missing.status == 404
                 assert missing.content_type == "application/problem+json"
-            decoded = Counter()
-            viewer = await whep_subscribe(
-                f"{south.url}/whep/show/cam",
-                mint(south, "show", "viewer", subscribe=True),
-                on_track=decoded.on_track,
+            viewer, session = await _decoding_viewer(
+                f"{south.url}/whep/show/cam", mint(south, "show", "viewer", subscribe=True)
             )
-            assert str(viewer.resource_url).startswith(north.url)
-            await _until(lambda: decoded.frames["video"] >= 10, "the redirected viewer decoding")
+            assert session.startswith(north.url)
             # Once south has a participant in the room it shows north's stream through the
             # relay, and serves a WHEP viewer of it itself.
             member = RoomClient(south.url, mint(south, "show", "member", subscribe=True))
@@ -255,17 +247,11 @@ async def test_span_a_whep_viewer_at_another_node_is_sent_to_the_stream_s_node(
                     lambda: "cam" in getattr(south.rooms.get("show"), "publications", {}),
                     "south showing cam",
                 )
-                local = Counter()
-                here = await whep_subscribe(
-                    f"{south.url}/whep/show/cam",
-                    mint(south, "show", "viewer2", subscribe=True),
-                    on_track=local.on_track,
+                here, session = await _decoding_viewer(
+                    f"{south.url}/whep/show/cam", mint(south, "show", "viewer2", subscribe=True)
                 )
-                try:
-                    assert str(here.resource_url).startswith(south.url)
-                    await _until(lambda: local.frames["video"] >= 10, "south's own viewer decoding")
-                finally:
-                    await here.close()
+                await here.close()
+                assert session.startswith(south.url)
             finally:
                 await member.leave()
         finally:
@@ -309,6 +295,19 @@ def test_cluster_config_errors_say_what_to_fix(env: dict[str, str], expected: st
     text = str(error.value)
     assert "cluster" in text
     assert expected in text
+
+
+async def _decoding_viewer(url: str, token: str) -> tuple[Subscription, str]:
+    """A WHEP viewer of `url` (following a redirect) once it has decoded 10 video frames;
+    returns it and the URL of its session."""
+    decoded = Counter()
+    viewer = await whep_subscribe(url, token, on_track=decoded.on_track)
+    try:
+        await _until(lambda: decoded.frames["video"] >= 10, f"a viewer of {url} decoding")
+    except BaseException:
+        await viewer.close()
+        raise
+    return viewer, str(viewer.resource_url)
 
 
 async def _until(condition: object, what: str, timeout: float = 15.0) -> None:

@@ -1,35 +1,18 @@
-"""Helpers shared by the deployment tests: tool lookup with the skip/fail rule, the metric
-catalogue of docs/metrics.md, and a PromQL scan for the metric names an expression uses."""
+"""Helpers shared by the deployment tests: the metric catalogue of docs/metrics.md, and a
+PromQL scan for the metric names an expression uses (tool lookup with the skip/fail rule is
+tests/conftest.py's `tool`)."""
 
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
-from tests.conftest import IN_CI, ROOT
+from tests.conftest import ROOT
 
 DEPLOY = ROOT / "deploy"
-
-
-def unavailable(reason: str) -> None:
-    """Skip on a developer machine, fail under CI: CI promises every tool is installed
-    (scripts/test.sh installs them), so a missing one there is a broken set-up, not a pass."""
-    if IN_CI:
-        pytest.fail(f"{reason} (CI=true: scripts/test.sh should have provided it)")
-    pytest.skip(reason)
-
-
-def tool(name: str, package: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        unavailable(f"{name} not installed (Debian package {package}; scripts/test.sh installs it)")
-    assert path is not None
-    return path
 
 
 def compose_volume(spec: str) -> tuple[str, str, str]:

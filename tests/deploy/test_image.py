@@ -47,8 +47,8 @@ from sfu.client.sframe import compose_kid
 from sfu.client.whip import publish, subscribe
 from sfu.config import load_config
 from sfu.control.auth import mint_token
-from tests.conftest import ROOT, free_port, http_get
-from tests.deploy.support import DEPLOY, tool, unavailable
+from tests.conftest import ROOT, free_port, http_get, tool, unavailable
+from tests.deploy.support import DEPLOY
 
 # Importing the media harness also limits aiortc's ICE gathering to 127.0.0.1 (aioice leaves
 # loopback out otherwise), so the test peers only ever reach the container's published ports.
@@ -311,6 +311,42 @@ def wait_ready(podman: Podman, container: Container, timeout: float = 30) -> Non
     raise AssertionError(f"container not ready within {timeout}s:\n{logs[-4000:]}")
 
 
+@contextlib.contextmanager
+def sfu_container(
+    podman: Podman, image: str, c: Container, network: list[str], env: dict[str, str]
+) -> Iterator[Container]:
+    """`image` running as container `c` with the hardening of the Compose files and the
+    Kubernetes securityContext (read-only root with only a tmpfs at /tmp: podman's own extra
+    tmpfs mounts are turned off, so the root is as read-only as under Docker), deploy/sfu.yaml,
+    the test secret and `env`; removed on the way out."""
+    podman.run("rm", "--force", "--ignore", c.name)
+    try:
+        podman.run(
+            "run",
+            "--detach",
+            "--name",
+            c.name,
+            *network,
+            "--read-only",
+            "--read-only-tmpfs=false",
+            "--tmpfs=/tmp:size=1m,mode=1777",
+            "--cap-drop=ALL",
+            "--security-opt=no-new-privileges",
+            "--volume",
+            f"{DEPLOY / 'sfu.yaml'}:/etc/sfu/sfu.yaml:ro",
+            *(
+                arg
+                for key, value in {"SFU_AUTH__KEYS__PROD": SECRET, **env}.items()
+                for arg in ("--env", f"{key}={value}")
+            ),
+            image,
+        )
+        wait_ready(podman, c)
+        yield c
+    finally:
+        podman.run("rm", "--force", "--time", "0", "--ignore", c.name, check=False)
+
+
 @pytest.fixture(scope="module")
 def container(podman: Podman, sfu_image: str) -> Iterator[Container]:
     # Published like docker-compose.yml does, but on loopback and free ports. The UDP port is
@@ -321,39 +357,17 @@ def container(podman: Podman, sfu_image: str) -> Iterator[Container]:
         http_port=free_port(),
         udp_port=free_port(socket.SOCK_DGRAM),
     )
-    podman.run("rm", "--force", "--ignore", c.name)
-    try:
-        podman.run(
-            "run",
-            "--detach",
-            "--name",
-            c.name,
-            # The hardening of docker-compose.yml and the Kubernetes securityContext; podman's
-            # extra tmpfs mounts are turned off so the root is as read-only as under Docker.
-            "--read-only",
-            "--read-only-tmpfs=false",
-            "--cap-drop=ALL",
-            "--security-opt=no-new-privileges",
-            "--volume",
-            f"{DEPLOY / 'sfu.yaml'}:/etc/sfu/sfu.yaml:ro",
-            "--publish",
-            f"127.0.0.1:{c.http_port}:7880",
-            "--publish",
-            f"127.0.0.1:{c.udp_port}:{c.udp_port}/udp",
-            "--env",
-            f"SFU_AUTH__KEYS__PROD={SECRET}",
-            "--env",
-            "SFU_RTC__ANNOUNCED_IPS=[127.0.0.1]",
-            "--env",
-            f"SFU_RTC__UDP_PORT={c.udp_port}",
-            "--env",
-            f"SFU_DRAIN_TIMEOUT={DRAIN}s",
-            sfu_image,
-        )
-        wait_ready(podman, c)
+    published = [
+        f"--publish=127.0.0.1:{c.http_port}:7880",
+        f"--publish=127.0.0.1:{c.udp_port}:{c.udp_port}/udp",
+    ]
+    env = {
+        "SFU_RTC__ANNOUNCED_IPS": "[127.0.0.1]",
+        "SFU_RTC__UDP_PORT": str(c.udp_port),
+        "SFU_DRAIN_TIMEOUT": f"{DRAIN}s",
+    }
+    with sfu_container(podman, sfu_image, c, published, env):
         yield c
-    finally:
-        podman.run("rm", "--force", "--time", "0", "--ignore", c.name, check=False)
 
 
 def tokens() -> tuple[str, str]:
@@ -565,46 +579,22 @@ def cluster_node(podman: Podman, image: str, name: str, redis_url: str) -> Itera
         http_port=free_port(),
         udp_port=free_port(socket.SOCK_DGRAM),
     )
-    podman.run("rm", "--force", "--ignore", node.name)
-    try:
-        podman.run(
-            "run",
-            "--detach",
-            "--name",
-            node.name,
-            "--network=host",
-            "--read-only",
-            "--read-only-tmpfs=false",
-            "--tmpfs=/tmp:size=1m,mode=1777",
-            "--cap-drop=ALL",
-            "--security-opt=no-new-privileges",
-            "--volume",
-            f"{DEPLOY / 'sfu.yaml'}:/etc/sfu/sfu.yaml:ro",
-            *(
-                arg
-                for key, value in {
-                    "SFU_AUTH__KEYS__PROD": SECRET,
-                    "SFU_HTTP__HOST": "127.0.0.1",
-                    "SFU_HTTP__PORT": str(node.http_port),
-                    "SFU_RTC__BIND_HOST": "127.0.0.1",
-                    "SFU_RTC__UDP_PORT": str(node.udp_port),
-                    "SFU_RTC__ANNOUNCED_IPS": "[127.0.0.1]",
-                    "SFU_RTC__WORKERS": "2",
-                    "SFU_CLUSTER__ENABLED": "true",
-                    "SFU_CLUSTER__REDIS_URL": redis_url,
-                    "SFU_CLUSTER__NODE_ID": name,
-                    "SFU_CLUSTER__ADVERTISED_URL": node.base,
-                    "SFU_CLUSTER__HEARTBEAT_INTERVAL": "0.5",
-                    "SFU_CLUSTER__NODE_TTL": "2",
-                }.items()
-                for arg in ("--env", f"{key}={value}")
-            ),
-            image,
-        )
-        wait_ready(podman, node)
+    env = {
+        "SFU_HTTP__HOST": "127.0.0.1",
+        "SFU_HTTP__PORT": str(node.http_port),
+        "SFU_RTC__BIND_HOST": "127.0.0.1",
+        "SFU_RTC__UDP_PORT": str(node.udp_port),
+        "SFU_RTC__ANNOUNCED_IPS": "[127.0.0.1]",
+        "SFU_RTC__WORKERS": "2",
+        "SFU_CLUSTER__ENABLED": "true",
+        "SFU_CLUSTER__REDIS_URL": redis_url,
+        "SFU_CLUSTER__NODE_ID": name,
+        "SFU_CLUSTER__ADVERTISED_URL": node.base,
+        "SFU_CLUSTER__HEARTBEAT_INTERVAL": "0.5",
+        "SFU_CLUSTER__NODE_TTL": "2",
+    }
+    with sfu_container(podman, image, node, ["--network=host"], env):
         yield node
-    finally:
-        podman.run("rm", "--force", "--time", "0", "--ignore", node.name, check=False)
 
 
 async def test_a_room_spans_two_containers_and_survives_one(

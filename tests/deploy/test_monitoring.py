@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.conftest import tool
 from tests.deploy.support import (
     DEPLOY,
     SYNTHETIC_SERIES,
     compose_volume,
     metric_catalogue,
     promql_metric_names,
-    tool,
 )
 
 PROMETHEUS = DEPLOY / "prometheus"
