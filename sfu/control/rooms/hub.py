@@ -430,11 +430,10 @@ class RoomHub:
             }
         )
 
-    def replace_identity(self, room: Room, identity: str, below_slot: int | None) -> int:
+    def replace_identity(self, room: Room, identity: str, below_slot: int | None) -> None:
         """Remove the room's participants with `identity` (only those whose E2EE slot is below
         `below_slot` when given: slots grow with join order across nodes, so of two joins
-        that cross the later one stays); each is told `replaced`. Returns how many."""
-        replaced = 0
+        that cross the later one stays); each is told `replaced`."""
         for existing in self._members(room):
             if existing.identity != identity:
                 continue
@@ -444,8 +443,6 @@ class RoomHub:
                 {"type": "error", "code": "replaced", "message": "joined elsewhere", "fatal": True}
             )
             self.remove(existing, "replaced by a new connection")
-            replaced += 1
-        return replaced
 
     def remove(self, participant: Participant, reason: str) -> None:
         if participant.left:
