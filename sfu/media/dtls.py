@@ -408,15 +408,7 @@ class DtlsServer:
         """Client end only: begin the handshake; returns the ClientHello to send."""
         if not self.client or self.state is not DtlsState.NEW:
             return []
-        self.state = DtlsState.CONNECTING
-        self._deadline = self.clock() + self.handshake_timeout
-        try:
-            self._ssl.do_handshake()
-        except SSL.WantReadError:
-            return self._drain()
-        except Exception as exc:
-            return self._fail(f"handshake failed: {_ssl_error_text(exc)}")
-        return self._drain()
+        return self._handshake_step()
 
     def feed(self, datagram: bytes) -> list[bytes]:
         """Process one datagram from the client; returns the datagrams to send back."""
@@ -446,23 +438,28 @@ class DtlsServer:
         except Exception as exc:
             return self._fail(f"internal error: {_ssl_error_text(exc)}")
         if not self._handshake_done:
-            if self.state is DtlsState.NEW:
-                self.state = DtlsState.CONNECTING
-                self._deadline = self.clock() + self.handshake_timeout
-            try:
-                self._ssl.do_handshake()
-            except SSL.WantReadError:
-                return self._drain()
-            except Exception as exc:
-                return self._fail(f"handshake failed: {_ssl_error_text(exc)}")
-            self._handshake_done = True
-            out = self._drain()
-            out += self._on_handshake_complete()
-            if self.state is not DtlsState.CONNECTED:
-                return out
-            # Fall through: the client's final flight may carry application data behind it.
-            return out + self._read_application_data()
+            return self._handshake_step()
         return self._read_application_data()
+
+    def _handshake_step(self) -> list[bytes]:
+        """Start the handshake's clock if it has not started, let OpenSSL take one step, and
+        return what it wants sent; the step that completes it authenticates the peer."""
+        if self.state is DtlsState.NEW:
+            self.state = DtlsState.CONNECTING
+            self._deadline = self.clock() + self.handshake_timeout
+        try:
+            self._ssl.do_handshake()
+        except SSL.WantReadError:
+            return self._drain()
+        except Exception as exc:
+            return self._fail(f"handshake failed: {_ssl_error_text(exc)}")
+        self._handshake_done = True
+        out = self._drain()
+        out += self._on_handshake_complete()
+        if self.state is not DtlsState.CONNECTED:
+            return out
+        # The peer's final flight may carry application data behind it.
+        return out + self._read_application_data()
 
     def _read_application_data(self) -> list[bytes]:
         # recv() is also what lets OpenSSL answer a retransmitted client Finished (our final
