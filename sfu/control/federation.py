@@ -55,6 +55,7 @@ from sfu.media.api import MediaApi, ProducerInfo, TransportInfo, UnknownMediaId
 from sfu.media.dtls import Fingerprint
 from sfu.media.ice import generate_credentials
 from sfu.media.producer import TrackCodec
+from sfu.media.relay import RelayEnd
 from sfu.rooms import MediaSession, Room, Rooms
 
 log = logging.getLogger(__name__)
@@ -645,11 +646,9 @@ class Federation:
             self._unmirror(node)
         local = generate_credentials()
         transport = self.media.create_relay(
-            local=local,
-            remote_ufrag=ufrag,
-            remote_pwd=str(message["pwd"]),
-            fingerprints=[Fingerprint.parse(str(message["fingerprint"]))],
-            dial=None,
+            RelayEnd(
+                local, ufrag, str(message["pwd"]), (Fingerprint.parse(str(message["fingerprint"])),)
+            )
         )
         self._links[node] = _Link(node, transport, local, ufrag)
         self._watch_link(node, transport)
@@ -681,11 +680,13 @@ class Federation:
             return  # the answer to an earlier attempt of ours
         host, port = message["address"]
         transport = self.media.create_relay(
-            local=link.local,
-            remote_ufrag=str(message["ufrag"]),
-            remote_pwd=str(message["pwd"]),
-            fingerprints=[Fingerprint.parse(str(message["fingerprint"]))],
-            dial=(str(host), int(port)),
+            RelayEnd(
+                link.local,
+                str(message["ufrag"]),
+                str(message["pwd"]),
+                (Fingerprint.parse(str(message["fingerprint"])),),
+                (str(host), int(port)),
+            )
         )
         link.transport = transport
         self._watch_link(node, transport)

@@ -23,6 +23,7 @@ from typing import Protocol, TypeAlias
 
 from sfu.media.dtls import Fingerprint
 from sfu.media.producer import TrackCodec
+from sfu.media.relay import RelayEnd
 from sfu.media.snapshot import MediaSnapshot
 
 
@@ -168,19 +169,10 @@ class MediaApi(Protocol):
         """Close it (a TransportClosed event follows, unless it was closed already)."""
         ...
 
-    def create_relay(
-        self,
-        *,
-        local: tuple[str, str],
-        remote_ufrag: str,
-        remote_pwd: str,
-        fingerprints: Sequence[Fingerprint],
-        dial: tuple[str, int] | None,
-    ) -> TransportInfo:
-        """One end of a relay to another media plane (sfu/media/relay.py): `local` and
-        `remote_*` are the two ends' ICE credentials; with `dial` (the other end's address)
-        this end checks it and is the DTLS client. Add producers to it (mirrors of the other
-        plane's tracks) and subscriptions (feeds to it) as to a client's transport."""
+    def create_relay(self, end: RelayEnd) -> TransportInfo:
+        """One end of a relay to another media plane (sfu/media/relay.py). Add producers to
+        it (mirrors of the other plane's tracks) and subscriptions (feeds to it) as to a
+        client's transport."""
         ...
 
     def add_producer(

@@ -36,7 +36,7 @@ from sfu.media.dtls import (
 )
 from sfu.media.ice import Address, IceLiteAgent
 from sfu.media.producer import Producer, TrackCodec
-from sfu.media.relay import RelayDialer
+from sfu.media.relay import RelayDialer, RelayEnd
 from sfu.media.router import Router
 from sfu.media.rtp import id_map_list
 from sfu.media.simulcast import SimulcastDownTrack, SimulcastProducer, allocate_transport
@@ -295,32 +295,26 @@ class MediaEngine(asyncio.DatagramProtocol):
         self._by_ufrag[session.local_ufrag] = transport
         return transport
 
-    def create_relay(
-        self,
-        transport_id: str,
-        local: tuple[str, str],
-        remote_ufrag: str,
-        remote_pwd: str,
-        fingerprints: Sequence[Fingerprint],
-        dial: Address | None,
-    ) -> Transport:
-        """One end of an SFU-to-SFU relay (sfu/media/relay.py). With `dial`, this end checks
-        that address and is the DTLS client; without, it answers like any client transport."""
+    def create_relay(self, transport_id: str, end: RelayEnd) -> Transport:
+        """One end of an SFU-to-SFU relay (sfu/media/relay.py). With `end.dial`, this end
+        checks that address and is the DTLS client; without, it answers like any client
+        transport."""
         transport = self.create_transport(
             "relay",
-            remote_ufrag,
-            remote_pwd,
-            fingerprints,
+            end.remote_ufrag,
+            end.remote_pwd,
+            end.fingerprints,
             transport_id=transport_id,
-            local=local,
+            local=end.local,
         )
+        dial = end.dial
         if dial is not None:
             if self._client_context is None:
                 self._client_context = create_client_context(self.certificate)
             transport.dtls = DtlsServer(
-                self._client_context, remote_fingerprints=fingerprints, client=True
+                self._client_context, remote_fingerprints=end.fingerprints, client=True
             )
-            transport.dialer = RelayDialer(dial, local[0], remote_ufrag, remote_pwd)
+            transport.dialer = RelayDialer(dial, end.local[0], end.remote_ufrag, end.remote_pwd)
             # Its answers, handshake and media all come from the address it dials.
             transport.ice.addresses.add(dial)
             self._by_addr[dial] = transport

@@ -31,6 +31,7 @@ from sfu.media.downtrack import DownTrack, JoinTimer
 from sfu.media.dtls import Fingerprint
 from sfu.media.engine import MediaEngine
 from sfu.media.producer import TrackCodec
+from sfu.media.relay import RelayEnd
 from sfu.media.simulcast import AnyProducer, SimulcastDownTrack
 from sfu.media.snapshot import MediaSnapshot, build_snapshot
 from sfu.media.speaker import SpeakerDetector
@@ -133,28 +134,12 @@ class LocalMedia:
         transport.on_closed = self._closed
         return self._info(transport)
 
-    def create_relay(
-        self,
-        transport_id: str | None = None,
-        *,
-        local: tuple[str, str],
-        remote_ufrag: str,
-        remote_pwd: str,
-        fingerprints: Sequence[Fingerprint],
-        dial: tuple[str, int] | None,
-    ) -> TransportInfo:
+    def create_relay(self, end: RelayEnd, transport_id: str | None = None) -> TransportInfo:
         """One end of a relay to another media plane (sfu/media/relay.py): `dial` is the
         other end's address when this end dials it. Its producers mirror the other plane's
         tracks, its subscriptions feed the other plane; the pool that joins the two
         (sfu/media/workers.py) adds both like a client's."""
-        transport = self.engine.create_relay(
-            transport_id or secrets.token_urlsafe(9),
-            local,
-            remote_ufrag,
-            remote_pwd,
-            fingerprints,
-            dial,
-        )
+        transport = self.engine.create_relay(transport_id or secrets.token_urlsafe(9), end)
         transport.on_connected = self._connected
         transport.on_closed = self._closed
         return self._info(transport)

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 from sfu.media.api import ProducerInfo, UnknownMediaId
 from sfu.media.dtls import Fingerprint
-from sfu.media.ice import generate_credentials
+from sfu.media.relay import RelayEnd
 
 if TYPE_CHECKING:
     from sfu.media.workers import RemoteMedia as Plane
@@ -222,24 +222,9 @@ class RelayMesh:
         token = secrets.token_urlsafe(6)
         # "~" never occurs in a client transport's token (URL-safe base64): `is_relay_id`.
         ends = {key[0]: f"w{key[0]}.~relay-{token}", key[1]: f"w{key[1]}.~relay-{token}"}
-        answer_local, dial_local = generate_credentials(), generate_credentials()
-        fingerprints = self._fingerprints()
-        answering.create_relay(
-            ends[key[0]],
-            local=answer_local,
-            remote_ufrag=dial_local[0],
-            remote_pwd=dial_local[1],
-            fingerprints=fingerprints,
-            dial=None,
-        )
-        dialing.create_relay(
-            ends[key[1]],
-            local=dial_local,
-            remote_ufrag=answer_local[0],
-            remote_pwd=answer_local[1],
-            fingerprints=fingerprints,
-            dial=target,
-        )
+        answer, dial = RelayEnd.pair(self._fingerprints(), target)
+        answering.create_relay(answer, ends[key[0]])
+        dialing.create_relay(dial, ends[key[1]])
         relay = _Relay(key, ends)
         self._relays[key] = relay
         for end in ends.values():

@@ -1,4 +1,5 @@
-"""The dialing end of an SFU-to-SFU relay: its ICE checks (RFC 8445, controlling side).
+"""SFU-to-SFU relays: what each end is given (`RelayEnd`), and the dialing end's ICE checks
+(RFC 8445, controlling side).
 
 A relay joins two media planes (two workers, or two nodes) with one transport on each, over
 DTLS-SRTP like any client's: the payload inside is still the publisher's end-to-end
@@ -17,9 +18,11 @@ judges the responses, so it can be tested without a network.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from sfu.media.ice import Address
+from sfu.media.dtls import Fingerprint
+from sfu.media.ice import Address, generate_credentials
 from sfu.media.stun import (
     ATTR_ICE_CONTROLLING,
     ATTR_PRIORITY,
@@ -40,6 +43,33 @@ CHECK_INTERVAL = 2.0
 _PENDING = 8
 # RFC 8445 section 5.1.2.1 priority of a host candidate (type preference 126, component 1).
 _HOST_PRIORITY = (126 << 24) | (65535 << 8) | 255
+
+
+@dataclass(frozen=True)
+class RelayEnd:
+    """What one end of a relay to another media plane needs: its own ICE credentials, the
+    other end's, the DTLS fingerprints it accepts from the other end, and, for the end that
+    dials, the other end's address (that end checks it and is the DTLS client). The media
+    API's `create_relay` takes one."""
+
+    local: tuple[str, str]
+    remote_ufrag: str
+    remote_pwd: str
+    fingerprints: tuple[Fingerprint, ...]
+    dial: tuple[str, int] | None = None
+
+    @classmethod
+    def pair(
+        cls, fingerprints: Sequence[Fingerprint], answer_at: tuple[str, int]
+    ) -> tuple[RelayEnd, RelayEnd]:
+        """Both ends of a relay made in one place, with fresh credentials: the answering end
+        (at `answer_at`) and the end that dials it."""
+        answer, dial = generate_credentials(), generate_credentials()
+        accepted = tuple(fingerprints)
+        return (
+            cls(answer, dial[0], dial[1], accepted),
+            cls(dial, answer[0], answer[1], accepted, answer_at),
+        )
 
 
 @dataclass

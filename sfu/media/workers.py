@@ -52,6 +52,7 @@ from sfu.media.engine import MediaEngine, MediaSettings
 from sfu.media.ice import generate_credentials
 from sfu.media.mesh import RelayMesh
 from sfu.media.producer import TrackCodec
+from sfu.media.relay import RelayEnd
 from sfu.media.snapshot import MediaSnapshot, build_snapshot, merge
 from sfu.media.worker import LogLevel, WorkerStart
 
@@ -217,33 +218,17 @@ class RemoteMedia:
         self.transports[transport_id] = info
         return info
 
-    def create_relay(
-        self,
-        transport_id: str,
-        *,
-        local: tuple[str, str],
-        remote_ufrag: str,
-        remote_pwd: str,
-        fingerprints: Sequence[Fingerprint],
-        dial: tuple[str, int] | None,
-    ) -> TransportInfo:
-        self._call(
-            "create_relay",
-            transport_id=transport_id,
-            local=local,
-            remote_ufrag=remote_ufrag,
-            remote_pwd=remote_pwd,
-            fingerprints=list(fingerprints),
-            dial=dial,
-        )
+    def create_relay(self, end: RelayEnd, transport_id: str | None = None) -> TransportInfo:
+        transport_id = transport_id or f"w{self.index}.{secrets.token_urlsafe(9)}"
+        self._call("create_relay", end=end, transport_id=transport_id)
         info = TransportInfo(
             transport_id,
             "relay",
-            local[0],
-            local[1],
+            end.local[0],
+            end.local[1],
             self.fingerprint,
             self.candidates,
-            remote_ufrag,
+            end.remote_ufrag,
         )
         self.transports[transport_id] = info
         self.relays.add(transport_id)
@@ -710,26 +695,10 @@ class WorkerPool:
             load[remote.index] = load.get(remote.index, 0) + 1
         return info
 
-    def create_relay(
-        self,
-        *,
-        local: tuple[str, str],
-        remote_ufrag: str,
-        remote_pwd: str,
-        fingerprints: Sequence[Fingerprint],
-        dial: tuple[str, int] | None,
-    ) -> TransportInfo:
+    def create_relay(self, end: RelayEnd) -> TransportInfo:
         """A relay end to another node, on the least-loaded worker (the mesh joins it to
         the others like any transport)."""
-        remote = self._place(None)
-        return remote.create_relay(
-            f"w{remote.index}.{secrets.token_urlsafe(9)}",
-            local=local,
-            remote_ufrag=remote_ufrag,
-            remote_pwd=remote_pwd,
-            fingerprints=fingerprints,
-            dial=dial,
-        )
+        return self._place(None).create_relay(end)
 
     def set_remote(
         self, transport_id: str, ufrag: str, pwd: str, fingerprints: Sequence[Fingerprint]

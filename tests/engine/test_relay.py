@@ -13,9 +13,9 @@ import pytest
 from sfu.media.api import MediaEvent, TransportClosed, TransportConnected
 from sfu.media.dtls import DtlsCertificate
 from sfu.media.engine import MediaEngine, MediaSettings
-from sfu.media.ice import generate_credentials
 from sfu.media.local import LocalMedia
 from sfu.media.producer import TrackCodec
+from sfu.media.relay import RelayEnd
 from tests.engine import harness as harness_module
 from tests.engine.harness import inject_srtp, payload_of, vp8_packet
 
@@ -77,24 +77,10 @@ async def _until(condition: object, timeout: float = 5.0) -> None:
 
 
 def _open(a: Plane, b: Plane, *, fingerprint_of: DtlsCertificate | None = None) -> None:
-    answer, dial = generate_credentials(), generate_credentials()
     fingerprints = [(fingerprint_of or a.engine.certificate).fingerprint]
-    a.media.create_relay(
-        "relay-a",
-        local=answer,
-        remote_ufrag=dial[0],
-        remote_pwd=dial[1],
-        fingerprints=fingerprints,
-        dial=None,
-    )
-    b.media.create_relay(
-        "relay-b",
-        local=dial,
-        remote_ufrag=answer[0],
-        remote_pwd=answer[1],
-        fingerprints=fingerprints,
-        dial=("127.0.0.1", a.port),
-    )
+    answer, dial = RelayEnd.pair(fingerprints, ("127.0.0.1", a.port))
+    a.media.create_relay(answer, "relay-a")
+    b.media.create_relay(dial, "relay-b")
 
 
 async def test_a_relay_connects_and_carries_a_feed_to_a_mirror_unchanged(
