@@ -30,7 +30,7 @@ from sfu.client.sframe import compose_kid
 from sfu.config import Config
 from sfu.control.auth import mint_token
 from tests.conftest import free_port
-from tests.media.harness import ColourTrack, ToneTrack
+from tests.media.harness import ColourTrack, Counter, ToneTrack
 
 COLOURS = {"alice": (220, 30, 30), "bob": (30, 200, 30), "carol": (30, 30, 220)}
 KEYS = {name: (compose_kid(i + 1, 0), bytes([i + 1]) * 16) for i, name in enumerate(COLOURS)}
@@ -132,22 +132,19 @@ class Participant:
     context: E2eeContext
     # Decoded video frames by whose colour they show.
     seen: dict[str, int] = field(default_factory=dict)
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    decoded: Counter = field(init=False)
     rejoined_at: float | None = None
 
-    def on_track(self, track: Any, *_: Any) -> None:
-        if track.kind == "video":
-            self.tasks.append(asyncio.ensure_future(self._consume(track)))
+    def __post_init__(self) -> None:
+        self.decoded = Counter(on_video=self._saw)
 
-    async def _consume(self, track: Any) -> None:
-        while True:
-            try:
-                frame = await track.recv()
-            except Exception:
-                return
-            who = _colour_of(frame)
-            if who is not None:
-                self.seen[who] = self.seen.get(who, 0) + 1
+    def _saw(self, frame: Any) -> None:
+        who = _colour_of(frame)
+        if who is not None:
+            self.seen[who] = self.seen.get(who, 0) + 1
+
+    def on_track(self, track: Any, *_: Any) -> None:
+        self.decoded.on_track(track)
 
     def on_event(self, message: dict[str, Any]) -> None:
         if message.get("type") == "rejoined" and self.rejoined_at is None:
@@ -213,7 +210,7 @@ async def left(people: list[Participant]) -> AsyncIterator[None]:
         for person in people:
             with contextlib.suppress(Exception):
                 await person.client.leave()
-            for task in person.tasks:
+            for task in person.decoded.tasks:
                 task.cancel()
 
 

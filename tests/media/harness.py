@@ -8,7 +8,7 @@ import fractions
 import itertools
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -159,10 +159,14 @@ async def publish(
 
 
 class Counter:
-    def __init__(self) -> None:
+    """Decoded frames per kind of every track handed to `on_track`; `on_video` also sees
+    each video frame."""
+
+    def __init__(self, on_video: Callable[[VideoFrame], None] | None = None) -> None:
         self.frames: dict[str, int] = {"audio": 0, "video": 0}
         self.last_video: VideoFrame | None = None
         self.tasks: list[asyncio.Task[None]] = []
+        self.on_video = on_video
 
     def on_track(self, track: Any, *_transceiver: Any) -> None:
         """aiortc's "track" event handler; the room client also passes the transceiver."""
@@ -177,6 +181,8 @@ class Counter:
             self.frames[track.kind] += 1
             if track.kind == "video":
                 self.last_video = frame
+                if self.on_video is not None:
+                    self.on_video(frame)
 
 
 _viewers = itertools.count(1)
